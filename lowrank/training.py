@@ -1,0 +1,182 @@
+"""The fine-tuning loop, shared by dense, compressed, pruning and mixed-rank training.
+
+One plain loop (AdamW, linear warm-up then decay, clipping, an evaluation per
+epoch keeping the best weights); what differs between the methods plugs in
+through `TrainHook`s and the optional teacher for distillation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .config import TrainConfig
+from .hooks import TrainHook
+
+EvaluateFn = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Logit distillation from the dense teacher: loss = (1 - weight) * task + weight * KD."""
+
+    temperature: float = 2.0
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"distill temperature must be positive, got {self.temperature}")
+        if not 0 <= self.weight <= 1:
+            raise ValueError(f"distill weight must be in [0, 1], got {self.weight}")
+
+
+@dataclass
+class TrainResult:
+    """What a training run reports; `history` has one row per evaluation."""
+
+    steps: int
+    seconds: float
+    train_samples_per_s: float
+    best_score: float | None
+    best_epoch: int | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: `max_steps` if set, else epochs (may be fractional)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights, as BERT was trained."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL between softened distributions (MSE for regression), scaled by T^2 to keep gradients comparable."""
+    if student.shape[-1] == 1:
+        return F.mse_loss(student, teacher)
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
+
+
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def train(
+    model: nn.Module,
+    train_loader: DataLoader,
+    cfg: TrainConfig,
+    *,
+    evaluate: EvaluateFn | None = None,
+    hooks: Sequence[TrainHook] = (),
+    teacher: nn.Module | None = None,
+    distill: DistillConfig | None = None,
+    keep_best: bool = True,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Fine-tune `model` in place; with `keep_best`, end on the weights of the best evaluation.
+
+    `evaluate(model)` must return a dict holding `score` (higher is better).
+    Pruning runs pass `keep_best=False`: an early epoch would have the wrong density.
+    """
+    if (teacher is None) != (distill is None):
+        raise ValueError("distillation needs both a teacher model and a DistillConfig")
+    torch.manual_seed(cfg.seed)
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
+        raise ValueError("the training set is empty")
+    steps = total_steps(cfg, batches_per_epoch)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    if teacher is not None:
+        teacher.eval()
+    for hook in hooks:
+        hook.on_train_begin(model, steps)
+
+    history: list[dict[str, float]] = []
+    best_score, best_epoch, best_state = None, None, None
+    samples, train_seconds, step, epoch = 0, 0.0, 0, 0
+    bar = tqdm(total=steps, desc=description, disable=not progress, dynamic_ncols=True)
+    while step < steps:
+        model.train()
+        started = time.perf_counter()
+        for batch in train_loader:
+            if step >= steps:
+                break
+            for hook in hooks:
+                hook.before_forward(model, step)
+            outputs = model(**batch)
+            loss = outputs.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(**batch).logits
+                kd = distillation_loss(outputs.logits, teacher_logits, distill.temperature)
+                loss = (1 - distill.weight) * loss + distill.weight * kd
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{description}: loss became {loss.item()} at step {step}")
+            loss.backward()
+            for hook in hooks:
+                hook.after_backward(model, step)
+            if cfg.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for hook in hooks:
+                hook.after_step(model, step)
+            step += 1
+            samples += _batch_size(batch)
+            elapsed = train_seconds + time.perf_counter() - started
+            postfix = {"loss": f"{loss.item():.4f}", "samples/s": f"{samples / max(elapsed, 1e-9):.1f}"}
+            for hook in hooks:
+                postfix.update({k: f"{v:.3g}" for k, v in hook.metrics().items()})
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+        train_seconds += time.perf_counter() - started
+        epoch += 1
+        if evaluate is not None and (cfg.eval_every_epoch or step >= steps):
+            row = {"epoch": float(epoch), "step": float(step), **evaluate(model)}
+            history.append(row)
+            bar.write(f"{description} epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
+            if keep_best and (best_score is None or row["score"] > best_score):
+                best_score, best_epoch = row["score"], epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bar.close()
+    for hook in hooks:
+        hook.on_train_end(model)
+    if keep_best and best_state is not None:
+        model.load_state_dict(best_state)
+    elif history:
+        best_score, best_epoch = history[-1]["score"], int(history[-1]["epoch"])
+    return TrainResult(
+        steps=step,
+        seconds=train_seconds,
+        train_samples_per_s=samples / max(train_seconds, 1e-9),
+        best_score=best_score,
+        best_epoch=best_epoch,
+        history=history,
+    )
+
