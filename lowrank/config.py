@@ -180,11 +180,10 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class OrchestrationConfig:
-    """Prefect: state stays inside the project; caching can be turned off."""
+    """Which path the flow takes, and Prefect's settings (state stays inside the project)."""
 
+    path: Literal["dense", "factorize", "lpaf"] = "factorize"
     cache: bool = True
-    prefect_home: str = ".prefect"
-    flow_name: str = "compress"
     cron: str | None = None
 
 

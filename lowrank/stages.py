@@ -1,0 +1,339 @@
+"""The pipeline's stages: one plain function each, driven by both Prefect and DVC.
+
+Each `run_*` function takes its config section and artifact paths, writes its
+outputs atomically and its metrics to `metrics/<stage>.json`, and returns a
+`StageResult`. `STAGES` records, for every stage, which params sections and
+which upstream artifacts it depends on: the Prefect cache key and `dvc.yaml`
+are built from the same facts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import data as data_lib
+from .config import DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig, ModelConfig, Params, TrainConfig
+from .io import atomic_dir, read_json, write_json
+from .models import load_classifier, load_tokenizer
+
+
+@dataclass
+class StageResult:
+    """Paths a stage wrote and the numbers it measured (flat, for MLflow)."""
+
+    outputs: dict[str, str]
+    metrics: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each artifact lives; derived from `paths` in params.yaml only."""
+
+    artifacts: Path
+    metrics: Path
+
+    @classmethod
+    def from_params(cls, params: Params) -> "Layout":
+        return cls(Path(params.paths.artifacts), Path(params.paths.metrics))
+
+    @property
+    def data(self) -> Path:
+        return self.artifacts / "data"
+
+    def model(self, stage: str) -> Path:
+        return self.artifacts / stage / "model"
+
+    @property
+    def importance(self) -> Path:
+        return self.artifacts / "fisher"
+
+    def metrics_file(self, stage: str) -> Path:
+        return self.metrics / f"{stage}.json"
+
+
+def _numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Keep the numbers of a nested dict, flattening keys with dots."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_numeric(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def _finish(metrics_path: Path, outputs: dict[str, Path], metrics: dict[str, Any], info: dict | None = None) -> StageResult:
+    write_json(metrics_path, metrics)
+    return StageResult({k: str(v) for k, v in outputs.items()}, _numeric(metrics), info or {})
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def run_prepare(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, metrics_path: Path) -> StageResult:
+    """Read the task's files, subsample, tokenize once, and save with the tokenizer."""
+    spec = data_lib.resolve_task(data_cfg)
+    raw = data_lib.load_raw_from_config(data_cfg, spec)
+    tokenizer = load_tokenizer(model_cfg)
+    tokenized = data_lib.tokenize(raw, spec, tokenizer, data_cfg.max_length)
+    with atomic_dir(out_dir) as tmp:
+        tokenized.save_to_disk(str(tmp / "dataset"))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        write_json(tmp / "task.json", data_lib.task_to_dict(spec))
+    metrics = {split: {"rows": len(ds)} for split, ds in tokenized.items()}
+    for split, ds in tokenized.items():
+        lengths = [len(ids) for ids in ds["input_ids"]]
+        metrics[split]["mean_tokens"] = sum(lengths) / max(len(lengths), 1)
+        metrics[split]["max_tokens"] = max(lengths, default=0)
+    return _finish(metrics_path, {"data": out_dir}, metrics)
+
+
+@dataclass
+class PreparedData:
+    """The prepare stage's artifact, opened."""
+
+    spec: data_lib.TaskSpec
+    dataset: Any
+    tokenizer: Any
+
+    @classmethod
+    def open(cls, data_dir: Path) -> "PreparedData":
+        from datasets import load_from_disk
+        from transformers import AutoTokenizer
+
+        if not (data_dir / "task.json").is_file():
+            raise FileNotFoundError(f"prepared data not found at {data_dir}: run the prepare stage first")
+        spec = data_lib.task_from_dict(read_json(data_dir / "task.json"))
+        dataset = load_from_disk(str(data_dir / "dataset"))
+        tokenizer = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+        return cls(spec, dataset, tokenizer)
+
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0):
+        return data_lib.make_loader(self.dataset[split], self.tokenizer, batch_size, shuffle=shuffle, seed=seed)
+
+    def evaluate_fn(self, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
+        """Score on every evaluation split; `score` is the mean of their main scores."""
+        from .evaluation import predict
+        from .metrics import compute_metrics
+
+        def evaluate(model: torch.nn.Module) -> dict[str, float]:
+            results: dict[str, float] = {}
+            scores = []
+            for split in self.spec.eval_splits:
+                logits, labels = predict(model, self.loader(split, batch_size))
+                split_metrics = compute_metrics(self.spec, logits, labels)
+                scores.append(split_metrics["score"])
+                prefix = "" if len(self.spec.eval_splits) == 1 else f"{split}."
+                results.update({f"{prefix}{k}": v for k, v in split_metrics.items() if k != "score"})
+            results["score"] = sum(scores) / len(scores)
+            return results
+
+        return evaluate
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train_and_save(
+    model: torch.nn.Module,
+    prepared: PreparedData,
+    cfg: TrainConfig,
+    out_dir: Path,
+    metrics_path: Path,
+    description: str,
+    save: Callable[[torch.nn.Module, Path], None],
+) -> StageResult:
+    from .training import train
+
+    loader = prepared.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+    result = train(
+        model,
+        loader,
+        cfg,
+        evaluate=prepared.evaluate_fn(cfg.eval_batch_size),
+        description=description,
+    )
+    with atomic_dir(out_dir) as tmp:
+        save(model, tmp)
+        prepared.tokenizer.save_pretrained(str(tmp))
+    metrics = {
+        "best_score": result.best_score,
+        "best_epoch": result.best_epoch,
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "train_samples_per_s": result.train_samples_per_s,
+        "history": result.history,
+    }
+    return _finish(metrics_path, {"model": out_dir}, metrics, {"history": result.history})
+
+
+def run_finetune(
+    cfg: TrainConfig, model_cfg: ModelConfig, data_dir: Path, out_dir: Path, metrics_path: Path
+) -> StageResult:
+    """Fine-tune the pretrained encoder on the task: the dense teacher."""
+    prepared = PreparedData.open(data_dir)
+    torch.manual_seed(cfg.seed)
+    model = load_classifier(model_cfg, list(prepared.spec.label_names) if prepared.spec.label_names else None)
+
+    def save(m: torch.nn.Module, path: Path) -> None:
+        m.save_pretrained(str(path), safe_serialization=True)
+
+    return _train_and_save(model, prepared, cfg, out_dir, metrics_path, "finetune", save)
+
+
+def run_finetune_compressed(
+    cfg: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, metrics_path: Path
+) -> StageResult:
+    """Fine-tune a compressed model again ("+ ft" in the papers), keeping its ranks."""
+    from .compressed import load_compressed, save_compressed
+
+    prepared = PreparedData.open(data_dir)
+    model = load_compressed(model_dir)
+    recipe = getattr(model.config, "lowrank", None) or {}
+
+    def save(m: torch.nn.Module, path: Path) -> None:
+        save_compressed(m, path, method=recipe.get("method", "unknown"), extra={"finetuned": True})
+
+    return _train_and_save(model, prepared, cfg, out_dir, metrics_path, "finetune_compressed", save)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def run_evaluate(cfg: EvaluateConfig, model_dir: Path, data_dir: Path, metrics_path: Path) -> StageResult:
+    """Task score, parameter counts, size on disk and CPU latency of one model folder."""
+    from .compressed import load_compressed
+    from .evaluation import count_parameters, dir_size_bytes, measure_latency
+    from .matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_targets
+
+    prepared = PreparedData.open(data_dir)
+    model = load_compressed(model_dir)
+    model.eval()
+    started = time.perf_counter()
+    scores = prepared.evaluate_fn(cfg.batch_size)(model)
+    eval_seconds = time.perf_counter() - started
+    recipe = getattr(model.config, "lowrank", None) or {}
+    targets = list(recipe.get("ranks", {})) or find_targets(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE)
+    metrics: dict[str, Any] = {
+        "task": scores,
+        "eval_seconds": eval_seconds,
+        "params": count_parameters(model, targets),
+        "size_bytes": dir_size_bytes(model_dir),
+    }
+    if cfg.latency:
+        metrics["latency"] = measure_latency(
+            model,
+            batch_sizes=tuple(cfg.latency_batch_sizes),
+            seq_len=cfg.latency_seq_len,
+            warmup=cfg.latency_warmup,
+            repeats=cfg.latency_repeats,
+            threads=cfg.threads,
+        )
+    return _finish(metrics_path, {}, metrics)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's dependencies (params sections, upstream artifacts), outputs, and how to run it."""
+
+    name: str
+    sections: tuple[str, ...]
+    inputs: Callable[[Layout], dict[str, Path]]
+    outputs: Callable[[Layout], dict[str, Path]]
+    run: Callable[[Params, Layout], StageResult]
+    after: tuple[str, ...] = ()
+
+
+def _evaluate_stage(name: str, model_stage: str) -> Stage:
+    return Stage(
+        name=name,
+        sections=("evaluate",),
+        inputs=lambda lay: {"model": lay.model(model_stage), "data": lay.data},
+        outputs=lambda lay: {},
+        run=lambda p, lay: run_evaluate(p.evaluate, lay.model(model_stage), lay.data, lay.metrics_file(name)),
+        after=(model_stage,),
+    )
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage; names are unique because dvc.yaml and the flow refer to them."""
+    if stage.name in STAGES:
+        raise ValueError(f"stage {stage.name!r} is registered twice")
+    STAGES[stage.name] = stage
+    return stage
+
+
+register(
+    Stage(
+        name="prepare",
+        sections=("data", "model"),
+        inputs=lambda lay: {},
+        outputs=lambda lay: {"data": lay.data},
+        run=lambda p, lay: run_prepare(p.data, p.model, lay.data, lay.metrics_file("prepare")),
+    )
+)
+register(
+    Stage(
+        name="finetune",
+        sections=("model", "finetune"),
+        inputs=lambda lay: {"data": lay.data},
+        outputs=lambda lay: {"model": lay.model("finetune")},
+        run=lambda p, lay: run_finetune(p.finetune, p.model, lay.data, lay.model("finetune"), lay.metrics_file("finetune")),
+        after=("prepare",),
+    )
+)
+register(_evaluate_stage("evaluate_dense", "finetune"))
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called `name`; the error lists the known ones."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+# --------------------------------------------------------------------------- pipelines
+
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "dense": ("prepare", "finetune", "evaluate_dense"),
+}
+
+
+def pipeline(params: Params) -> list[str]:
+    """The stages of the configured path, in the order they run."""
+    return list(PIPELINES[params.orchestration.path])
+
+
+def preflight(params: Params) -> None:
+    """Check every input the run names (data files, model, output folders) before any work."""
+    from .io import check_writable
+    from .models import check_model
+
+    check_writable(params.paths.artifacts)
+    check_writable(params.paths.metrics)
+    check_model(params.model)
+    data_lib.check_sources(params.data)
+
+
+def preflight_stage(name: str, params: Params) -> None:
+    """For one stage: its upstream artifacts must exist (else say which stage makes them)."""
+    stage = get_stage(name)
+    layout = Layout.from_params(params)
+    if name == "prepare":
+        preflight(params)
+    for key, path in stage.inputs(layout).items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"stage {name}: input {key} not found at {path}; run {', '.join(stage.after)} first")

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin adapters from the orchestrator to `lowrank.stages`."""

@@ -1,0 +1,38 @@
+"""One Prefect task that runs any registered stage, cached on what the stage depends on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from lowrank.config import Params
+from lowrank.io import digest
+from lowrank.stages import Layout, StageResult, get_stage
+
+from .caching import stage_cache_key
+
+
+def output_digests(name: str, params: Params) -> dict[str, str | None]:
+    """Current content hashes of a stage's outputs (None where missing)."""
+    outputs = get_stage(name).outputs(Layout.from_params(params))
+    return {key: digest(path) if Path(path).exists() else None for key, path in outputs.items()}
+
+
+def _run(name: str, params: Params) -> StageResult:
+    result = get_stage(name).run(params, Layout.from_params(params))
+    result.info["output_digests"] = output_digests(name, params)
+    return result
+
+
+@task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name="{name}")
+def run_stage(name: str, params: Params) -> StageResult:
+    """Run stage `name`; a cache hit returns the stored result without running it."""
+    return _run(name, params)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{name}")
+def run_stage_uncached(name: str, params: Params) -> StageResult:
+    """Run stage `name` unconditionally (under `dvc repro`, DVC decides what to skip)."""
+    return _run(name, params)

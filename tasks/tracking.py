@@ -1,0 +1,103 @@
+"""MLflow: one run per flow run, a nested run per stage, with lineage.
+
+The library returns metrics and never logs them; this module is the one place
+that talks to MLflow, so the tracking backend can change without touching it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+
+from lowrank.config import Params, TrackingConfig, flatten
+from lowrank.stages import Layout, StageResult, get_stage
+
+from .lineage import dvc_md5
+
+# MLflow caps a param value at 6000 characters.
+_MAX_PARAM = 6000
+
+
+def configure(cfg: TrackingConfig) -> bool:
+    """Point MLflow at the configured store; returns whether tracking is on."""
+    if not cfg.enabled:
+        return False
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    mlflow.set_tracking_uri(cfg.uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        location = Path(cfg.artifact_location).resolve().as_uri()
+        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.experiment)
+    return True
+
+
+def git_commit() -> dict[str, str]:
+    """The commit the code ran at, and whether the tree had uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty.strip())).lower()}
+
+
+def run_tags(params: Params) -> dict[str, str]:
+    """Tags to filter and compare runs by in the UI."""
+    return {
+        "task": params.data.task,
+        "model": params.model.name,
+        "method": params.factorize.method,
+        "keep_ratio": str(params.factorize.keep_ratio),
+        **git_commit(),
+    }
+
+
+def _log_params(params: Params) -> None:
+    flat = {k: (str(v)[:_MAX_PARAM] if v is not None else "null") for k, v in flatten(params).items()}
+    mlflow.log_params(flat)
+
+
+@contextlib.contextmanager
+def flow_run(params: Params, run_name: str, extra_tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """The parent run of one flow run (or a standalone run for one DVC stage)."""
+    with mlflow.start_run(run_name=run_name, tags={**run_tags(params), **(extra_tags or {})}) as run:
+        _log_params(params)
+        yield run
+
+
+def lineage(name: str, params: Params) -> dict[str, str]:
+    """DVC md5 of every input and output artifact of a stage."""
+    stage = get_stage(name)
+    layout = Layout.from_params(params)
+    tags = {}
+    for kind, paths in (("input", stage.inputs(layout)), ("output", stage.outputs(layout))):
+        for key, path in paths.items():
+            tags[f"lineage.{kind}.{key}"] = f"{path}@{dvc_md5(path)}"
+    return tags
+
+
+def log_stage(name: str, params: Params, result: StageResult, cached: bool, nested: bool = True) -> None:
+    """A run for one stage: its metrics, its metrics file and the hashes of what it read and wrote."""
+    layout = Layout.from_params(params)
+    tags = {"stage": name, "cached": str(cached).lower(), **lineage(name, params)}
+    with mlflow.start_run(run_name=name, nested=nested, tags=tags):
+        section = {s: getattr(params, s) for s in get_stage(name).sections}
+        mlflow.log_params({k: (str(v)[:_MAX_PARAM] if v is not None else "null") for k, v in flatten(section).items()})
+        if result.metrics:
+            mlflow.log_metrics(result.metrics)
+        for row in result.info.get("history", []):
+            step = int(row.get("step", 0))
+            mlflow.log_metrics({f"eval.{k}": v for k, v in row.items() if k not in ("step",)}, step=step)
+        metrics_file = layout.metrics_file(name)
+        if metrics_file.is_file():
+            mlflow.log_artifact(str(metrics_file))
+        for plot in result.info.get("plots", []):
+            mlflow.log_artifact(plot)
+    if result.metrics and mlflow.active_run() is not None and nested:
+        mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
