@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny BERT built from a config in code, and a tiny project."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Character-level WordPiece vocabulary: every word tokenizes without a hub download.
+_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,'!?-")
+VOCAB = _SPECIAL + _CHARS + [f"##{c}" for c in _CHARS]
+
+
+def tiny_bert_config(num_labels: int = 2):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+
+
+def save_tiny_model(folder: Path, num_labels: int = 2) -> Path:
+    """A random tiny BERT classifier and a char-level tokenizer, saved like a hub model."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config(num_labels)).save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture()
+def glue_dir() -> Path:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    return GLUE_DIR
+
+
+def tiny_params(root: Path, model_dir: Path, glue_dir: Path, **sections: dict) -> Path:
+    """Write a params.yaml for a seconds-long run of the whole pipeline under `root`."""
+    params = {
+        "paths": {"artifacts": str(root / "artifacts"), "metrics": str(root / "metrics")},
+        "data": {"task": "sst2", "glue_dir": str(glue_dir), "max_train_samples": 48, "max_eval_samples": 24, "max_length": 24},
+        "model": {"name": str(model_dir)},
+        "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3},
+        "fisher": {"max_samples": 32, "batch_size": 16},
+        "factorize": {"method": "fwsvd", "keep_ratio": 0.5},
+        "finetune_compressed": {"epochs": 1, "batch_size": 16, "lr": 1e-3},
+        "evaluate": {"latency_batch_sizes": [1, 4], "latency_seq_len": 16, "latency_warmup": 1, "latency_repeats": 2},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts")},
+    }
+    for section, values in sections.items():
+        params.setdefault(section, {}).update(values)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path

@@ -1,0 +1,71 @@
+"""params.yaml validation: bad keys and values fail at once, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lowrank.config import ConfigError, Params, apply_overrides, build, flatten, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_file_is_valid() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.data.task == "sst2"
+    assert params.finetune.lr == pytest.approx(5e-5)
+
+
+def test_overrides_use_dvc_form() -> None:
+    params = load_params(REPO / "params.yaml", ["finetune.lr=3e-5", "data.task=mrpc", "data.max_train_samples=null"])
+    assert params.finetune.lr == pytest.approx(3e-5)
+    assert params.data.task == "mrpc"
+    assert params.data.max_train_samples is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.lrr=1", "unknown key finetune.lrr"),
+        ("bogus.x=1", "unknown key bogus"),
+        ("finetune.epochs=0", "finetune.epochs"),
+        ("finetune.batch_size=abc", "finetune.batch_size"),
+        ("finetune.batch_size=2.5", "finetune.batch_size"),
+        ("factorize.keep_ratio=0", "factorize.keep_ratio"),
+        ("factorize.keep_ratio=1.5", "factorize.keep_ratio"),
+        ("factorize.method=qr", "factorize.method"),
+        ("data.max_train_samples=-3", "data.max_train_samples"),
+        ("data.task=custom", "data.custom"),
+        ("evaluate.latency_batch_sizes=[0]", "evaluate.latency_batch_sizes"),
+        ("tracking.enabled=yes please", "tracking.enabled"),
+        ("finetune=3", "finetune"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_params(REPO / "params.yaml", [override])
+
+
+def test_override_needs_equals_sign() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["finetune.lr"])
+
+
+def test_missing_params_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_custom_data_section_is_typed() -> None:
+    raw = {"data": {"task": "custom", "custom": {"train_file": "a.csv", "eval_file": "b.csv", "text_a": "t", "label": "y"}}}
+    params = build(Params, raw)
+    assert params.data.custom.label_names is None
+    with pytest.raises(ConfigError, match="data.custom.colour"):
+        build(Params, {"data": {"task": "custom", "custom": {**raw["data"]["custom"], "colour": 1}}})
+
+
+def test_flatten_gives_dotted_keys() -> None:
+    flat = flatten(build(Params, {}))
+    assert flat["finetune.lr"] == pytest.approx(2e-5)
+    assert flat["factorize.keep_ratio"] == 0.5
