@@ -9,6 +9,8 @@ are built from the same facts.
 
 from __future__ import annotations
 
+import io
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 
 from . import data as data_lib
 from .config import DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig, ModelConfig, Params, TrainConfig
-from .io import atomic_dir, read_json, write_json
+from .io import atomic_dir, atomic_write_bytes, read_json, write_json
 from .models import load_classifier, load_tokenizer
 
 
@@ -239,6 +241,145 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, data_dir: Path, metrics_p
     return _finish(metrics_path, {}, metrics)
 
 
+# --------------------------------------------------------------------------- fisher and factorize
+
+
+def _targets(model: torch.nn.Module, cfg: FactorizeConfig) -> list[str]:
+    from .matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_targets
+
+    names = find_targets(model, cfg.targets or DEFAULT_TARGETS, cfg.exclude or DEFAULT_EXCLUDE)
+    if not names:
+        raise ValueError(f"factorize.targets: no Linear layer of the model matches {cfg.targets or DEFAULT_TARGETS!r}")
+    return names
+
+
+def run_fisher(
+    cfg: FisherConfig, factorize_cfg: FactorizeConfig, model_dir: Path, data_dir: Path, out_dir: Path, metrics_path: Path
+) -> StageResult:
+    """Fisher (and Taylor, for TVD) importance of every targeted weight, computed once for all methods."""
+    from .compressed import load_compressed
+    from .importance import compute_fisher, compute_taylor, save_importance
+
+    prepared = PreparedData.open(data_dir)
+    model = load_compressed(model_dir)
+    names = _targets(model, factorize_cfg)
+    loader = prepared.loader("train", cfg.batch_size)
+    options = dict(max_samples=cfg.max_samples, per_example=cfg.per_example, only_misclassified=cfg.only_misclassified)
+    started = time.perf_counter()
+    fisher = compute_fisher(model, loader, names, **options)
+    fisher_seconds = time.perf_counter() - started
+    taylor = compute_taylor(model, loader, names, **options)
+    with atomic_dir(out_dir) as tmp:
+        save_importance(fisher, tmp / "fisher.safetensors")
+        save_importance(taylor, tmp / "taylor.safetensors")
+    metrics = {
+        "layers": len(names),
+        "samples": fisher.num_samples,
+        "fisher_seconds": fisher_seconds,
+        "total_seconds": time.perf_counter() - started,
+    }
+    return _finish(metrics_path, {"importance": out_dir}, metrics)
+
+
+def _importance_for(method: str, importance_dir: Path) -> dict[str, torch.Tensor] | None:
+    from .importance import load_importance
+
+    if method == "svd":
+        return None
+    return load_importance(importance_dir / ("taylor.safetensors" if method == "tvd" else "fisher.safetensors")).scores
+
+
+def run_factorize(
+    cfg: FactorizeConfig, model_dir: Path, importance_dir: Path, out_dir: Path, metrics_path: Path
+) -> StageResult:
+    """Replace each targeted Linear by two low-rank ones, with ranks from `keep_ratio` and `allocation`."""
+    from .compressed import load_compressed, save_compressed
+    from .importance import load_importance
+    from .matching import matrix_type
+    from .ranks import allocate_ranks, kept_ratio, weighted_spectrum
+    from .risk import svd_risks
+    from .solvers import get_solver, weighted_error
+    from .surgery import dense_weights, factorize_model
+
+    model = load_compressed(model_dir)
+    names = _targets(model, cfg)
+    fisher = load_importance(importance_dir / "fisher.safetensors").scores
+    missing = [n for n in names if n not in fisher]
+    if missing:
+        raise ValueError(f"importance at {importance_dir} lacks {missing[0]}: rerun the fisher stage for these targets")
+    importance = _importance_for(cfg.method, importance_dir)
+    weights = dense_weights(model, names)
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    spectra = {n: weighted_spectrum(weights[n], fisher[n]) for n in names} if cfg.allocation == "fisher" else None
+    ranks = allocate_ranks(shapes, cfg.keep_ratio, cfg.allocation, cfg.rank_multiple, spectra)
+
+    iterative = cfg.method in ("tfwsvd", "tvd")
+    solver = get_solver(cfg.solver if iterative else cfg.method)
+    options = {"steps": cfg.solver_steps, **cfg.solver_options} if iterative else {}
+    phi = svd_risks({n: fisher[n] for n in names})
+    factors, rows = {}, []
+    started = time.perf_counter()
+    for name in names:
+        weight, rank = weights[name], ranks[name]
+        row = {"layer": name, "type": matrix_type(name), "shape": list(shapes[name]), "rank": rank, "phi": phi[name]}
+        if rank is not None:
+            layer_started = time.perf_counter()
+            a, b = solver(weight, rank, importance=None if importance is None else importance[name], **options)
+            factors[name] = (a, b)
+            row["seconds"] = time.perf_counter() - layer_started
+            row["fisher_error"] = weighted_error(weight, a, b, fisher[name])
+            row["error"] = weighted_error(weight, a, b)
+        rows.append(row)
+    solve_seconds = time.perf_counter() - started
+    factorize_model(model, factors)
+    extra = {"keep_ratio": cfg.keep_ratio, "allocation": cfg.allocation, "solver": cfg.solver if iterative else cfg.method}
+    save_compressed(model, out_dir, method=cfg.method, extra=extra)
+    plot = _plot_phi(rows, metrics_path.with_name("factorize_phi.png"))
+    factorized = [r for r in rows if r["rank"] is not None]
+    metrics = {
+        "keep_ratio_target": cfg.keep_ratio,
+        "keep_ratio_reached": kept_ratio(shapes, ranks),
+        "layers_factorized": len(factorized),
+        "layers_dense": len(rows) - len(factorized),
+        "solve_seconds": solve_seconds,
+        "mean_fisher_error": sum(r["fisher_error"] for r in factorized) / max(len(factorized), 1),
+        "mean_error": sum(r["error"] for r in factorized) / max(len(factorized), 1),
+        "phi_by_type": _mean_by_type(rows, "phi"),
+        "layers": rows,
+    }
+    return _finish(metrics_path, {"model": out_dir}, metrics, {"plots": [str(plot)]})
+
+
+def _mean_by_type(rows: list[dict], key: str) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        groups.setdefault(row["type"], []).append(row[key])
+    return {kind: sum(values) / len(values) for kind, values in groups.items()}
+
+
+def _plot_phi(rows: list[dict], path: Path) -> Path:
+    """Bar chart of phi per targeted matrix, coloured by matrix type (TFWSVD Eq. 13)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r["type"] for r in rows})
+    colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.25), 3.5))
+    ax.bar(range(len(rows)), [r["phi"] for r in rows], color=[colours[r["type"]] for r in rows])
+    blocks = [re.search(r"\.(\d+)\.", r["layer"]) for r in rows]
+    ax.set_xticks(range(len(rows)), [m.group(1) if m else "" for m in blocks], fontsize=6)
+    ax.set_xlabel("block of each targeted matrix (model order)")
+    ax.set_ylabel("phi (SVD risk)")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours[k]) for k in kinds], labels=kinds, fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -296,6 +437,45 @@ register(
     )
 )
 register(_evaluate_stage("evaluate_dense", "finetune"))
+register(
+    Stage(
+        name="fisher",
+        sections=("fisher",),
+        inputs=lambda lay: {"model": lay.model("finetune"), "data": lay.data},
+        outputs=lambda lay: {"importance": lay.importance},
+        run=lambda p, lay: run_fisher(
+            p.fisher, p.factorize, lay.model("finetune"), lay.data, lay.importance, lay.metrics_file("fisher")
+        ),
+        after=("finetune",),
+    )
+)
+register(
+    Stage(
+        name="factorize",
+        sections=("factorize",),
+        inputs=lambda lay: {"model": lay.model("finetune"), "importance": lay.importance},
+        outputs=lambda lay: {"model": lay.model("factorize")},
+        run=lambda p, lay: run_factorize(
+            p.factorize, lay.model("finetune"), lay.importance, lay.model("factorize"), lay.metrics_file("factorize")
+        ),
+        after=("fisher",),
+    )
+)
+register(_evaluate_stage("evaluate_factorized", "factorize"))
+register(
+    Stage(
+        name="finetune_compressed",
+        sections=("finetune_compressed",),
+        inputs=lambda lay: {"model": lay.model("factorize"), "data": lay.data},
+        outputs=lambda lay: {"model": lay.model("finetune_compressed")},
+        run=lambda p, lay: run_finetune_compressed(
+            p.finetune_compressed, lay.model("factorize"), lay.data, lay.model("finetune_compressed"),
+            lay.metrics_file("finetune_compressed"),
+        ),
+        after=("factorize",),
+    )
+)
+register(_evaluate_stage("evaluate_compressed", "finetune_compressed"))
 
 
 def get_stage(name: str) -> Stage:
@@ -309,6 +489,10 @@ def get_stage(name: str) -> Stage:
 
 PIPELINES: dict[str, tuple[str, ...]] = {
     "dense": ("prepare", "finetune", "evaluate_dense"),
+    "factorize": (
+        "prepare", "finetune", "evaluate_dense", "fisher", "factorize", "evaluate_factorized",
+        "finetune_compressed", "evaluate_compressed",
+    ),
 }
 
 

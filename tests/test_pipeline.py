@@ -1,0 +1,153 @@
+"""End to end on a tiny BERT and 48 SST-2 sentences: the library, Prefect, MLflow and DVC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_params
+from lowrank.config import load_params
+from lowrank.stages import Layout, get_stage, pipeline, preflight
+
+pytestmark = pytest.mark.slow
+
+
+def _run_stages(params_path: Path, names: list[str]) -> dict:
+    params = load_params(params_path)
+    preflight(params)
+    layout = Layout.from_params(params)
+    return {name: get_stage(name).run(params, layout) for name in names}
+
+
+def test_dense_stages_write_artifacts_and_metrics(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path) -> None:
+    params_path = tiny_params(tmp_path, tiny_model_dir, glue_dir)
+    results = _run_stages(params_path, ["prepare", "finetune", "evaluate_dense"])
+    assert results["prepare"].metrics["train.rows"] == 48
+    assert results["prepare"].metrics["validation.rows"] == 24
+    finetune = json.loads((tmp_path / "metrics" / "finetune.json").read_text())
+    assert finetune["steps"] == 3  # 48 rows / batch 16, one epoch
+    evaluation = json.loads((tmp_path / "metrics" / "evaluate_dense.json").read_text())
+    assert 0.0 <= evaluation["task"]["accuracy"] <= 1.0
+    # 2 blocks x (4 * 32*32 + 2 * 32*64) targeted weights in the tiny BERT
+    assert evaluation["params"]["target_linear"] == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    assert (tmp_path / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
+    assert not list((tmp_path / "artifacts").rglob("*.tmp-*")), "a temporary artifact was left behind"
+
+
+def test_missing_glue_file_fails_before_work(tmp_path: Path, tiny_model_dir: Path) -> None:
+    empty = tmp_path / "glue"
+    (empty / "SST-2").mkdir(parents=True)
+    params = load_params(tiny_params(tmp_path, tiny_model_dir, empty))
+    with pytest.raises(FileNotFoundError, match="train.tsv"):
+        preflight(params)
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_missing_model_path_is_named(tmp_path: Path, glue_dir: Path) -> None:
+    params = load_params(tiny_params(tmp_path, tmp_path / "no-such-model", glue_dir))
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        preflight(params)
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path, prefect_harness, monkeypatch) -> None:
+    import mlflow
+
+    from flows.compress import compress
+
+    monkeypatch.chdir(tmp_path)
+    params_path = tiny_params(tmp_path, tiny_model_dir, glue_dir)
+    names = pipeline(load_params(params_path))
+
+    first = compress(str(params_path))
+    assert [first[n]["cached"] for n in names] == [False] * len(names)
+    second = compress(str(params_path))
+    assert [second[n]["cached"] for n in names] == [True] * len(names)
+    assert second["evaluate_dense"]["metrics"] == first["evaluate_dense"]["metrics"]
+
+    third = compress(str(params_path), ["evaluate.latency_repeats=3"])
+    rerun = {n for n in names if not third[n]["cached"]}
+    assert rerun == {n for n in names if n.startswith("evaluate")}
+
+    # An artifact replaced behind the cache's back is noticed and rebuilt.
+    shutil.rmtree(tmp_path / "artifacts" / "finetune")
+    fourth = compress(str(params_path), ["evaluate.latency_repeats=3"])
+    assert fourth["finetune"]["cached"] is False
+    assert (tmp_path / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lowrank"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 4
+    stage_runs = [r for r in runs if r.data.tags.get("stage") == "finetune"]
+    assert len(stage_runs) == 4
+    tags = stage_runs[0].data.tags
+    assert tags["lineage.output.model"].endswith(".dir")
+    assert tags["lineage.input.data"].split("@")[1].endswith(".dir")
+    assert "mlflow.source.git.commit" in parents[0].data.tags or not (REPO / ".git").exists()
+    assert parents[0].data.params["finetune.lr"] == "0.001"
+    assert "evaluate_dense.task.accuracy" in parents[0].data.metrics
+    assert parents[0].data.tags["task"] == "sst2"
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def test_dvc_repro_is_a_noop_the_second_time(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copytree(REPO / "lowrank", project / "lowrank", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copy(REPO / ".dvcignore", project / ".dvcignore")
+    params_path = tiny_params(project, tiny_model_dir, glue_dir, orchestration={"path": "dense"}, tracking={"enabled": False})
+    params = yaml_load(params_path)
+    params["paths"] = {"artifacts": "artifacts", "metrics": "metrics"}
+    params_path.write_text(json.dumps(params))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    _dvc(project, "init", "-q")
+    _dvc(project, "config", "core.analytics", "false")
+
+    out = _dvc(project, "repro", "evaluate_dense")
+    assert "Running stage 'finetune'" in out
+    assert json.loads((project / "metrics" / "evaluate_dense.json").read_text())["task"]["accuracy"] >= 0
+    out = _dvc(project, "repro", "evaluate_dense")
+    assert "Running stage" not in out
+
+    params["evaluate"]["latency_repeats"] = 3
+    params_path.write_text(json.dumps(params))
+    out = _dvc(project, "repro", "evaluate_dense")
+    assert "Running stage 'evaluate_dense'" in out
+    assert "Running stage 'finetune'" not in out and "Running stage 'prepare'" not in out
+
+    remote = tmp_path / "remote"
+    _dvc(project, "remote", "add", "-d", "local", str(remote))
+    _dvc(project, "push")
+    shutil.rmtree(project / "artifacts")
+    shutil.rmtree(project / ".dvc" / "cache")
+    _dvc(project, "pull")
+    assert (project / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
+    out = _dvc(project, "status")
+    assert "up to date" in out.lower()
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
