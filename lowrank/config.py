@@ -321,6 +321,14 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
     return build(Params, apply_overrides(read_yaml(path), overrides))
 
 
+def select(params: Params, dotted: str) -> Any:
+    """`select(p, "factorize.targets")`: a section or a single key, as stages declare them."""
+    value: Any = params
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def to_dict(obj: Any) -> Any:
     """Plain-data form of a config (for hashing, JSON and MLflow)."""
     if dataclasses.is_dataclass(obj):

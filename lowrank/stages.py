@@ -194,14 +194,15 @@ def run_finetune_compressed(
     cfg: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, metrics_path: Path
 ) -> StageResult:
     """Fine-tune a compressed model again ("+ ft" in the papers), keeping its ranks."""
-    from .compressed import load_compressed, save_compressed
+    from .compressed import load_compressed, recipe, write_compressed
 
     prepared = PreparedData.open(data_dir)
     model = load_compressed(model_dir)
-    recipe = getattr(model.config, "lowrank", None) or {}
+    entry = recipe(model)
+    extra = {k: v for k, v in entry.items() if k not in ("version", "method", "ranks")}
 
     def save(m: torch.nn.Module, path: Path) -> None:
-        save_compressed(m, path, method=recipe.get("method", "unknown"), extra={"finetuned": True})
+        write_compressed(m, path, method=entry.get("method", "dense"), targets=list(entry.get("ranks", {})), extra={**extra, "finetuned": True})
 
     return _train_and_save(model, prepared, cfg, out_dir, metrics_path, "finetune_compressed", save)
 
@@ -211,7 +212,7 @@ def run_finetune_compressed(
 
 def run_evaluate(cfg: EvaluateConfig, model_dir: Path, data_dir: Path, metrics_path: Path) -> StageResult:
     """Task score, parameter counts, size on disk and CPU latency of one model folder."""
-    from .compressed import load_compressed
+    from .compressed import load_compressed, recipe
     from .evaluation import count_parameters, dir_size_bytes, measure_latency
     from .matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_targets
 
@@ -221,8 +222,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, data_dir: Path, metrics_p
     started = time.perf_counter()
     scores = prepared.evaluate_fn(cfg.batch_size)(model)
     eval_seconds = time.perf_counter() - started
-    recipe = getattr(model.config, "lowrank", None) or {}
-    targets = list(recipe.get("ranks", {})) or find_targets(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE)
+    targets = list(recipe(model).get("ranks", {})) or find_targets(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE)
     metrics: dict[str, Any] = {
         "task": scores,
         "eval_seconds": eval_seconds,
@@ -258,25 +258,25 @@ def run_fisher(
 ) -> StageResult:
     """Fisher (and Taylor, for TVD) importance of every targeted weight, computed once for all methods."""
     from .compressed import load_compressed
-    from .importance import compute_fisher, compute_taylor, save_importance
+    from .importance import collect_importance, save_importance
 
     prepared = PreparedData.open(data_dir)
     model = load_compressed(model_dir)
     names = _targets(model, factorize_cfg)
     loader = prepared.loader("train", cfg.batch_size)
-    options = dict(max_samples=cfg.max_samples, per_example=cfg.per_example, only_misclassified=cfg.only_misclassified)
     started = time.perf_counter()
-    fisher = compute_fisher(model, loader, names, **options)
-    fisher_seconds = time.perf_counter() - started
-    taylor = compute_taylor(model, loader, names, **options)
+    scores = collect_importance(
+        model, loader, names, max_samples=cfg.max_samples, per_example=cfg.per_example,
+        only_misclassified=cfg.only_misclassified,
+    )
+    fisher, taylor = scores["fisher"], scores["taylor"]
     with atomic_dir(out_dir) as tmp:
         save_importance(fisher, tmp / "fisher.safetensors")
         save_importance(taylor, tmp / "taylor.safetensors")
     metrics = {
         "layers": len(names),
         "samples": fisher.num_samples,
-        "fisher_seconds": fisher_seconds,
-        "total_seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started,
     }
     return _finish(metrics_path, {"importance": out_dir}, metrics)
 
@@ -300,6 +300,7 @@ def run_factorize(
     from .risk import svd_risks
     from .solvers import get_solver, weighted_error
     from .surgery import dense_weights, factorize_model
+    from transformers import AutoTokenizer
 
     model = load_compressed(model_dir)
     names = _targets(model, cfg)
@@ -333,7 +334,8 @@ def run_factorize(
     solve_seconds = time.perf_counter() - started
     factorize_model(model, factors)
     extra = {"keep_ratio": cfg.keep_ratio, "allocation": cfg.allocation, "solver": cfg.solver if iterative else cfg.method}
-    save_compressed(model, out_dir, method=cfg.method, extra=extra)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    save_compressed(model, out_dir, method=cfg.method, targets=names, tokenizer=tokenizer, extra=extra)
     plot = _plot_phi(rows, metrics_path.with_name("factorize_phi.png"))
     factorized = [r for r in rows if r["rank"] is not None]
     metrics = {
@@ -388,7 +390,7 @@ class Stage:
     """A stage's dependencies (params sections, upstream artifacts), outputs, and how to run it."""
 
     name: str
-    sections: tuple[str, ...]
+    sections: tuple[str, ...]  # params sections, or single dotted keys, that it reads
     inputs: Callable[[Layout], dict[str, Path]]
     outputs: Callable[[Layout], dict[str, Path]]
     run: Callable[[Params, Layout], StageResult]
@@ -440,7 +442,7 @@ register(_evaluate_stage("evaluate_dense", "finetune"))
 register(
     Stage(
         name="fisher",
-        sections=("fisher",),
+        sections=("fisher", "factorize.targets", "factorize.exclude"),
         inputs=lambda lay: {"model": lay.model("finetune"), "data": lay.data},
         outputs=lambda lay: {"importance": lay.importance},
         run=lambda p, lay: run_fisher(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lowrank
-from lowrank.config import Params, to_dict
+from lowrank.config import Params, select, to_dict
 from lowrank.io import digest
 from lowrank.stages import Layout, get_stage
 
@@ -36,7 +36,7 @@ def stage_fingerprint(name: str, params: Params) -> dict[str, Any]:
     layout = Layout.from_params(params)
     return {
         "stage": name,
-        "params": {section: to_dict(getattr(params, section)) for section in stage.sections},
+        "params": {key: to_dict(select(params, key)) for key in stage.sections},
         "inputs": {key: digest(path) for key, path in stage.inputs(layout).items()},
         "outputs": {key: str(path) for key, path in stage.outputs(layout).items()},
         "code": code_digest(),

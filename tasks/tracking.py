@@ -14,7 +14,9 @@ from typing import Any, Iterator
 
 import mlflow
 
-from lowrank.config import Params, TrackingConfig, flatten
+import lowrank
+
+from lowrank.config import Params, TrackingConfig, flatten, select
 from lowrank.stages import Layout, StageResult, get_stage
 
 from .lineage import dvc_md5
@@ -38,10 +40,15 @@ def configure(cfg: TrackingConfig) -> bool:
 
 
 def git_commit() -> dict[str, str]:
-    """The commit the code ran at, and whether the tree had uncommitted changes."""
+    """The commit the code ran at, and whether the tree had uncommitted changes.
+
+    Asked of the repository holding the library, not of the working folder,
+    which may be any project folder.
+    """
+    where = Path(lowrank.__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return {}
     return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty.strip())).lower()}
@@ -58,9 +65,12 @@ def run_tags(params: Params) -> dict[str, str]:
     }
 
 
+def _param_value(value: Any) -> str:
+    return "null" if value is None else str(value)[:_MAX_PARAM]
+
+
 def _log_params(params: Params) -> None:
-    flat = {k: (str(v)[:_MAX_PARAM] if v is not None else "null") for k, v in flatten(params).items()}
-    mlflow.log_params(flat)
+    mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
 
 
 @contextlib.contextmanager
@@ -87,8 +97,8 @@ def log_stage(name: str, params: Params, result: StageResult, cached: bool, nest
     layout = Layout.from_params(params)
     tags = {"stage": name, "cached": str(cached).lower(), **lineage(name, params)}
     with mlflow.start_run(run_name=name, nested=nested, tags=tags):
-        section = {s: getattr(params, s) for s in get_stage(name).sections}
-        mlflow.log_params({k: (str(v)[:_MAX_PARAM] if v is not None else "null") for k, v in flatten(section).items()})
+        section = {key: select(params, key) for key in get_stage(name).sections}
+        mlflow.log_params({k: _param_value(v) for k, v in flatten(section).items()})
         if result.metrics:
             mlflow.log_metrics(result.metrics)
         for row in result.info.get("history", []):

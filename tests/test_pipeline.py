@@ -138,12 +138,12 @@ def test_dvc_repro_is_a_noop_the_second_time(tmp_path: Path, tiny_model_dir: Pat
 
     remote = tmp_path / "remote"
     _dvc(project, "remote", "add", "-d", "local", str(remote))
-    _dvc(project, "push")
+    _dvc(project, "push", "--with-deps", "evaluate_dense")
     shutil.rmtree(project / "artifacts")
     shutil.rmtree(project / ".dvc" / "cache")
-    _dvc(project, "pull")
+    _dvc(project, "pull", "--with-deps", "evaluate_dense")
     assert (project / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
-    out = _dvc(project, "status")
+    out = _dvc(project, "status", "--with-deps", "evaluate_dense")
     assert "up to date" in out.lower()
 
 

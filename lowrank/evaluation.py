@@ -1,0 +1,106 @@
+"""What the evaluate stage measures: predictions, parameter counts, size on disk, CPU latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .layers import FactorizedLinear
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels over a whole loader, in order."""
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        batch = dict(batch)
+        labels.append(batch.pop("labels"))
+        logits.append(model(**batch).logits.float())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _weight_params(module: nn.Module) -> int:
+    if isinstance(module, FactorizedLinear):
+        return module.down.weight.numel() + module.up.weight.numel()
+    return module.weight.numel()
+
+
+def count_parameters(model: nn.Module, targets: Sequence[str]) -> dict[str, int]:
+    """Parameter counts that compare with the papers.
+
+    total: every parameter. encoder: the base model without its embeddings and
+    pooler (what "compressed encoder" means in the papers). target_linear: the
+    weights (not biases) of the targeted Linear layers, the quantity a keep
+    ratio is a share of.
+    """
+    modules = dict(model.named_modules())
+    missing = [name for name in targets if name not in modules]
+    if missing:
+        raise ValueError(f"targets not in the model: {missing[:3]}")
+    base = getattr(model, "base_model", model)
+    encoder = sum(p.numel() for n, p in base.named_parameters() if "embeddings" not in n and "pooler" not in n)
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "encoder": encoder,
+        "target_linear": sum(_weight_params(modules[name]) for name in targets),
+    }
+
+
+def dir_size_bytes(path: str | Path) -> int:
+    """Bytes of the weight files in a model folder (what a download costs), tokenizer excluded."""
+    path = Path(path)
+    files = [p for p in path.rglob("*.safetensors")] or [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    return int(getattr(getattr(model, "config", None), "vocab_size", 1000) or 1000)
+
+
+@torch.inference_mode()
+def measure_latency(
+    model: nn.Module,
+    batch_sizes: Sequence[int] = (1, 32),
+    seq_len: int = 64,
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Median forward time per batch size on random token ids of length `seq_len` (CPU).
+
+    Returns `{"batch_<b>": {"median_ms", "p90_ms", "samples_per_s"}}`. The
+    median of `repeats` timed runs after `warmup` untimed ones; threads are
+    restored afterwards so a measurement does not change the process.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for batch_size in batch_sizes:
+            input_ids = torch.randint(0, _vocab_size(model), (batch_size, seq_len), generator=generator)
+            attention_mask = torch.ones_like(input_ids)
+            for _ in range(warmup):
+                model(input_ids=input_ids, attention_mask=attention_mask)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                model(input_ids=input_ids, attention_mask=attention_mask)
+                times.append(time.perf_counter() - started)
+            median = statistics.median(times)
+            results[f"batch_{batch_size}"] = {
+                "median_ms": median * 1e3,
+                "p90_ms": sorted(times)[min(len(times) - 1, int(0.9 * len(times)))] * 1e3,
+                "samples_per_s": batch_size / median,
+            }
+    finally:
+        torch.set_num_threads(previous)
+    return results

@@ -1,0 +1,58 @@
+"""Swapping modules of a model, in exactly one place."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+from torch import Tensor, nn
+
+from .layers import FactorizedLinear
+
+
+def replace_modules(model: nn.Module, names: Sequence[str], make: Callable[[str, nn.Module], nn.Module]) -> list[str]:
+    """Replace each named submodule by `make(name, module)` in place; returns the names replaced.
+
+    All modules are looked up before the first swap, so `make` never sees a
+    half-edited model. The model's config is left alone.
+    """
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules or not name]
+    if missing:
+        raise ValueError(f"no submodule called {missing[0]!r} in {type(model).__name__}")
+    found = [(name, modules[name]) for name in names]
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, make(name, module))
+    return [name for name, _ in found]
+
+
+def dense_weights(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    """The `(out, in)` weight of each named Linear (a factorized one gives `A B`), detached."""
+    modules = dict(model.named_modules())
+    weights = {}
+    for name in names:
+        module = modules.get(name)
+        if isinstance(module, nn.Linear):
+            weights[name] = module.weight.detach()
+        elif isinstance(module, FactorizedLinear):
+            weights[name] = (module.up.weight @ module.down.weight).detach()
+        else:
+            raise ValueError(f"{name!r} is not a Linear layer (found {type(module).__name__})")
+    return weights
+
+
+def factorize_model(model: nn.Module, factors: Mapping[str, tuple[Tensor, Tensor]]) -> list[str]:
+    """Replace each named Linear by a FactorizedLinear holding `(A, B)` and the original bias."""
+
+    def make(name: str, module: nn.Module) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name!r} is not an nn.Linear (found {type(module).__name__})")
+        a, b = factors[name]
+        expected = (module.out_features, module.in_features)
+        if (a.shape[0], b.shape[1]) != expected:
+            raise ValueError(f"{name}: factors give {(a.shape[0], b.shape[1])}, the layer is {expected}")
+        bias = None if module.bias is None else module.bias.detach()
+        return FactorizedLinear.from_factors(a.to(module.weight), b.to(module.weight), bias)
+
+    return replace_modules(model, list(factors), make)
