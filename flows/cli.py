@@ -79,6 +79,15 @@ def stages(params: Path = PARAMS) -> None:
 
 
 @app.command()
+def export(model_dir: Path, out: Path = typer.Option(None, help="ONNX file (default: MODEL_DIR/model.onnx).")) -> None:
+    """Export a (compressed) model folder to ONNX and check its outputs against PyTorch."""
+    from lowrank.compressed import load_compressed
+    from lowrank.export import export_onnx
+
+    _print(export_onnx(load_compressed(model_dir), out or model_dir / "model.onnx"))
+
+
+@app.command()
 def ui(params: Path = PARAMS, port: int = 5000, host: str = "127.0.0.1") -> None:
     """Start the MLflow UI on the project's store (one worker) and say how to start Prefect's."""
     from lowrank.config import load_params

@@ -1,0 +1,28 @@
+"""ONNX export of a compressed model, checked against PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from conftest import save_tiny_model
+from lowrank.compressed import load_compressed
+from lowrank.export import export_onnx
+from lowrank.matching import find_targets
+from lowrank.solvers import get_solver
+from lowrank.surgery import dense_weights, factorize_model
+
+
+def test_compressed_model_exports_with_parity(tmp_path: Path) -> None:
+    model = load_compressed(save_tiny_model(tmp_path / "m"))
+    names = find_targets(model)
+    weights = dense_weights(model, names)
+    factorize_model(model, {n: get_solver("svd")(weights[n], 8) for n in names})
+    report = export_onnx(model, tmp_path / "model.onnx")
+    assert report["max_abs_diff"] < 1e-4
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    # the factorized layers are in the graph as their (rank, in) and (out, rank) factors
+    shapes = {tuple(init.dims) for init in graph.initializer}
+    assert (32, 8) in shapes or (8, 32) in shapes
+    assert not list(tmp_path.glob(".model.onnx.tmp"))
