@@ -18,7 +18,7 @@ from .steps import execute
 def compress(params_path: str = "params.yaml", overrides: Sequence[str] = ()) -> dict:
     """Run the pipeline that `params.yaml` describes; every stage is cached.
 
-    Returns, per stage, whether it came from the cache and its metrics.
+    Returns, per stage, whether it came from the cache, its wall-clock seconds and its metrics.
     """
     params = load_params(params_path, overrides)
     preflight(params)
@@ -28,7 +28,7 @@ def compress(params_path: str = "params.yaml", overrides: Sequence[str] = ()) ->
     run_name = f"{params.data.task}-{params.factorize.method}-{params.factorize.keep_ratio}"
     with tracking.flow_run(params, run_name) if track else contextlib.nullcontext():
         for name in pipeline(params):
-            result, cached = execute(name, params, use_cache=use_cache, track=track)
-            summary[name] = {"cached": cached, "metrics": result.metrics}
+            result, cached, seconds = execute(name, params, use_cache=use_cache, track=track)
+            summary[name] = {"cached": cached, "seconds": seconds, "metrics": result.metrics}
     return summary
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import time
+
 from lowrank.config import Params
 from lowrank.stages import StageResult
 from tasks import tracking
 from tasks.stages import output_digests, run_stage, run_stage_uncached
 
 
-def execute(name: str, params: Params, *, use_cache: bool, track: bool) -> tuple[StageResult, bool]:
-    """Run a stage through Prefect; returns its result and whether it came from the cache.
+def execute(name: str, params: Params, *, use_cache: bool, track: bool) -> tuple[StageResult, bool, float]:
+    """Run a stage through Prefect; returns its result, whether it came from the cache, and the seconds it took.
 
     A cache hit is trusted only while the stage's outputs on disk are still the
     ones it recorded: another run (or `dvc checkout`) may have replaced them.
     """
+    started = time.perf_counter()
     task = run_stage if use_cache else run_stage_uncached
     state = task.with_options(name=name)(name, params, return_state=True)
     result: StageResult = state.result()
@@ -21,6 +24,7 @@ def execute(name: str, params: Params, *, use_cache: bool, track: bool) -> tuple
     if cached and result.info.get("output_digests") != output_digests(name, params):
         state = task.with_options(name=name, refresh_cache=True)(name, params, return_state=True)
         result, cached = state.result(), False
+    seconds = time.perf_counter() - started
     if track:
         tracking.log_stage(name, params, result, cached)
-    return result, cached
+    return result, cached, seconds

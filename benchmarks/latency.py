@@ -1,0 +1,110 @@
+"""Benchmark (issue 3e): CPU latency of compressed vs dense models beside the ideal multiply-add ratio.
+
+Factorizes the model at each keep ratio (plain SVD: latency does not depend on
+the method), with ranks as they come and rounded to a multiple of 8, and
+times dense and compressed forward passes side by side in one process:
+batch 1 and 32, random tokens, `--repeats` timed runs after a warm-up,
+median. The ideal speed-up counts multiply-adds per token of every Linear
+layer plus attention's two products.
+
+    .venv/bin/python benchmarks/latency.py [--model artifacts/finetune/model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torch import nn
+
+from lowrank.compressed import load_compressed
+from lowrank.evaluation import measure_latency
+from lowrank.layers import FactorizedLinear
+from lowrank.matching import find_targets
+from lowrank.models import packaged_model_dir
+from lowrank.ranks import uniform_ranks
+from lowrank.solvers import get_solver
+from lowrank.surgery import dense_weights, factorize_model
+
+from report import table, write_section
+
+
+def macs_per_token(model: nn.Module, seq_len: int) -> int:
+    """Multiply-adds per token: Linear layers (dense or factorized) plus QK^T and AV in every block."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, FactorizedLinear):
+            total += module.rank * (module.in_features + module.out_features)
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+    config = model.config
+    total += 2 * config.num_hidden_layers * seq_len * config.hidden_size
+    return total - sum(m.in_features * m.out_features for n, m in model.named_modules() if n.endswith("classifier"))
+
+
+def compress(model: nn.Module, keep_ratio: float, rank_multiple: int) -> nn.Module:
+    model = copy.deepcopy(model)
+    names = find_targets(model)
+    weights = dense_weights(model, names)
+    ranks = uniform_ranks({n: tuple(w.shape) for n, w in weights.items()}, keep_ratio, rank_multiple)
+    factorize_model(model, {n: get_solver("svd")(weights[n], r) for n, r in ranks.items() if r is not None})
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: the packaged MiniLM)")
+    parser.add_argument("--ratios", default="0.5,0.3,0.15")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch-sizes", default="1,32")
+    args = parser.parse_args()
+    batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+
+    dense = load_compressed(args.model or packaged_model_dir("sentence-transformers/all-MiniLM-L6-v2")).eval()
+    variants = {"dense": dense}
+    for ratio in map(float, args.ratios.split(",")):
+        for multiple in (1, 8):
+            variants[f"{ratio} (x{multiple})"] = compress(dense, ratio, multiple)
+
+    def timing(model: nn.Module) -> dict:
+        return measure_latency(model, batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)
+
+    # Two interleaved rounds, keeping each variant's best median, so a slow moment hits all alike.
+    results: dict[str, dict] = {}
+    for _ in range(2):
+        for name, model in variants.items():
+            got = timing(model)
+            for key, value in got.items():
+                best = results.setdefault(name, {}).get(key)
+                if best is None or value["median_ms"] < best["median_ms"]:
+                    results[name][key] = value
+
+    dense_macs = macs_per_token(dense, args.seq_len)
+    rows = []
+    for name, model in variants.items():
+        ideal = dense_macs / macs_per_token(model, args.seq_len)
+        ranks = sorted({m.rank for m in model.modules() if isinstance(m, FactorizedLinear)})
+        row = [name, ",".join(map(str, ranks)) or "-", ideal]
+        for batch in batch_sizes:
+            key = f"batch_{batch}"
+            speedup = results["dense"][key]["median_ms"] / results[name][key]["median_ms"]
+            row += [results[name][key]["median_ms"], speedup, speedup / ideal]
+        rows.append(row)
+        print(row, flush=True)
+    header = ["model (keep ratio, rank multiple)", "ranks", "ideal speed-up"]
+    for batch in batch_sizes:
+        header += [f"ms b={batch}", f"speed-up b={batch}", f"share of ideal b={batch}"]
+    body = (
+        f"all-MiniLM-L6-v2 (sequence classification), sequence length {args.seq_len}, median of {args.repeats} "
+        f"runs after 3 warm-up runs, best of two interleaved rounds, all variants in one process. "
+        f"Ideal speed-up: dense multiply-adds per token over compressed ones (Linear layers and attention products).\n\n"
+        + table(header, rows)
+    )
+    command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats}"
+    write_section("latency", "Latency of compressed vs dense (issue 3e)", command, body)
+
+
+if __name__ == "__main__":
+    main()

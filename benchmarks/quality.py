@@ -1,0 +1,131 @@
+"""Benchmark (issue 3b, c, d): task scores of SVD, FWSVD, TFWSVD and TVD, with and without "+ ft".
+
+For one task: prepare, fine-tune the dense MiniLM and collect its Fisher once;
+then for every method and keep ratio: factorize, evaluate, fine-tune one
+more time ("+ ft"), evaluate again. Also: plain SVD of one matrix type at a
+time (does phi order the types by the drop SVD causes?) and uniform vs Fisher
+rank allocation at equal parameters. Every run goes through the library's own
+stage functions, with `params.yaml` as the base; results are cached per run
+under `--out`, so an interrupted benchmark resumes.
+
+    .venv/bin/python benchmarks/quality.py --task sst2 --train 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from lowrank.config import load_params
+from lowrank.io import read_json
+from lowrank.risk import rank_agreement
+from lowrank.stages import run_evaluate, run_factorize, run_finetune, run_finetune_compressed, run_fisher, run_prepare
+
+from report import table, write_section
+
+TYPES = {
+    "query": r".*\.attention\.self\.query",
+    "key": r".*\.attention\.self\.key",
+    "value": r".*\.attention\.self\.value",
+    "attention_output": r".*\.attention\.output\.dense",
+    "ffn_in": r".*\.intermediate\.dense",
+    "ffn_out": r".*\.layer\.\d+\.output\.dense",
+}
+
+
+def cached(path: Path, make) -> dict:
+    """`make()` writes the metrics file `path`; skipped when it exists (resume)."""
+    if not path.is_file():
+        make()
+    return read_json(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--train", type=int, default=2000, help="training subset (dense, Fisher and + ft)")
+    parser.add_argument("--methods", default="svd,fwsvd,tfwsvd,tvd")
+    parser.add_argument("--ratios", default="0.5,0.3,0.15")
+    parser.add_argument("--ft-epochs", type=float, default=1.0)
+    parser.add_argument("--type-ratio", type=float, default=0.15, help="keep ratio for the one-type-at-a-time runs")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--seed-from", default=None, help="reuse data/finetune/fisher artifacts from this folder")
+    args = parser.parse_args()
+
+    out = Path(args.out or f"benchmarks/runs/{args.task}")
+    base = load_params("params.yaml", [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false"])
+    if args.seed_from and not (out / "data").exists():
+        for part in ("data", "finetune", "fisher"):
+            shutil.copytree(Path(args.seed_from) / part, out / part)
+    data, dense, fisher = out / "data", out / "finetune" / "model", out / "fisher"
+    metrics = out / "metrics"
+    if not data.exists():
+        run_prepare(base.data, base.model, data, metrics / "prepare.json")
+    if not dense.exists():
+        run_finetune(base.finetune, base.model, data, dense, metrics / "finetune.json")
+    if not fisher.exists():
+        run_fisher(base.fisher, base.factorize, dense, data, fisher, metrics / "fisher.json")
+    dense_score = cached(metrics / "evaluate_dense.json", lambda: run_evaluate(base.evaluate, dense, data, metrics / "evaluate_dense.json"))["task"]["score"]
+    ft = dataclasses.replace(base.finetune_compressed, epochs=args.ft_epochs)
+
+    def compress(tag: str, finetune: bool, **factorize) -> tuple[float, float | None, dict]:
+        cfg = dataclasses.replace(base.factorize, **factorize)
+        model, tuned = out / tag / "model", out / tag / "ft" / "model"
+        info = cached(metrics / f"{tag}.factorize.json", lambda: run_factorize(cfg, dense, fisher, model, metrics / f"{tag}.factorize.json"))
+        before = cached(metrics / f"{tag}.eval.json", lambda: run_evaluate(base.evaluate, model, data, metrics / f"{tag}.eval.json"))
+        after = None
+        if finetune:
+            cached(metrics / f"{tag}.ft.json", lambda: run_finetune_compressed(ft, model, data, tuned, metrics / f"{tag}.ft.json"))
+            after = cached(metrics / f"{tag}.ft.eval.json", lambda: run_evaluate(base.evaluate, tuned, data, metrics / f"{tag}.ft.eval.json"))["task"]["score"]
+            shutil.rmtree(out / tag / "ft", ignore_errors=True)  # keep only metrics: models are large
+        shutil.rmtree(out / tag / "model", ignore_errors=True)
+        return before["task"]["score"], after, info
+
+    methods, ratios = args.methods.split(","), [float(r) for r in args.ratios.split(",")]
+    rows = []
+    for ratio in ratios:
+        for method in methods:
+            before, after, info = compress(f"{method}-{ratio}", True, method=method, keep_ratio=ratio)
+            rows.append([method, ratio, info["keep_ratio_reached"], before, after])
+            print(rows[-1], flush=True)
+
+    # c. phi vs the drop plain SVD causes, one matrix type at a time
+    drops, phis = {}, {}
+    for kind, pattern in TYPES.items():
+        before, _, info = compress(f"type-{kind}-{args.type_ratio}", False, method="svd", keep_ratio=args.type_ratio, targets=pattern)
+        drops[kind] = dense_score - before
+        phis[kind] = sum(r["phi"] for r in info["layers"]) / len(info["layers"])
+    agreement = rank_agreement(phis, drops)
+
+    # d. uniform vs Fisher allocation at equal parameters (FWSVD, before and after + ft)
+    allocation_rows = []
+    for ratio in ratios:
+        for allocation in ("uniform", "fisher"):
+            before, after, info = compress(f"fwsvd-{allocation}-{ratio}", True, method="fwsvd", keep_ratio=ratio, allocation=allocation)
+            allocation_rows.append([allocation, ratio, info["keep_ratio_reached"], before, after])
+
+    sizes = read_json(metrics / "prepare.json")
+    body = (
+        f"Task {args.task}: all-MiniLM-L6-v2 fine-tuned on {sizes['train']['rows']} training examples "
+        f"(params.yaml's finetune section), Fisher over the same examples, scored on the full dev set "
+        f"({sum(v['rows'] for k, v in sizes.items() if k != 'train')} examples). Dense score: {dense_score:.4f}. "
+        f"\"+ ft\": {args.ft_epochs:g} epoch(s) of fine-tuning after factorizing, same examples, "
+        f"lr {ft.lr:g}. tfwsvd and tvd use the default solver (`factorize.solver: {base.factorize.solver}`, "
+        f"{base.factorize.solver_steps} steps).\n\n### Methods (b)\n\n"
+        + table(["method", "keep ratio", "reached", "score", "score + ft"], rows)
+        + f"\n\n### phi vs the drop of plain SVD, one matrix type at a time at keep ratio {args.type_ratio} (c)\n\n"
+        + table(["type", "mean phi", "score drop"], [[k, phis[k], drops[k]] for k in TYPES])
+        + f"\n\nSpearman correlation between phi and the drop: {agreement:.3f}.\n\n"
+        + "### Uniform vs Fisher rank allocation, FWSVD (d)\n\n"
+        + table(["allocation", "keep ratio", "reached", "score", "score + ft"], allocation_rows)
+    )
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "allocation": allocation_rows}, indent=1))
+    command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --ft-epochs {args.ft_epochs:g}"
+    write_section(f"quality-{args.task}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d)", command, body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Writing benchmark figures into BENCHMARKS.md, one section per benchmark script.
+
+Each script replaces only its own section (between HTML comment markers), so
+scripts can be rerun one at a time; every section carries the command that
+produced it, the machine and the date.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEvery figure below was produced by the script named in its section, on the machine and date given there.\nRerun a script to replace its section.\n"
+
+
+def machine() -> str:
+    """A one-line description of where the numbers were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table; floats get 4 significant digits."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, title: str, command: str, body: str) -> Path:
+    """Replace (or append) the section `name` of BENCHMARKS.md."""
+    today = datetime.date.today().isoformat()
+    section = (
+        f"<!-- {name}:start -->\n## {title}\n\n"
+        f"Command: `{command}`  \nMachine: {machine()}  \nDate: {today}\n\n{body.strip()}\n<!-- {name}:end -->"
+    )
+    text = REPORT.read_text() if REPORT.exists() else HEADER
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    REPORT.write_text(text)
+    return REPORT
