@@ -127,12 +127,22 @@ class FisherConfig:
         _check(self.batch_size > 0, "fisher.batch_size", "must be positive")
 
 
-FactorizeMethod = Literal["svd", "fwsvd", "tfwsvd", "tvd"]
+FactorizeMethod = Literal["svd", "fwsvd", "tfwsvd", "tvd", "sparse_svd", "sparse_tfwsvd"]
+# Methods that need pruning masks (the lpaf path), and those that path accepts.
+SPARSE_METHODS = ("sparse_svd", "sparse_tfwsvd")
+LPAF_METHODS = ("svd", *SPARSE_METHODS)
 
 
 @dataclass(frozen=True)
 class FactorizeConfig:
-    """Which factorizer, how much to keep and how ranks are spread over layers."""
+    """Which factorizer, how much to keep and how ranks are spread over layers.
+
+    `svd`, `fwsvd`, `tfwsvd` and `tvd` factorize the dense fine-tuned model
+    (the factorize path). `sparse_svd` (row-wise closed form) and
+    `sparse_tfwsvd` (element-wise, on `solver`) factorize the pruned model with
+    sparsity-aware weights (the lpaf path); `svd` there is the ablation: plain
+    SVD of the pruned matrices.
+    """
 
     method: FactorizeMethod = "fwsvd"
     keep_ratio: float = 0.5
@@ -148,6 +158,118 @@ class FactorizeConfig:
         _check(0 < self.keep_ratio <= 1, "factorize.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
         _check(self.rank_multiple >= 1, "factorize.rank_multiple", "must be >= 1")
         _check(self.solver_steps >= 1, "factorize.solver_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """Logit distillation from the dense fine-tuned model: loss = (1 - weight) task + weight KD."""
+
+    enabled: bool = False
+    temperature: float = 2.0
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+        _check(0 <= self.weight <= 1, "weight", f"must be in [0, 1], got {self.weight}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """LPAF step 1: unstructured pruning during fine-tuning, on the `factorize.targets` matrices.
+
+    method: movement (first-order, Sanh et al. 2020) or magnitude (the baseline).
+    final_density: share of each target's weights kept at the end; null = `factorize.keep_ratio`.
+    warmup_ratio / cooldown_ratio: shares of the training steps held at density 1
+        before, and at the final density after, the cubic ramp. `warmup_steps` /
+        `cooldown_steps`, when set, replace them with step counts.
+    scope: per_matrix (the same density everywhere) or global (one top-k over all targets).
+    update_every: recompute the masks every this many optimizer steps.
+    start_from: finetuned (prune the dense teacher further) or pretrained (prune while fine-tuning).
+    rank_energies: spectrum shares for the effective ranks of the rank analysis; [] skips it.
+    train: the fine-tuning run that prunes (its `warmup_ratio` is the learning rate's).
+    distill: distillation from the dense fine-tuned model during pruning.
+    """
+
+    method: Literal["movement", "magnitude"] = "movement"
+    final_density: float | None = None
+    warmup_ratio: float = 0.1
+    cooldown_ratio: float = 0.1
+    warmup_steps: int | None = None
+    cooldown_steps: int | None = None
+    scope: Literal["per_matrix", "global"] = "per_matrix"
+    update_every: int = 1
+    start_from: Literal["finetuned", "pretrained"] = "finetuned"
+    rank_energies: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillationConfig = field(default_factory=DistillationConfig)
+
+    def __post_init__(self) -> None:
+        density = self.final_density
+        _check(density is None or 0 < density <= 1, "prune.final_density", f"must be in (0, 1] or null, got {density}")
+        for key in ("warmup_ratio", "cooldown_ratio"):
+            value = getattr(self, key)
+            _check(0 <= value < 1, f"prune.{key}", f"must be in [0, 1), got {value}")
+        for key in ("warmup_steps", "cooldown_steps"):
+            value = getattr(self, key)
+            _check(value is None or value >= 0, f"prune.{key}", f"must be >= 0 or null, got {value}")
+        if self.warmup_steps is None and self.cooldown_steps is None:
+            _check(
+                self.warmup_ratio + self.cooldown_ratio <= 1,
+                "prune.warmup_ratio + prune.cooldown_ratio",
+                f"warm-up + cool-down ({self.warmup_ratio} + {self.cooldown_ratio}) exceed the whole training",
+            )
+        if self.train.max_steps is not None:  # the step count is known now; otherwise at the stage
+            self.schedule_steps(self.train.max_steps)
+        _check(self.update_every >= 1, "prune.update_every", f"must be >= 1, got {self.update_every}")
+        _check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")
+
+    def density(self, keep_ratio: float) -> float:
+        """The final density: `final_density`, or the factorization's keep ratio when null."""
+        return keep_ratio if self.final_density is None else self.final_density
+
+    def schedule_steps(self, total_steps: int) -> tuple[int, int]:
+        """(warm-up, cool-down) steps of a run of `total_steps`; ConfigError if they leave no ramp.
+
+        The ramp must end on a step the run takes (cool-down < total), so the
+        final density is always reached.
+        """
+        # Ratios round down, so ratios summing to at most 1 always fit.
+        warmup = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total_steps)
+        cooldown = self.cooldown_steps if self.cooldown_steps is not None else int(self.cooldown_ratio * total_steps)
+        keys = " + ".join(
+            f"prune.{kind}_steps" if getattr(self, f"{kind}_steps") is not None else f"prune.{kind}_ratio"
+            for kind in ("warmup", "cooldown")
+        )
+        _check(
+            warmup + cooldown <= total_steps and cooldown < total_steps,
+            keys,
+            f"warm-up + cool-down ({warmup} + {cooldown} steps) exceed the {total_steps} training steps",
+        )
+        return warmup, cooldown
+
+
+@dataclass(frozen=True)
+class MrftConfig:
+    """LPAF step 4: mixed-rank fine-tuning of the factors beside their sparse matrices.
+
+    p0: probability that a layer takes its low-rank path at the first step, in [0, 1].
+    ramp_share: share of the training steps over which that probability rises to 1.
+    train_sparse: also train the sparse matrices while they are in use.
+    seed: seeds the per-step path draws (the training seed is `train.seed`).
+    train: the fine-tuning run.
+    distill: distillation from the dense fine-tuned model.
+    """
+
+    p0: float = 0.5
+    ramp_share: float = 0.5
+    train_sparse: bool = False
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillationConfig = field(default_factory=lambda: DistillationConfig(enabled=True))
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.p0 <= 1, "mrft.p0", f"must be in [0, 1], got {self.p0}")
+        _check(0 <= self.ramp_share <= 1, "mrft.ramp_share", f"must be in [0, 1], got {self.ramp_share}")
 
 
 @dataclass(frozen=True)
@@ -198,9 +320,37 @@ class Params:
     fisher: FisherConfig = field(default_factory=FisherConfig)
     factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
     finetune_compressed: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    mrft: MrftConfig = field(default_factory=MrftConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+    def __post_init__(self) -> None:
+        # Checks across sections: which factorizers suit the configured path.
+        path, method = self.orchestration.path, self.factorize.method
+        if path == "lpaf":
+            check_lpaf_factorize(self.factorize)
+        else:
+            _check(
+                method not in SPARSE_METHODS,
+                "factorize.method",
+                f"{method} factorizes pruned matrices: it needs orchestration.path lpaf (path is {path})",
+            )
+
+
+def check_lpaf_factorize(cfg: FactorizeConfig) -> None:
+    """ConfigError unless `cfg` can factorize pruned matrices (the lpaf path has no Fisher stage)."""
+    _check(
+        cfg.method in LPAF_METHODS,
+        "factorize.method",
+        f"the lpaf path factorizes pruned matrices with {', '.join(LPAF_METHODS)}, got {cfg.method}",
+    )
+    _check(
+        cfg.allocation == "uniform",
+        "factorize.allocation",
+        f"the lpaf path has no Fisher stage: use uniform, got {cfg.allocation}",
+    )
 
 
 # --------------------------------------------------------------------------- conversion

@@ -495,6 +495,10 @@ PIPELINES: dict[str, tuple[str, ...]] = {
         "prepare", "finetune", "evaluate_dense", "fisher", "factorize", "evaluate_factorized",
         "finetune_compressed", "evaluate_compressed",
     ),
+    "lpaf": (
+        "prepare", "finetune", "evaluate_dense", "prune", "factorize_pruned", "evaluate_pruned_factorized",
+        "mrft", "evaluate_lpaf",
+    ),
 }
 
 
@@ -523,3 +527,6 @@ def preflight_stage(name: str, params: Params) -> None:
     for key, path in stage.inputs(layout).items():
         if not Path(path).exists():
             raise FileNotFoundError(f"stage {name}: input {key} not found at {path}; run {', '.join(stage.after)} first")
+
+
+from . import lpaf  # noqa: E402,F401  registers the LPAF stages
