@@ -302,6 +302,8 @@ def run_factorize(
     from .surgery import dense_weights, factorize_model
     from transformers import AutoTokenizer
 
+    if cfg.method not in ("svd", "fwsvd", "tfwsvd", "tvd"):
+        raise ValueError(f"factorize.method: {cfg.method} factorizes pruned matrices; the factorize stage takes svd, fwsvd, tfwsvd or tvd")
     model = load_compressed(model_dir)
     names = _targets(model, cfg)
     fisher = load_importance(importance_dir / "fisher.safetensors").scores

@@ -1,0 +1,138 @@
+"""Benchmark (issue 4): LPAF beside factorize-then-fine-tune, with its ablations, time and memory per stage.
+
+Reuses the task's data, dense model and Fisher-method results of
+`benchmarks/quality.py` (run it first for the same task), then for each keep
+ratio runs LPAF (movement pruning -> sparse_tfwsvd -> mixed-rank fine-tuning),
+and at the most compressed ratio the ablations: magnitude instead of movement
+pruning, plain SVD of the pruned matrices instead of sparsity-aware, plain
+fine-tuning (p0 = 1) instead of mixed-rank. Each stage's wall time and the
+peak resident memory of the process while it ran are recorded. Results are
+cached per run under `--out`, so an interrupted benchmark resumes.
+
+    .venv/bin/python benchmarks/lpaf.py --task sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from lowrank.config import load_params
+from lowrank.io import read_json
+from lowrank.lpaf import run_factorize_pruned, run_mrft, run_prune
+from lowrank.stages import run_evaluate
+
+from report import table, write_section
+
+
+class PeakMemory:
+    """Peak resident set size of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--ratios", default="0.3,0.15")
+    parser.add_argument("--prune-epochs", type=float, default=1.0)
+    parser.add_argument("--mrft-epochs", type=float, default=1.0)
+    parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK)")
+    args = parser.parse_args()
+
+    runs = Path(args.runs or f"benchmarks/runs/{args.task}")
+    out = runs / "lpaf"
+    data, dense = runs / "data", runs / "finetune" / "model"
+    if not dense.exists():
+        raise SystemExit(f"{dense} not found: run benchmarks/quality.py --task {args.task} first")
+    base = load_params("params.yaml", [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false", "orchestration.path=lpaf", "factorize.method=sparse_tfwsvd"])
+    prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs)
+    mrft_train = dataclasses.replace(base.mrft.train, epochs=args.mrft_epochs)
+    costs: dict[str, list] = {}
+
+    def stage(key: str, tag: str, run) -> dict:
+        path = out / "metrics" / f"{tag}.json"
+        if not path.is_file():
+            started = time.perf_counter()
+            with PeakMemory() as memory:
+                run(path)
+            costs.setdefault(key, []).append((time.perf_counter() - started, memory.peak / 2**20))
+        return read_json(path)
+
+    def lpaf(ratio: float, prune_method: str = "movement", method: str = "sparse_tfwsvd", p0: float | None = None) -> dict:
+        prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train)
+        factorize_cfg = dataclasses.replace(base.factorize, method=method, keep_ratio=ratio)
+        mrft_cfg = dataclasses.replace(base.mrft, train=mrft_train, p0=base.mrft.p0 if p0 is None else p0)
+        pruned = out / f"prune-{prune_method}-{ratio}"
+        factorized = out / f"factorize-{prune_method}-{method}-{ratio}"
+        tag = f"{prune_method}-{method}-{ratio}-p0{mrft_cfg.p0}"
+        final = out / f"mrft-{tag}"
+        prune = stage("prune", f"prune-{prune_method}-{ratio}", lambda m: run_prune(prune_cfg, factorize_cfg, base.model, dense, data, pruned, m))
+        stage("factorize_pruned", f"factorize-{prune_method}-{method}-{ratio}", lambda m: run_factorize_pruned(factorize_cfg, pruned, factorized, m))
+        before = stage("evaluate", f"eval-factorize-{prune_method}-{method}-{ratio}", lambda m: run_evaluate(base.evaluate, factorized / "model", data, m))
+        stage("mrft", f"mrft-{tag}", lambda m: run_mrft(mrft_cfg, pruned, factorized, dense, data, final, m))
+        after = stage("evaluate", f"eval-mrft-{tag}", lambda m: run_evaluate(base.evaluate, final, data, m))
+        shutil.rmtree(final, ignore_errors=True)
+        return {"prune": prune, "before": before["task"]["score"], "after": after["task"]["score"], "params": after["params"]}
+
+    quality = json.loads((runs / "summary.json").read_text())
+    reference = {(row[0], row[1]): row[4] for row in quality["rows"]}  # (method, ratio) -> score + ft
+    ratios = [float(r) for r in args.ratios.split(",")]
+    rows = []
+    for ratio in ratios:
+        result = lpaf(ratio)
+        rows.append(["LPAF (movement, sparse_tfwsvd, mixed-rank)", ratio, result["before"], result["after"]])
+        for method in ("tfwsvd", "fwsvd", "svd"):
+            rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, "", reference.get((method, ratio), "n/a")])
+    ablation = min(ratios)
+    for label, kwargs in (
+        ("magnitude instead of movement pruning", {"prune_method": "magnitude"}),
+        ("plain SVD of the pruned matrices", {"method": "svd"}),
+        ("sparse_svd (row-wise closed form)", {"method": "sparse_svd"}),
+        ("plain fine-tuning instead of mixed-rank (p0 = 1)", {"p0": 1.0}),
+    ):
+        result = lpaf(ablation, **kwargs)
+        rows.append([f"LPAF, {label}", ablation, result["before"], result["after"]])
+
+    ranks = read_json(out / "metrics" / f"prune-movement-{ablation}.json").get("rank_ratio", {})
+    rank_rows = [[label, *(values.get(k) for k in ("effective_rank_0.9_ratio", "effective_rank_0.99_ratio", "stable_rank_ratio"))] for label, values in ranks.items()]
+    cost_rows = [[key, len(v), sum(s for s, _ in v) / len(v), max(m for _, m in v)] for key, v in costs.items()]
+    body = (
+        f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
+        f"LPAF: movement pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = keep ratio, "
+        f"sparsity-aware factorization, then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
+        f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
+        f"The factorize-path rows had 1 epoch of + ft, so LPAF trained for more steps: compare with that in mind.\n\n"
+        + table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
+        + f"\n\n### Effective rank of the pruned matrices at density {ablation} (mean over matrices, share of full rank)\n\n"
+        + table(["model", "energy 90%", "energy 99%", "stable rank"], rank_rows)
+        + "\n\n### Cost per stage (this invocation's runs; cached ones are not timed)\n\n"
+        + table(["stage", "runs", "mean seconds", "peak RSS MiB"], cost_rows)
+    )
+    command = f"python benchmarks/lpaf.py --task {args.task} --prune-epochs {args.prune_epochs:g} --mrft-epochs {args.mrft_epochs:g}"
+    write_section(f"lpaf-{args.task}", f"LPAF on {args.task.upper()} (issue 4)", command, body)
+
+
+if __name__ == "__main__":
+    main()
