@@ -19,6 +19,8 @@ import json
 import shutil
 from pathlib import Path
 
+from datasets import load_from_disk
+
 from lowrank.config import load_params
 from lowrank.io import read_json
 from lowrank.risk import rank_agreement
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--methods", default="svd,fwsvd,tfwsvd,tvd")
     parser.add_argument("--ratios", default="0.5,0.3,0.15")
     parser.add_argument("--ft-epochs", type=float, default=1.0)
+    parser.add_argument("--ft-ratios", default=None, help="keep ratios that also get + ft (default: all)")
     parser.add_argument("--type-ratio", type=float, default=0.15, help="keep ratio for the one-type-at-a-time runs")
     parser.add_argument("--out", default=None)
     parser.add_argument("--seed-from", default=None, help="reuse data/finetune/fisher artifacts from this folder")
@@ -85,29 +88,33 @@ def main() -> None:
         return before["task"]["score"], after, info
 
     methods, ratios = args.methods.split(","), [float(r) for r in args.ratios.split(",")]
+    ft_ratios = ratios if args.ft_ratios is None else [float(r) for r in args.ft_ratios.split(",")]
     rows = []
     for ratio in ratios:
         for method in methods:
-            before, after, info = compress(f"{method}-{ratio}", True, method=method, keep_ratio=ratio)
+            before, after, info = compress(f"{method}-{ratio}", ratio in ft_ratios, method=method, keep_ratio=ratio)
             rows.append([method, ratio, info["keep_ratio_reached"], before, after])
             print(rows[-1], flush=True)
 
     # c. phi vs the drop plain SVD causes, one matrix type at a time
-    drops, phis = {}, {}
+    drops, phis, scaled = {}, {}, {}
     for kind, pattern in TYPES.items():
         before, _, info = compress(f"type-{kind}-{args.type_ratio}", False, method="svd", keep_ratio=args.type_ratio, targets=pattern)
         drops[kind] = dense_score - before
         phis[kind] = sum(r["phi"] for r in info["layers"]) / len(info["layers"])
-    agreement = rank_agreement(phis, drops)
+        scaled[kind] = sum(r["phi_size_invariant"] for r in info["layers"]) / len(info["layers"])
+    agreement, agreement_scaled = rank_agreement(phis, drops), rank_agreement(scaled, drops)
 
-    # d. uniform vs Fisher allocation at equal parameters (FWSVD, before and after + ft)
+    # d. uniform vs Fisher allocation at equal parameters (FWSVD and TFWSVD, before fine-tuning)
     allocation_rows = []
     for ratio in ratios:
-        for allocation in ("uniform", "fisher"):
-            before, after, info = compress(f"fwsvd-{allocation}-{ratio}", True, method="fwsvd", keep_ratio=ratio, allocation=allocation)
-            allocation_rows.append([allocation, ratio, info["keep_ratio_reached"], before, after])
+        for method in ("fwsvd", "tfwsvd"):
+            for allocation in ("uniform", "fisher"):
+                tag = f"{method}-{ratio}" if allocation == "uniform" else f"{method}-fisher-{ratio}"  # uniform: the (b) run
+                before, _, info = compress(tag, False, method=method, keep_ratio=ratio, allocation=allocation)
+                allocation_rows.append([method, allocation, ratio, info["keep_ratio_reached"], before])
 
-    sizes = read_json(metrics / "prepare.json")
+    sizes = {split: {"rows": len(rows)} for split, rows in load_from_disk(str(data / "dataset")).items()}
     body = (
         f"Task {args.task}: all-MiniLM-L6-v2 fine-tuned on {sizes['train']['rows']} training examples "
         f"(params.yaml's finetune section), Fisher over the same examples, scored on the full dev set "
@@ -115,15 +122,18 @@ def main() -> None:
         f"\"+ ft\": {args.ft_epochs:g} epoch(s) of fine-tuning after factorizing, same examples, "
         f"lr {ft.lr:g}. tfwsvd and tvd use the default solver (`factorize.solver: {base.factorize.solver}`, "
         f"{base.factorize.solver_steps} steps).\n\n### Methods (b)\n\n"
-        + table(["method", "keep ratio", "reached", "score", "score + ft"], rows)
+        + table(["method", "keep ratio", "reached", "score", "score + ft"], [[*r[:4], "not run" if r[4] is None else r[4]] for r in rows])
         + f"\n\n### phi vs the drop of plain SVD, one matrix type at a time at keep ratio {args.type_ratio} (c)\n\n"
-        + table(["type", "mean phi", "score drop"], [[k, phis[k], drops[k]] for k in TYPES])
-        + f"\n\nSpearman correlation between phi and the drop: {agreement:.3f}.\n\n"
-        + "### Uniform vs Fisher rank allocation, FWSVD (d)\n\n"
-        + table(["allocation", "keep ratio", "reached", "score", "score + ft"], allocation_rows)
+        + table(["type", "mean phi", "mean phi x N (size-invariant)", "score drop"], [[k, phis[k], scaled[k], drops[k]] for k in TYPES])
+        + f"\n\nSpearman correlation with the drop: phi {agreement:.3f}, size-invariant phi {agreement_scaled:.3f} "
+        "(1: phi orders the types exactly as plain SVD hurts them).\n\n"
+        + "### Uniform vs Fisher rank allocation at equal parameters, before fine-tuning (d)\n\n"
+        + table(["method", "allocation", "keep ratio", "reached", "score"], allocation_rows)
     )
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "allocation": allocation_rows}, indent=1))
-    command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --ft-epochs {args.ft_epochs:g}"
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_rows}, indent=1))
+    command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --ft-epochs {args.ft_epochs:g}" + (
+        f" --ft-ratios {args.ft_ratios}" if args.ft_ratios else ""
+    )
     write_section(f"quality-{args.task}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d)", command, body)
 
 

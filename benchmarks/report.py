@@ -17,6 +17,13 @@ from typing import Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# What the Makefile sets for `make run`: benchmarks run offline on the shared GLUE copy too.
+_GLUE = ROOT.parent / "shared" / "data" / "glue"
+if _GLUE.is_dir():
+    os.environ.setdefault("GLUE_DIR", str(_GLUE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPORT = ROOT / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery figure below was produced by the script named in its section, on the machine and date given there.\nRerun a script to replace its section.\n"
 

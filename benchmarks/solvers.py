@@ -100,7 +100,8 @@ def main() -> None:
     command = "python benchmarks/solvers.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("model", "fisher")
     )
-    write_section("solvers", "Solvers: weighted objective and time (issue 3a)", command, body)
+    title = f"Solvers, Adam_SGD at {args.adam_steps} steps: weighted objective and time (issue 3a)"
+    write_section(f"solvers-{args.adam_steps}", title, command, body)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .io import atomic_write_bytes
+from .surgery import linear_weights
 
 KINDS = ("fisher", "taylor")
 
@@ -30,17 +31,6 @@ class Importance:
     scores: dict[str, Tensor]
     num_samples: int
     kind: str = "fisher"
-
-
-def _target_weights(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
-    modules = dict(model.named_modules())
-    weights = {}
-    for name in names:
-        module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"importance target {name!r} is not an nn.Linear (found {type(module).__name__})")
-        weights[name] = module.weight
-    return weights
 
 
 def _wrong(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -83,7 +73,7 @@ def collect_importance(
         {"fisher": ..., "taylor": ...}, each an `Importance` averaged over the
         gradient units (examples or batches) that were used.
     """
-    weights = _target_weights(model, names)
+    weights = linear_weights(model, names, "importance target")
     if max_samples is not None and max_samples <= 0:
         raise ValueError(f"fisher.max_samples: must be positive, got {max_samples}")
     was_training = model.training

@@ -27,7 +27,9 @@ import torch
 from .config import LPAF_METHODS, DistillationConfig, FactorizeConfig, ModelConfig, MrftConfig, Params, PruneConfig
 from .config import check_lpaf_factorize
 from .io import atomic_dir, write_json
-from .stages import Layout, PreparedData, Stage, StageResult, _evaluate_stage, _finish, _targets, register
+from .stages import (
+    Layout, PreparedData, Stage, StageResult, _evaluate_stage, _finish, _targets, factorization_metrics, register,
+)
 
 MASKS_FILE = "masks.safetensors"
 
@@ -191,7 +193,7 @@ def run_factorize_pruned(cfg: FactorizeConfig, pruned_dir: Path, out_dir: Path, 
     from .compressed import load_compressed, recipe, save_compressed
     from .matching import matrix_type
     from .pruning import load_pruning_state
-    from .ranks import allocate_ranks, kept_ratio
+    from .ranks import allocate_ranks
     from .solvers import weighted_error
     from .surgery import dense_weights, factorize_model
 
@@ -234,17 +236,7 @@ def run_factorize_pruned(cfg: FactorizeConfig, pruned_dir: Path, out_dir: Path, 
     with atomic_dir(out_dir) as tmp:
         save_compressed(model, tmp / "model", method=cfg.method, targets=names, tokenizer=tokenizer, extra=extra)
         shutil.copyfile(pruned_dir / MASKS_FILE, tmp / MASKS_FILE)
-    factorized = [r for r in rows if r["rank"] is not None]
-    metrics = {
-        "keep_ratio_target": cfg.keep_ratio,
-        "keep_ratio_reached": kept_ratio(shapes, ranks),
-        "layers_factorized": len(factorized),
-        "layers_dense": len(rows) - len(factorized),
-        "solve_seconds": solve_seconds,
-        "mean_error": sum(r["error"] for r in factorized) / max(len(factorized), 1),
-        "mean_kept_error": sum(r["kept_error"] for r in factorized) / max(len(factorized), 1),
-        "layers": rows,
-    }
+    metrics = factorization_metrics(cfg.keep_ratio, shapes, ranks, rows, solve_seconds, ("error", "kept_error"))
     return _finish(metrics_path, {"factorized": out_dir}, metrics)
 
 

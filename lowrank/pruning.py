@@ -25,6 +25,7 @@ from torch import nn
 
 from .hooks import TrainHook
 from .io import atomic_write_bytes
+from .surgery import linear_weights
 
 PruneMethod = Literal["movement", "magnitude"]
 PruneScope = Literal["per_matrix", "global"]
@@ -155,17 +156,6 @@ def topk_mask_global(scores: Mapping[str, torch.Tensor], density: float) -> dict
     return {n: part.view(scores[n].shape) for n, part in zip(names, parts)}
 
 
-def _linear_weights(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
-    modules = dict(model.named_modules())
-    weights = {}
-    for name in names:
-        module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"pruning target {name!r} is not an nn.Linear in the model (found {type(module).__name__})")
-        weights[name] = module.weight
-    return weights
-
-
 def _select(scores: Mapping[str, torch.Tensor], density: float, scope: PruneScope) -> dict[str, torch.Tensor]:
     if scope == "global":
         return topk_mask_global(scores, density)
@@ -186,7 +176,7 @@ def prune_once(
     """
     if method != "magnitude":
         raise ValueError(f"prune_once supports method 'magnitude' only (movement needs training), got {method!r}")
-    weights = _linear_weights(model, names)
+    weights = linear_weights(model, names, "pruning target")
     masks = _select({n: w.abs() for n, w in weights.items()}, density, scope)
     for name, weight in weights.items():
         weight.mul_(masks[name])
@@ -225,7 +215,7 @@ class Pruner(TrainHook):
     def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
         self.options.check_steps(total_steps)
         self.total_steps = total_steps
-        self._weights = _linear_weights(model, self.names)
+        self._weights = linear_weights(model, self.names, "pruning target")
         for name, weight in self._weights.items():
             # Loaded state (a resumed run) is kept, only moved next to its weight.
             mask = self._masks.get(name, torch.ones_like(weight, dtype=torch.bool))

@@ -296,7 +296,7 @@ def run_factorize(
     from .compressed import load_compressed, save_compressed
     from .importance import load_importance
     from .matching import matrix_type
-    from .ranks import allocate_ranks, kept_ratio, weighted_spectrum
+    from .ranks import allocate_ranks, weighted_spectrum
     from .risk import svd_risks
     from .solvers import get_solver, weighted_error
     from .surgery import dense_weights, factorize_model
@@ -320,11 +320,14 @@ def run_factorize(
     solver = get_solver(cfg.solver if iterative else cfg.method)
     options = {"steps": cfg.solver_steps, **cfg.solver_options} if iterative else {}
     phi = svd_risks({n: fisher[n] for n in names})
+    # The paper's phi shrinks as 1/N; times N it compares matrices of different shapes.
+    phi_scaled = {n: phi[n] * fisher[n].numel() for n in names}
     factors, rows = {}, []
     started = time.perf_counter()
     for name in names:
         weight, rank = weights[name], ranks[name]
-        row = {"layer": name, "type": matrix_type(name), "shape": list(shapes[name]), "rank": rank, "phi": phi[name]}
+        row = {"layer": name, "type": matrix_type(name), "shape": list(shapes[name]), "rank": rank, "phi": phi[name],
+               "phi_size_invariant": phi_scaled[name]}
         if rank is not None:
             layer_started = time.perf_counter()
             a, b = solver(weight, rank, importance=None if importance is None else importance[name], **options)
@@ -339,19 +342,30 @@ def run_factorize(
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     save_compressed(model, out_dir, method=cfg.method, targets=names, tokenizer=tokenizer, extra=extra)
     plot = _plot_phi(rows, metrics_path.with_name("factorize_phi.png"))
+    metrics = factorization_metrics(cfg.keep_ratio, shapes, ranks, rows, solve_seconds, ("fisher_error", "error"))
+    metrics["phi_by_type"] = _mean_by_type(rows, "phi")
+    metrics["phi_size_invariant_by_type"] = _mean_by_type(rows, "phi_size_invariant")
+    return _finish(metrics_path, {"model": out_dir}, metrics, {"plots": [str(plot)]})
+
+
+def factorization_metrics(
+    keep_ratio: float, shapes: dict, ranks: dict, rows: list[dict], seconds: float, errors: tuple[str, ...]
+) -> dict[str, Any]:
+    """What every factorizing stage reports: the ratio reached, layer counts, mean errors, the per-layer rows."""
+    from .ranks import kept_ratio
+
     factorized = [r for r in rows if r["rank"] is not None]
-    metrics = {
-        "keep_ratio_target": cfg.keep_ratio,
+    metrics: dict[str, Any] = {
+        "keep_ratio_target": keep_ratio,
         "keep_ratio_reached": kept_ratio(shapes, ranks),
         "layers_factorized": len(factorized),
         "layers_dense": len(rows) - len(factorized),
-        "solve_seconds": solve_seconds,
-        "mean_fisher_error": sum(r["fisher_error"] for r in factorized) / max(len(factorized), 1),
-        "mean_error": sum(r["error"] for r in factorized) / max(len(factorized), 1),
-        "phi_by_type": _mean_by_type(rows, "phi"),
-        "layers": rows,
+        "solve_seconds": seconds,
     }
-    return _finish(metrics_path, {"model": out_dir}, metrics, {"plots": [str(plot)]})
+    for key in errors:
+        metrics[f"mean_{key}"] = sum(r[key] for r in factorized) / max(len(factorized), 1)
+    metrics["layers"] = rows
+    return metrics
 
 
 def _mean_by_type(rows: list[dict], key: str) -> dict[str, float]:

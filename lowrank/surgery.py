@@ -27,6 +27,18 @@ def replace_modules(model: nn.Module, names: Sequence[str], make: Callable[[str,
     return [name for name, _ in found]
 
 
+def linear_weights(model: nn.Module, names: Sequence[str], purpose: str = "target") -> dict[str, nn.Parameter]:
+    """The weight Parameter of each named `nn.Linear`, to train or score in place; errors name the module."""
+    modules = dict(model.named_modules())
+    weights = {}
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{purpose} {name!r} is not an nn.Linear (found {type(module).__name__})")
+        weights[name] = module.weight
+    return weights
+
+
 def dense_weights(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
     """The `(out, in)` weight of each named Linear (a factorized one gives `A B`), detached."""
     modules = dict(model.named_modules())
