@@ -88,12 +88,19 @@ def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, gl
     assert fourth["finetune"]["cached"] is False
     assert (tmp_path / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
 
+    # Another method or ratio reuses the Fisher artifact: only factorizing and what follows rerun.
+    fifth = compress(str(params_path), ["evaluate.latency_repeats=3", "factorize.keep_ratio=0.3", "factorize.method=tfwsvd"])
+    assert {n for n in names if not fifth[n]["cached"]} == {
+        "factorize", "evaluate_factorized", "finetune_compressed", "evaluate_compressed"
+    }
+    assert fifth["factorize"]["metrics"]["keep_ratio_reached"] <= 0.3
+
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["lowrank"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 4
+    assert len(parents) == 5
     stage_runs = [r for r in runs if r.data.tags.get("stage") == "finetune"]
-    assert len(stage_runs) == 4
+    assert len(stage_runs) == 5
     tags = stage_runs[0].data.tags
     assert tags["lineage.output.model"].endswith(".dir")
     assert tags["lineage.input.data"].split("@")[1].endswith(".dir")
