@@ -7,7 +7,7 @@ import time
 from lowrank.config import Params
 from lowrank.stages import StageResult
 from tasks import tracking
-from tasks.stages import output_digests, run_stage, run_stage_uncached
+from tasks.stages import output_digests, run_stage
 
 
 def execute(name: str, params: Params, *, use_cache: bool, track: bool) -> tuple[StageResult, bool, float]:
@@ -15,14 +15,15 @@ def execute(name: str, params: Params, *, use_cache: bool, track: bool) -> tuple
 
     A cache hit is trusted only while the stage's outputs on disk are still the
     ones it recorded: another run (or `dvc checkout`) may have replaced them.
+    Without `use_cache` the stage runs and its result replaces the cached one,
+    so the next cached run finds it.
     """
     started = time.perf_counter()
-    task = run_stage if use_cache else run_stage_uncached
-    state = task.with_options(name=name)(name, params, return_state=True)
+    state = run_stage.with_options(name=name, refresh_cache=not use_cache)(name, params, return_state=True)
     result: StageResult = state.result()
     cached = state.name == "Cached"
     if cached and result.info.get("output_digests") != output_digests(name, params):
-        state = task.with_options(name=name, refresh_cache=True)(name, params, return_state=True)
+        state = run_stage.with_options(name=name, refresh_cache=True)(name, params, return_state=True)
         result, cached = state.result(), False
     seconds = time.perf_counter() - started
     if track:

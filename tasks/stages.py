@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from lowrank.config import Params
 from lowrank.io import digest
@@ -29,10 +28,4 @@ def _run(name: str, params: Params) -> StageResult:
 @task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name="{name}")
 def run_stage(name: str, params: Params) -> StageResult:
     """Run stage `name`; a cache hit returns the stored result without running it."""
-    return _run(name, params)
-
-
-@task(cache_policy=NO_CACHE, task_run_name="{name}")
-def run_stage_uncached(name: str, params: Params) -> StageResult:
-    """Run stage `name` unconditionally (under `dvc repro`, DVC decides what to skip)."""
     return _run(name, params)
