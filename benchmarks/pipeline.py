@@ -89,6 +89,35 @@ def padding(steps: int) -> str:
     )
 
 
+def from_prefect_history(runs: int = 2) -> str:
+    """Seconds per stage of the last `runs` `compress` flow runs, as Prefect recorded them (.prefect/prefect.db)."""
+    import sqlite3
+
+    database = Path(os.environ.get("PREFECT_HOME", ROOT / ".prefect")) / "prefect.db"
+    with sqlite3.connect(database) as connection:
+        flows = connection.execute(
+            "select f.id, f.name, f.start_time, f.end_time from flow_run f join flow on flow.id = f.flow_id "
+            "where flow.name = 'compress' and f.end_time is not null order by f.start_time desc limit ?", (runs,)
+        ).fetchall()[::-1]
+        per_run = []
+        for flow_id, *_ in flows:
+            tasks = connection.execute(
+                "select name, start_time, end_time, state_name from task_run where flow_run_id = ? order by start_time", (flow_id,)
+            ).fetchall()
+            per_run.append({name: (_seconds(start, end), state) for name, start, end, state in tasks})
+    names = list(per_run[0])
+    rows = [[name, *(f"{run[name][0]:.1f} ({run[name][1]})" if name in run else "" for run in per_run)] for name in names]
+    rows.append(["flow run", *(f"{_seconds(start, end):.1f}" for _, _, start, end in flows)])
+    header = ["stage", *(f"{name} ({start[:16]})" for _, name, start, _ in flows)]
+    return table(header, rows)
+
+
+def _seconds(start: str, end: str) -> float:
+    from datetime import datetime
+
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
 def overhead() -> str:
     from conftest import save_tiny_model, tiny_params
 
@@ -101,6 +130,7 @@ def overhead() -> str:
     rows = []
 
     def library(root: Path) -> float:
+        root.mkdir(parents=True)
         params = load_params(tiny_params(root, model, glue))
         started = time.perf_counter()
         preflight(params)
@@ -110,6 +140,7 @@ def overhead() -> str:
         return time.perf_counter() - started
 
     rows.append(["library, in process", library(work / "lib")])
+    (work / "prefect").mkdir()
     params_path = tiny_params(work / "prefect", model, glue)
     for label in ("Prefect flow + MLflow, new temporary server", "Prefect flow + MLflow, cached rerun"):
         started = time.perf_counter()
@@ -145,8 +176,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-default", action="store_true")
     parser.add_argument("--rerun-only", action="store_true", help="only time `lowrank run` on what is already cached")
+    parser.add_argument("--history", action="store_true", help="only report the last two flow runs from Prefect's records")
     parser.add_argument("--padding-steps", type=int, default=15)
     args = parser.parse_args()
+    if args.history:
+        body = (
+            "Seconds per stage (Prefect task run time; state in brackets) of the last two `compress` flow runs on "
+            "params.yaml (MiniLM-L6, 2,000 SST-2 sentences, 3 epochs, FWSVD at keep ratio 0.5, 3 epochs + ft), "
+            "read from Prefect's records after `lowrank run --no-cache` and a second `lowrank run`.\n\n" + from_prefect_history()
+        )
+        write_section("pipeline-history", "Pipeline: the default run per stage (issue 2)", "python benchmarks/pipeline.py --history", body)
+        return
     if args.rerun_only:
         summary, total = lowrank_run()
         rows = [[name, summary[name]["seconds"], summary[name]["cached"]] for name in summary]
