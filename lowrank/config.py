@@ -151,7 +151,7 @@ class FactorizeConfig:
     targets: str | list[str] | None = None
     exclude: str | list[str] | None = None
     solver: str = "als"
-    solver_steps: int = 50
+    solver_steps: int = 10
     solver_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
