@@ -31,13 +31,9 @@ from report import table, write_section
 
 
 def macs_per_token(model: nn.Module, seq_len: int) -> int:
-    """Multiply-adds per token: Linear layers (dense or factorized) plus QK^T and AV in every block."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, FactorizedLinear):
-            total += module.rank * (module.in_features + module.out_features)
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
+    """Multiply-adds per token: Linear layers (dense or factorized), QK^T and AV in every block; not the classifier."""
+    # A FactorizedLinear's two factors are nn.Linear modules themselves: counting Linear layers counts them once.
+    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     config = model.config
     total += 2 * config.num_hidden_layers * seq_len * config.hidden_size
     return total - sum(m.in_features * m.out_features for n, m in model.named_modules() if n.endswith("classifier"))
