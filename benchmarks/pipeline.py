@@ -154,6 +154,7 @@ def overhead() -> str:
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
     params = json.loads(json.dumps(__import__("yaml").safe_load(tiny_params(project, model, glue).read_text())))
     params["paths"] = {"artifacts": "artifacts", "metrics": "metrics"}
+    params["factorize"].update(targets=None, exclude=None)  # dvc.yaml names these keys: they must be in the file
     (project / "params.yaml").write_text(json.dumps(params))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
