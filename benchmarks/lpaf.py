@@ -109,7 +109,6 @@ def main() -> None:
     for label, kwargs in (
         ("magnitude instead of movement pruning", {"prune_method": "magnitude"}),
         ("plain SVD of the pruned matrices", {"method": "svd"}),
-        ("sparse_svd (row-wise closed form)", {"method": "sparse_svd"}),
         ("plain fine-tuning instead of mixed-rank (p0 = 1)", {"p0": 1.0}),
     ):
         result = lpaf(ablation, **kwargs)

@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.5,0.3,0.15")
     parser.add_argument("--ft-epochs", type=float, default=1.0)
     parser.add_argument("--ft-ratios", default=None, help="keep ratios that also get + ft (default: all)")
+    parser.add_argument("--ft-methods", default=None, help="methods that get + ft (default: all)")
+    parser.add_argument("--allocation-methods", default="fwsvd,tfwsvd")
     parser.add_argument("--type-ratio", type=float, default=0.15, help="keep ratio for the one-type-at-a-time runs")
     parser.add_argument("--out", default=None)
     parser.add_argument("--seed-from", default=None, help="reuse data/finetune/fisher artifacts from this folder")
@@ -88,11 +90,12 @@ def main() -> None:
         return before["task"]["score"], after, info
 
     methods, ratios = args.methods.split(","), [float(r) for r in args.ratios.split(",")]
-    ft_ratios = ratios if args.ft_ratios is None else [float(r) for r in args.ft_ratios.split(",")]
+    ft_ratios = ratios if args.ft_ratios is None else [float(r) for r in args.ft_ratios.split(",") if r != "none"]
+    ft_methods = methods if args.ft_methods is None else args.ft_methods.split(",")
     rows = []
     for ratio in ratios:
         for method in methods:
-            before, after, info = compress(f"{method}-{ratio}", ratio in ft_ratios, method=method, keep_ratio=ratio)
+            before, after, info = compress(f"{method}-{ratio}", ratio in ft_ratios and method in ft_methods, method=method, keep_ratio=ratio)
             rows.append([method, ratio, info["keep_ratio_reached"], before, after])
             print(rows[-1], flush=True)
 
@@ -108,7 +111,7 @@ def main() -> None:
     # d. uniform vs Fisher allocation at equal parameters (FWSVD and TFWSVD, before fine-tuning)
     allocation_rows = []
     for ratio in ratios:
-        for method in ("fwsvd", "tfwsvd"):
+        for method in args.allocation_methods.split(","):
             for allocation in ("uniform", "fisher"):
                 tag = f"{method}-{ratio}" if allocation == "uniform" else f"{method}-fisher-{ratio}"  # uniform: the (b) run
                 before, _, info = compress(tag, False, method=method, keep_ratio=ratio, allocation=allocation)
@@ -133,7 +136,7 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_rows}, indent=1))
     command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --ft-epochs {args.ft_epochs:g}" + (
         f" --ft-ratios {args.ft_ratios}" if args.ft_ratios else ""
-    )
+    ) + (f" --ft-methods {args.ft_methods}" if args.ft_methods else "") + f" --allocation-methods {args.allocation_methods}"
     write_section(f"quality-{args.task}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d)", command, body)
 
 
