@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .solvers import balance
+
 
 def sparsity_importance(
     mask: torch.Tensor,
@@ -92,4 +94,5 @@ def rowwise_sparse_svd(
     left, singular, right_t = torch.linalg.svd(pruned * d, full_matrices=False)  # W diag(d)
     u = left[:, :rank] * singular[:rank]  # (out, rank)
     v = right_t[:rank] / d  # (rank, in)
+    u, v = balance(u, v)  # as every registered solver does: factors that fine-tune stably
     return u.to(weight.dtype), v.to(weight.dtype)

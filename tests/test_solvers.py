@@ -213,3 +213,14 @@ def test_bad_options_name_the_option(name: str, options: dict, message: str) -> 
 def test_unknown_option_is_refused() -> None:
     with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
         SOLVERS["als"](_matrix(), 2, stepz=3)
+
+
+@pytest.mark.parametrize("name", ["svd", "fwsvd", "als"])
+def test_factors_are_balanced_whatever_the_importance_scale(name: str) -> None:
+    """Fisher values near 1e-10 must not leave one factor 1e5 times larger than the other."""
+    weight, importance = _matrix(), _importance() * 1e-10
+    a, b = SOLVERS[name](weight, 5, importance=importance, **_quick(name))
+    torch.testing.assert_close(a.norm(dim=0), b.norm(dim=1))
+    a_ref, b_ref = SOLVERS["fwsvd"](weight, 5, importance=importance * 1e10)
+    if name == "fwsvd":  # and the product is the unbalanced closed form's
+        torch.testing.assert_close(a @ b, a_ref @ b_ref)
