@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.3,0.15")
     parser.add_argument("--prune-epochs", type=float, default=1.0)
     parser.add_argument("--mrft-epochs", type=float, default=1.0)
+    parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK)")
     args = parser.parse_args()
 
@@ -106,7 +107,7 @@ def main() -> None:
         for method in ("tfwsvd", "fwsvd", "svd"):
             rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, "", reference.get((method, ratio), "n/a")])
     ablation = min(ratios)
-    for label, kwargs in (
+    for label, kwargs in () if args.no_ablations else (
         ("magnitude instead of movement pruning", {"prune_method": "magnitude"}),
         ("plain SVD of the pruned matrices", {"method": "svd"}),
         ("plain fine-tuning instead of mixed-rank (p0 = 1)", {"p0": 1.0}),
@@ -115,6 +116,7 @@ def main() -> None:
         rows.append([f"LPAF, {label}", ablation, result["before"], result["after"]])
 
     ranks = read_json(out / "metrics" / f"prune-movement-{ablation}.json").get("rank_ratio", {})
+    prune_scores = [[r, read_json(out / "metrics" / f"prune-movement-{r}.json")["history"][-1]["score"]] for r in ratios]
     rank_rows = [[label, *(values.get(k) for k in ("effective_rank_0.9_ratio", "effective_rank_0.99_ratio", "stable_rank_ratio"))] for label, values in ranks.items()]
     cost_rows = [[key, len(v), sum(s for s, _ in v) / len(v), max(m for _, m in v)] for key, v in costs.items()]
     body = (
@@ -124,13 +126,19 @@ def main() -> None:
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
         f"The factorize-path rows had 1 epoch of + ft, so LPAF trained for more steps: compare with that in mind.\n\n"
         + table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
+        + "\n\nScore of the movement-pruned model itself (before factorizing): "
+        + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
         + f"\n\n### Effective rank of the pruned matrices at density {ablation} (mean over matrices, share of full rank)\n\n"
         + table(["model", "energy 90%", "energy 99%", "stable rank"], rank_rows)
         + "\n\n### Cost per stage (this invocation's runs; cached ones are not timed)\n\n"
         + table(["stage", "runs", "mean seconds", "peak RSS MiB"], cost_rows)
     )
-    command = f"python benchmarks/lpaf.py --task {args.task} --prune-epochs {args.prune_epochs:g} --mrft-epochs {args.mrft_epochs:g}"
-    write_section(f"lpaf-{args.task}", f"LPAF on {args.task.upper()} (issue 4)", command, body)
+    command = (
+        f"python benchmarks/lpaf.py --task {args.task} --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
+        f"--mrft-epochs {args.mrft_epochs:g}" + (" --no-ablations" if args.no_ablations else "")
+    )
+    name = f"lpaf-{args.task}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}"
+    write_section(name, f"LPAF on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
 
 if __name__ == "__main__":
