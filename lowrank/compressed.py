@@ -36,6 +36,11 @@ def recipe(model: PreTrainedModel) -> dict[str, Any]:
     return dict(getattr(model.config, CONFIG_KEY, None) or {})
 
 
+def recipe_extra(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe's own notes (keep ratio, solver, ...), without what `write_compressed` sets itself."""
+    return {k: v for k, v in entry.items() if k not in ("version", "method", "ranks")}
+
+
 def write_compressed(
     model: PreTrainedModel,
     folder: str | Path,

@@ -258,7 +258,7 @@ def run_mrft(
     pruned `W * M` and the factors of factorize_pruned); after training only
     the factors remain, so the saved folder is an ordinary compressed model.
     """
-    from .compressed import load_compressed, recipe, save_compressed
+    from .compressed import load_compressed, recipe, recipe_extra, save_compressed
     from .layers import FactorizedLinear
     from .mixed_rank import MixedRankOptions, MixedRankScheduler, finalize, to_mixed_rank
     from .pruning import load_pruning_state
@@ -287,7 +287,7 @@ def run_mrft(
     )
     finalize(model)
     targets = list(entry.get("ranks", {}))
-    extra = {k: v for k, v in entry.items() if k not in ("version", "method", "ranks")}
+    extra = recipe_extra(entry)
     extra.update({"factorize_method": entry.get("method"), "mixed_rank": {"p0": cfg.p0, "ramp_share": cfg.ramp_share}})
     save_compressed(model, out_dir, method="lpaf", targets=targets, tokenizer=prepared.tokenizer, extra=extra)
 

@@ -194,12 +194,12 @@ def run_finetune_compressed(
     cfg: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, metrics_path: Path
 ) -> StageResult:
     """Fine-tune a compressed model again ("+ ft" in the papers), keeping its ranks."""
-    from .compressed import load_compressed, recipe, write_compressed
+    from .compressed import load_compressed, recipe, recipe_extra, write_compressed
 
     prepared = PreparedData.open(data_dir)
     model = load_compressed(model_dir)
     entry = recipe(model)
-    extra = {k: v for k, v in entry.items() if k not in ("version", "method", "ranks")}
+    extra = recipe_extra(entry)
 
     def save(m: torch.nn.Module, path: Path) -> None:
         write_compressed(m, path, method=entry.get("method", "dense"), targets=list(entry.get("ranks", {})), extra={**extra, "finetuned": True})
@@ -321,7 +321,7 @@ def run_factorize(
     options = {"steps": cfg.solver_steps, **cfg.solver_options} if iterative else {}
     phi = svd_risks({n: fisher[n] for n in names})
     # The paper's phi shrinks as 1/N; times N it compares matrices of different shapes.
-    phi_scaled = {n: phi[n] * fisher[n].numel() for n in names}
+    phi_scaled = svd_risks({n: fisher[n] for n in names}, size_invariant=True)
     factors, rows = {}, []
     started = time.perf_counter()
     for name in names:
