@@ -2,10 +2,13 @@
 
 Reuses the task's data, dense model and Fisher-method results of
 `benchmarks/quality.py` (run it first for the same task), then for each keep
-ratio runs LPAF (movement pruning -> sparse_tfwsvd -> mixed-rank fine-tuning),
-and at the most compressed ratio the ablations: magnitude instead of movement
-pruning, plain SVD of the pruned matrices instead of sparsity-aware, plain
-fine-tuning (p0 = 1) instead of mixed-rank. Each stage's wall time and the
+ratio runs LPAF (first-order pruning -> sparse_tfwsvd -> mixed-rank
+fine-tuning), and at the most compressed ratio the ablations: magnitude
+pruning, and the other first-order score, instead of the chosen one; plain
+SVD of the pruned matrices instead of sparsity-aware; the pruning scores
+instead of the pruned model's Fisher as the sparse weights; pruned entries at
+weight 0 instead of `factorize.pruned_weight`; plain fine-tuning (p0 = 1)
+instead of mixed-rank. Each stage's wall time and the
 peak resident memory of the process while it ran are recorded. Results are
 cached per run under `--out`, so an interrupted benchmark resumes.
 
@@ -58,12 +61,13 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.3,0.15")
     parser.add_argument("--prune-epochs", type=float, default=1.0)
     parser.add_argument("--mrft-epochs", type=float, default=1.0)
+    parser.add_argument("--prune-method", default="taylor", choices=["taylor", "movement"])
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK)")
     args = parser.parse_args()
 
     runs = Path(args.runs or f"benchmarks/runs/{args.task}")
-    out = runs / "lpaf"
+    out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}"  # cached results are per training budget
     data, dense = runs / "data", runs / "finetune" / "model"
     if not dense.exists():
         raise SystemExit(f"{dense} not found: run benchmarks/quality.py --task {args.task} first")
@@ -81,17 +85,23 @@ def main() -> None:
             costs.setdefault(key, []).append((time.perf_counter() - started, memory.peak / 2**20))
         return read_json(path)
 
-    def lpaf(ratio: float, prune_method: str = "movement", method: str = "sparse_tfwsvd", p0: float | None = None) -> dict:
+    def lpaf(
+        ratio: float, prune_method: str = args.prune_method, method: str = "sparse_tfwsvd", p0: float | None = None,
+        sparse_importance: str = base.factorize.sparse_importance, pruned_weight: float = base.factorize.pruned_weight,
+    ) -> dict:
         prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train)
-        factorize_cfg = dataclasses.replace(base.factorize, method=method, keep_ratio=ratio)
+        factorize_cfg = dataclasses.replace(
+            base.factorize, method=method, keep_ratio=ratio, sparse_importance=sparse_importance, pruned_weight=pruned_weight
+        )
         mrft_cfg = dataclasses.replace(base.mrft, train=mrft_train, p0=base.mrft.p0 if p0 is None else p0)
         pruned = out / f"prune-{prune_method}-{ratio}"
-        factorized = out / f"factorize-{prune_method}-{method}-{ratio}"
-        tag = f"{prune_method}-{method}-{ratio}-p0{mrft_cfg.p0}"
+        weights = "" if method == "svd" else f"-{sparse_importance}-pw{pruned_weight:g}"
+        factorized = out / f"factorize-{prune_method}-{method}{weights}-{ratio}"
+        tag = f"{prune_method}-{method}{weights}-{ratio}-p0{mrft_cfg.p0}"
         final = out / f"mrft-{tag}"
         prune = stage("prune", f"prune-{prune_method}-{ratio}", lambda m: run_prune(prune_cfg, factorize_cfg, base.model, dense, data, pruned, m))
-        stage("factorize_pruned", f"factorize-{prune_method}-{method}-{ratio}", lambda m: run_factorize_pruned(factorize_cfg, pruned, factorized, m))
-        before = stage("evaluate", f"eval-factorize-{prune_method}-{method}-{ratio}", lambda m: run_evaluate(base.evaluate, factorized / "model", data, m))
+        stage("factorize_pruned", factorized.name, lambda m: run_factorize_pruned(factorize_cfg, base.fisher, pruned, data, factorized, m))
+        before = stage("evaluate", f"eval-{factorized.name}", lambda m: run_evaluate(base.evaluate, factorized / "model", data, m))
         stage("mrft", f"mrft-{tag}", lambda m: run_mrft(mrft_cfg, pruned, factorized, dense, data, final, m))
         after = stage("evaluate", f"eval-mrft-{tag}", lambda m: run_evaluate(base.evaluate, final, data, m))
         shutil.rmtree(final, ignore_errors=True)
@@ -103,30 +113,34 @@ def main() -> None:
     rows = []
     for ratio in ratios:
         result = lpaf(ratio)
-        rows.append(["LPAF (movement, sparse_tfwsvd, mixed-rank)", ratio, result["before"], result["after"]])
+        rows.append([f"LPAF ({args.prune_method}, sparse_tfwsvd, mixed-rank)", ratio, result["before"], result["after"]])
         for method in ("tfwsvd", "fwsvd", "svd"):
             rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, "", reference.get((method, ratio), "n/a")])
     ablation = min(ratios)
     for label, kwargs in () if args.no_ablations else (
-        ("magnitude instead of movement pruning", {"prune_method": "magnitude"}),
+        (f"magnitude instead of {args.prune_method} pruning", {"prune_method": "magnitude"}),
+        *[(f"{other} instead of {args.prune_method} pruning", {"prune_method": other}) for other in ("taylor", "movement") if other != args.prune_method],
         ("plain SVD of the pruned matrices", {"method": "svd"}),
+        ("pruning scores as the sparse weights instead of the Fisher", {"sparse_importance": "scores"}),
+        ("pruned entries at weight 0 (fit the kept entries only)", {"pruned_weight": 0.0}),
         ("plain fine-tuning instead of mixed-rank (p0 = 1)", {"p0": 1.0}),
     ):
         result = lpaf(ablation, **kwargs)
         rows.append([f"LPAF, {label}", ablation, result["before"], result["after"]])
 
-    ranks = read_json(out / "metrics" / f"prune-movement-{ablation}.json").get("rank_ratio", {})
-    prune_scores = [[r, read_json(out / "metrics" / f"prune-movement-{r}.json")["history"][-1]["score"]] for r in ratios]
+    ranks = read_json(out / "metrics" / f"prune-{args.prune_method}-{ablation}.json").get("rank_ratio", {})
+    prune_scores = [[r, read_json(out / "metrics" / f"prune-{args.prune_method}-{r}.json")["history"][-1]["score"]] for r in ratios]
     rank_rows = [[label, *(values.get(k) for k in ("effective_rank_0.9_ratio", "effective_rank_0.99_ratio", "stable_rank_ratio"))] for label, values in ranks.items()]
     cost_rows = [[key, len(v), sum(s for s, _ in v) / len(v), max(m for _, m in v)] for key, v in costs.items()]
     body = (
         f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
-        f"LPAF: movement pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = keep ratio, "
-        f"sparsity-aware factorization, then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
+        f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = keep ratio, "
+        f"sparsity-aware factorization ({base.factorize.sparse_importance} importance of the pruned model, pruned entries "
+        f"at weight {base.factorize.pruned_weight:g}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
         f"The factorize-path rows had 1 epoch of + ft, so LPAF trained for more steps: compare with that in mind.\n\n"
         + table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
-        + "\n\nScore of the movement-pruned model itself (before factorizing): "
+        + f"\n\nScore of the {args.prune_method}-pruned model itself (before factorizing): "
         + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
         + f"\n\n### Effective rank of the pruned matrices at density {ablation} (mean over matrices, share of full rank)\n\n"
         + table(["model", "energy 90%", "energy 99%", "stable rank"], rank_rows)
@@ -135,10 +149,10 @@ def main() -> None:
     )
     command = (
         f"python benchmarks/lpaf.py --task {args.task} --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
-        f"--mrft-epochs {args.mrft_epochs:g}" + (" --no-ablations" if args.no_ablations else "")
+        f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + (" --no-ablations" if args.no_ablations else "")
     )
-    name = f"lpaf-{args.task}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}"
-    write_section(name, f"LPAF on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
+    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}"
+    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
 
 if __name__ == "__main__":

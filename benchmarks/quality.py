@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--ft-ratios", default=None, help="keep ratios that also get + ft (default: all)")
     parser.add_argument("--ft-methods", default=None, help="methods that get + ft (default: all)")
     parser.add_argument("--allocation-methods", default="fwsvd,tfwsvd")
+    parser.add_argument("--min-rank-shares", default="0,0.5", help="floors of the Fisher allocation (factorize.min_rank_share)")
     parser.add_argument("--type-ratio", type=float, default=0.15, help="keep ratio for the one-type-at-a-time runs")
     parser.add_argument("--out", default=None)
     parser.add_argument("--seed-from", default=None, help="reuse data/finetune/fisher artifacts from this folder")
@@ -112,10 +113,14 @@ def main() -> None:
     allocation_rows = []
     for ratio in ratios:
         for method in args.allocation_methods.split(","):
-            for allocation in ("uniform", "fisher"):
-                tag = f"{method}-{ratio}" if allocation == "uniform" else f"{method}-fisher-{ratio}"  # uniform: the (b) run
-                before, _, info = compress(tag, False, method=method, keep_ratio=ratio, allocation=allocation)
-                allocation_rows.append([method, allocation, ratio, info["keep_ratio_reached"], before])
+            before, _, info = compress(f"{method}-{ratio}", False, method=method, keep_ratio=ratio)  # the (b) run
+            allocation_rows.append([method, "uniform", ratio, info["keep_ratio_reached"], before])
+            for share in (float(x) for x in args.min_rank_shares.split(",")):
+                tag = f"{method}-fisher-{ratio}" if share == 0 else f"{method}-fisher{share:g}-{ratio}"
+                before, _, info = compress(tag, False, method=method, keep_ratio=ratio, allocation="fisher", min_rank_share=share)
+                ranks = [r["rank"] or 0 for r in info["layers"]]
+                label = f"fisher, floor {share:g} (ranks {min(ranks)}-{max(ranks)})"
+                allocation_rows.append([method, label, ratio, info["keep_ratio_reached"], before])
 
     sizes = {split: {"rows": len(rows)} for split, rows in load_from_disk(str(data / "dataset")).items()}
     body = (
@@ -136,7 +141,7 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_rows}, indent=1))
     command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --ft-epochs {args.ft_epochs:g}" + (
         f" --ft-ratios {args.ft_ratios}" if args.ft_ratios else ""
-    ) + (f" --ft-methods {args.ft_methods}" if args.ft_methods else "") + f" --allocation-methods {args.allocation_methods}"
+    ) + (f" --ft-methods {args.ft_methods}" if args.ft_methods else "") + f" --allocation-methods {args.allocation_methods} --min-rank-shares {args.min_rank_shares}"
     write_section(f"quality-{args.task}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d)", command, body)
 
 

@@ -142,6 +142,14 @@ class FactorizeConfig:
     `sparse_tfwsvd` (element-wise, on `solver`) factorize the pruned model with
     sparsity-aware weights (the lpaf path); `svd` there is the ablation: plain
     SVD of the pruned matrices.
+
+    min_rank_share: under `allocation: fisher`, every layer keeps at least this
+        share of the uniform rank (0: no floor).
+    sparse_importance: the importance of the sparse methods: `fisher` (of the
+        pruned model, collected by factorize_pruned with the fisher section's
+        settings) or `scores` (the pruning scores).
+    pruned_weight: the share of its importance a pruned entry keeps in the
+        sparse methods (0: fit the kept entries only).
     """
 
     method: FactorizeMethod = "fwsvd"
@@ -153,9 +161,14 @@ class FactorizeConfig:
     solver: str = "als"
     solver_steps: int = 10
     solver_options: dict[str, Any] = field(default_factory=dict)
+    min_rank_share: float = 0.5
+    sparse_importance: Literal["fisher", "scores"] = "fisher"
+    pruned_weight: float = 0.3
 
     def __post_init__(self) -> None:
         _check(0 < self.keep_ratio <= 1, "factorize.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
+        _check(0 <= self.min_rank_share <= 1, "factorize.min_rank_share", f"must be in [0, 1], got {self.min_rank_share}")
+        _check(self.pruned_weight >= 0, "factorize.pruned_weight", f"must be >= 0, got {self.pruned_weight}")
         _check(self.rank_multiple >= 1, "factorize.rank_multiple", "must be >= 1")
         _check(self.solver_steps >= 1, "factorize.solver_steps", "must be >= 1")
 
@@ -177,7 +190,9 @@ class DistillationConfig:
 class PruneConfig:
     """LPAF step 1: unstructured pruning during fine-tuning, on the `factorize.targets` matrices.
 
-    method: movement (first-order, Sanh et al. 2020) or magnitude (the baseline).
+    method: movement (first-order, Sanh et al. 2020), taylor (smoothed first-order
+        sensitivity |grad * W|; the one that works from a fine-tuned model) or magnitude (the baseline).
+    taylor_beta: the smoothing of the taylor scores over steps, in [0, 1).
     final_density: share of each target's weights kept at the end; null = `factorize.keep_ratio`.
     warmup_ratio / cooldown_ratio: shares of the training steps held at density 1
         before, and at the final density after, the cubic ramp. `warmup_steps` /
@@ -190,7 +205,8 @@ class PruneConfig:
     distill: distillation from the dense fine-tuned model during pruning.
     """
 
-    method: Literal["movement", "magnitude"] = "movement"
+    method: Literal["movement", "taylor", "magnitude"] = "taylor"
+    taylor_beta: float = 0.85
     final_density: float | None = None
     warmup_ratio: float = 0.1
     cooldown_ratio: float = 0.1
@@ -220,6 +236,7 @@ class PruneConfig:
             )
         if self.train.max_steps is not None:  # the step count is known now; otherwise at the stage
             self.schedule_steps(self.train.max_steps)
+        _check(0 <= self.taylor_beta < 1, "prune.taylor_beta", f"must be in [0, 1), got {self.taylor_beta}")
         _check(self.update_every >= 1, "prune.update_every", f"must be >= 1, got {self.update_every}")
         _check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")
 

@@ -24,9 +24,11 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import LPAF_METHODS, DistillationConfig, FactorizeConfig, ModelConfig, MrftConfig, Params, PruneConfig
+from .config import LPAF_METHODS, SPARSE_METHODS, DistillationConfig, FactorizeConfig, FisherConfig, ModelConfig
+from .config import MrftConfig, Params, PruneConfig
 from .config import check_lpaf_factorize
 from .io import atomic_dir, write_json
+from .sparsity import DEFAULT_PRUNED_WEIGHT
 from .stages import (
     Layout, PreparedData, Stage, StageResult, _evaluate_stage, _finish, _targets, factorization_metrics, register,
 )
@@ -109,7 +111,7 @@ def run_prune(
     loader = prepared.loader("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     warmup, cooldown = cfg.schedule_steps(total_steps(cfg.train, len(loader)))
     density = cfg.density(factorize_cfg.keep_ratio)
-    pruner = Pruner(names, PruneOptions(cfg.method, density, warmup, cooldown, cfg.scope, cfg.update_every))
+    pruner = Pruner(names, PruneOptions(cfg.method, density, warmup, cooldown, cfg.scope, cfg.update_every, cfg.taylor_beta))
     teacher, distill = _distillation(cfg.distill, dense_dir, dense)
     result = train(
         model, loader, cfg.train, evaluate=prepared.evaluate_fn(cfg.train.eval_batch_size), hooks=[pruner],
@@ -154,8 +156,9 @@ def factorize_pruned_weight(
     weight: torch.Tensor,
     mask: torch.Tensor,
     rank: int,
-    scores: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
     *,
+    pruned_weight: float = DEFAULT_PRUNED_WEIGHT,
     solver: str = "als",
     steps: int = 50,
     options: Mapping[str, Any] | None = None,
@@ -168,7 +171,8 @@ def factorize_pruned_weight(
             solver, started from the closed form on the same weights).
         weight: `(out, in)`; multiplied by `mask` here in case it was not yet.
         mask: `(out, in)`, True where the weight was kept.
-        scores: `(out, in)` first-order pruning scores, the importance of kept entries.
+        importance: `(out, in)` importance of the entries (None: uniform).
+        pruned_weight: the share of its importance a pruned entry keeps.
         solver, steps, options: the element-wise solver of "sparse_tfwsvd" and its settings.
     """
     from .solvers import get_solver
@@ -178,15 +182,40 @@ def factorize_pruned_weight(
     if method == "svd":
         return get_solver("svd")(pruned, rank)
     if method == "sparse_svd":
-        return rowwise_sparse_svd(pruned, mask, rank, scores)
+        return rowwise_sparse_svd(pruned, mask, rank, importance, pruned_weight=pruned_weight)
     if method == "sparse_tfwsvd":
         # The solver's init "fwsvd" on sparsity importance is the row-wise closed form.
-        importance = sparsity_importance(mask, scores)
-        return get_solver(solver)(pruned, rank, importance=importance, steps=steps, **dict(options or {}))
+        weights = sparsity_importance(mask, importance, pruned_weight=pruned_weight)
+        return get_solver(solver)(pruned, rank, importance=weights, steps=steps, **dict(options or {}))
     raise ValueError(f"factorize.method: {method!r} cannot factorize pruned matrices (use {', '.join(LPAF_METHODS)})")
 
 
-def run_factorize_pruned(cfg: FactorizeConfig, pruned_dir: Path, out_dir: Path, metrics_path: Path) -> StageResult:
+def pruned_importance(
+    cfg: FactorizeConfig, fisher_cfg: FisherConfig, model: torch.nn.Module, names: list[str],
+    scores: Mapping[str, torch.Tensor], data_dir: Path,
+) -> dict[str, torch.Tensor] | None:
+    """The importance the sparse methods weigh entries by: the pruned model's Fisher, or the pruning scores.
+
+    The Fisher is collected on the pruned model (not the dense one): its
+    gradients are those of the function the factors must reproduce.
+    """
+    from .importance import collect_importance
+
+    if cfg.method not in SPARSE_METHODS:
+        return None
+    if cfg.sparse_importance == "scores":
+        return dict(scores)
+    prepared = PreparedData.open(data_dir)
+    collected = collect_importance(
+        model, prepared.loader("train", fisher_cfg.batch_size), names, max_samples=fisher_cfg.max_samples,
+        per_example=fisher_cfg.per_example, only_misclassified=fisher_cfg.only_misclassified,
+    )
+    return collected["fisher"].scores
+
+
+def run_factorize_pruned(
+    cfg: FactorizeConfig, fisher_cfg: FisherConfig, pruned_dir: Path, data_dir: Path, out_dir: Path, metrics_path: Path
+) -> StageResult:
     """Factorize the pruned matrices at the ranks `factorize.keep_ratio` gives, sparsity-aware."""
     from transformers import AutoTokenizer
 
@@ -204,6 +233,9 @@ def run_factorize_pruned(cfg: FactorizeConfig, pruned_dir: Path, out_dir: Path, 
     weights = dense_weights(model, names)
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     ranks = allocate_ranks(shapes, cfg.keep_ratio, "uniform", cfg.rank_multiple)
+    started = time.perf_counter()
+    importance = pruned_importance(cfg, fisher_cfg, model, names, scores, data_dir)
+    importance_seconds = time.perf_counter() - started
 
     factors, rows = {}, []
     started = time.perf_counter()
@@ -214,8 +246,8 @@ def run_factorize_pruned(cfg: FactorizeConfig, pruned_dir: Path, out_dir: Path, 
         if rank is not None:
             layer_started = time.perf_counter()
             a, b = factorize_pruned_weight(
-                cfg.method, weight, mask, rank, scores[name],
-                solver=cfg.solver, steps=cfg.solver_steps, options=cfg.solver_options,
+                cfg.method, weight, mask, rank, None if importance is None else importance[name],
+                pruned_weight=cfg.pruned_weight, solver=cfg.solver, steps=cfg.solver_steps, options=cfg.solver_options,
             )
             factors[name] = (a, b)
             row["seconds"] = time.perf_counter() - layer_started
@@ -230,6 +262,7 @@ def run_factorize_pruned(cfg: FactorizeConfig, pruned_dir: Path, out_dir: Path, 
         "keep_ratio": cfg.keep_ratio,
         "allocation": "uniform",
         "solver": cfg.solver if cfg.method == "sparse_tfwsvd" else cfg.method,
+        **({"sparse_importance": cfg.sparse_importance, "pruned_weight": cfg.pruned_weight} if importance else {}),
         "pruned": {k: pruned_entry[k] for k in ("prune_method", "density", "scope") if k in pruned_entry},
     }
     tokenizer = AutoTokenizer.from_pretrained(str(pruned_dir / "model"))
@@ -237,6 +270,7 @@ def run_factorize_pruned(cfg: FactorizeConfig, pruned_dir: Path, out_dir: Path, 
         save_compressed(model, tmp / "model", method=cfg.method, targets=names, tokenizer=tokenizer, extra=extra)
         shutil.copyfile(pruned_dir / MASKS_FILE, tmp / MASKS_FILE)
     metrics = factorization_metrics(cfg.keep_ratio, shapes, ranks, rows, solve_seconds, ("error", "kept_error"))
+    metrics["importance_seconds"] = importance_seconds
     return _finish(metrics_path, {"factorized": out_dir}, metrics)
 
 
@@ -325,11 +359,11 @@ register(
 register(
     Stage(
         name="factorize_pruned",
-        sections=("factorize",),
-        inputs=lambda lay: {"pruned": prune_dir(lay)},
+        sections=("factorize", "fisher"),
+        inputs=lambda lay: {"pruned": prune_dir(lay), "data": lay.data},
         outputs=lambda lay: {"factorized": factorize_pruned_dir(lay)},
         run=lambda p, lay: run_factorize_pruned(
-            p.factorize, prune_dir(lay), factorize_pruned_dir(lay), lay.metrics_file("factorize_pruned")
+            p.factorize, p.fisher, prune_dir(lay), lay.data, factorize_pruned_dir(lay), lay.metrics_file("factorize_pruned")
         ),
         after=("prune",),
     )

@@ -1,9 +1,18 @@
-"""Unstructured pruning of Linear weights: movement (first-order) and magnitude.
+"""Unstructured pruning of Linear weights: movement and Taylor (first-order), and magnitude.
 
 LPAF prunes before it factorizes because first-order pruning leaves matrices
 of low effective rank, while magnitude pruning does not; both methods share
 the schedule, the top-k selection and the mask bookkeeping here, so that the
 comparison between them differs in the score alone.
+
+Movement scores (-sum of grad * W) only carry signal while the weights travel
+far, as in a long fine-tuning from the pretrained model; from an already
+fine-tuned model the gradient is mostly noise and movement ranks the weights
+almost at random (measured on MiniLM: rank correlation 0.00 with |W|, and the
+model at chance by density 0.3). The `taylor` criterion, a smoothed
+first-order sensitivity |grad * W| (as in PLATON, Zhang et al. 2022), asks
+instead how much the loss would change if the weight were removed, which a
+converged model answers well.
 
 Masks are applied by zeroing the weights in place (not by a forward-time
 product): the pruned model is then an ordinary model that any later stage can
@@ -27,7 +36,7 @@ from .hooks import TrainHook
 from .io import atomic_write_bytes
 from .surgery import linear_weights
 
-PruneMethod = Literal["movement", "magnitude"]
+PruneMethod = Literal["movement", "taylor", "magnitude"]
 PruneScope = Literal["per_matrix", "global"]
 
 
@@ -81,11 +90,13 @@ def cubic_sparsity(
 class PruneOptions:
     """How to prune during fine-tuning.
 
-    method: "movement" (scores S -= grad * W, Sanh et al. 2020) or "magnitude" (|W|).
+    method: "movement" (scores S -= grad * W, Sanh et al. 2020), "taylor"
+        (S <- beta * S + (1 - beta) * |grad * W|) or "magnitude" (|W|).
     final_density: share of each target's weights kept at the end, in (0, 1].
     warmup_steps / cooldown_steps: steps at density 1 before, and at the final density after, the cubic ramp.
     scope: "per_matrix" keeps the same share of every matrix; "global" ranks all targets together.
     update_every: recompute the masks every this many optimizer steps.
+    taylor_beta: the smoothing of the Taylor scores over steps, in [0, 1).
     """
 
     method: PruneMethod = "movement"
@@ -94,10 +105,13 @@ class PruneOptions:
     cooldown_steps: int = 0
     scope: PruneScope = "per_matrix"
     update_every: int = 1
+    taylor_beta: float = 0.85
 
     def __post_init__(self) -> None:
-        if self.method not in ("movement", "magnitude"):
-            raise ValueError(f"method must be 'movement' or 'magnitude', got {self.method!r}")
+        if self.method not in ("movement", "taylor", "magnitude"):
+            raise ValueError(f"method must be 'movement', 'taylor' or 'magnitude', got {self.method!r}")
+        if not 0 <= self.taylor_beta < 1:
+            raise ValueError(f"taylor_beta must be in [0, 1), got {self.taylor_beta}")
         if self.scope not in ("per_matrix", "global"):
             raise ValueError(f"scope must be 'per_matrix' or 'global', got {self.scope!r}")
         _check_density(self.final_density, "final_density")
@@ -231,9 +245,12 @@ class Pruner(TrainHook):
         for name, weight in self._weights.items():
             if weight.grad is None:
                 continue
+            # Weights are already masked, so these are the scores of the masked weights.
             if self.options.method == "movement":
-                # Weights are already masked, so this is the score of the masked weight.
                 self._scores[name].sub_(weight.grad.float() * weight.float())
+            elif self.options.method == "taylor":
+                beta = self.options.taylor_beta
+                self._scores[name].mul_(beta).add_((weight.grad.float() * weight.float()).abs(), alpha=1 - beta)
             weight.grad.mul_(self._masks[name])
 
     @torch.no_grad()
@@ -268,7 +285,7 @@ class Pruner(TrainHook):
         return dict(self._masks)
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """Movement scores, or |W| at the last update for magnitude pruning."""
+        """Movement or Taylor scores, or |W| at the last update for magnitude pruning."""
         return dict(self._scores)
 
     def _update_masks(self, density: float) -> None:

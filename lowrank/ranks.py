@@ -114,10 +114,14 @@ def fisher_ranks(
     shapes: Mapping[str, Shape],
     keep_ratio: float,
     rank_multiple: int = 1,
+    min_rank_share: float = 0.0,
 ) -> dict[str, int | None]:
     """Per-layer ranks that remove the most weighted error within the budget (greedy).
 
-    Every layer starts at rank `rank_multiple`. Then, repeatedly, the move with
+    Every layer starts at `min_rank_share` of the uniform rank (at least
+    `rank_multiple`): the Fisher-weighted error is only a local estimate of the
+    loss, and without a floor the greedy spend starved some layers to rank 1
+    and took MiniLM to chance at keep ratio 0.3 (BENCHMARKS.md). Then, repeatedly, the move with
     the largest error removed per parameter spent is taken among: the next
     `rank_multiple` singular values of a layer, or, where that would reach
     break-even, turning the layer dense (which removes all its error). Moves
@@ -130,15 +134,23 @@ def fisher_ranks(
         shapes: `(out, in)` of each layer, the same names as `spectra`.
         keep_ratio: share of the targeted weights' parameters to keep, in (0, 1].
         rank_multiple: ranks are multiples of this.
+        min_rank_share: every layer's rank is at least this share of the uniform rank, in [0, 1].
 
     Returns:
         The rank of each layer; None for layers that stay dense.
     """
+    if not 0 <= min_rank_share <= 1:
+        raise ValueError(f"min_rank_share: must be in [0, 1], got {min_rank_share!r}")
     if set(spectra) != set(shapes):
         missing = sorted(set(spectra) ^ set(shapes))
         raise ValueError(f"spectra: must name the same layers as shapes; differ in {missing[:5]}")
     budget = _budget(shapes, keep_ratio, rank_multiple)
-    ranks = {name: _dense_past_break_even(shape, rank_multiple) for name, shape in shapes.items()}
+    start = rank_multiple
+    if min_rank_share > 0:
+        uniform = uniform_ranks(shapes, keep_ratio, rank_multiple)
+        floor = min((rank for rank in uniform.values() if rank is not None), default=0)
+        start = max(rank_multiple, int(min_rank_share * floor) // rank_multiple * rank_multiple)
+    ranks = {name: _dense_past_break_even(shape, start) for name, shape in shapes.items()}
     spent = count_params(shapes, ranks)
     if spent > budget:
         raise ValueError(
@@ -181,6 +193,7 @@ def allocate_ranks(
     allocation: Allocation = "uniform",
     rank_multiple: int = 1,
     spectra: Mapping[str, Tensor] | None = None,
+    min_rank_share: float = 0.0,
 ) -> dict[str, int | None]:
     """Ranks for `factorize.keep_ratio` and `factorize.allocation`: the one entry point for the stage.
 
@@ -190,6 +203,7 @@ def allocate_ranks(
         allocation: "uniform" (the papers' single rank) or "fisher" (needs `spectra`).
         rank_multiple: ranks are multiples of this.
         spectra: per layer, `weighted_spectrum(weight, fisher)`; only for "fisher".
+        min_rank_share: for "fisher", the floor of every rank as a share of the uniform rank.
 
     Returns:
         The rank of each layer; None for layers that stay dense.
@@ -199,7 +213,7 @@ def allocate_ranks(
     if allocation == "fisher":
         if spectra is None:
             raise ValueError("spectra: allocation 'fisher' needs the weighted spectrum of every layer")
-        return fisher_ranks(spectra, shapes, keep_ratio, rank_multiple)
+        return fisher_ranks(spectra, shapes, keep_ratio, rank_multiple, min_rank_share)
     raise ValueError(f"allocation: must be 'uniform' or 'fisher', got {allocation!r}")
 
 

@@ -1,10 +1,19 @@
 """Sparsity-aware factorization weights (LPAF step 3).
 
-A pruned matrix `W * M` is not itself low rank, but the kept entries often
-are close to a low-rank matrix; the pruned entries are zero only because
-pruning set them so. Plain SVD spends rank reproducing those zeros. Giving the
-pruned entries (near) zero weight in a weighted low-rank problem lets the
-factors fit the kept entries and fill the pruned ones freely.
+A pruned matrix `W * M` is factorized as a weighted low-rank problem. The
+weights are an importance (the Fisher information of the pruned model by
+default) scaled down on the pruned entries by `pruned_weight`: the factors
+fit the kept entries first, and the pruned ones less closely.
+
+Measured on MiniLM / SST-2 (keep ratio 0.3, Taylor-pruned to density 0.3,
+no fine-tuning after): with the pruning scores as weights and the pruned
+entries near zero, the matrix-completion reading of "sparsity-aware", the
+factors put arbitrary values where the pruned model has zeros and the model
+falls to chance (0.51; 0.58 with the pruned entries at full weight); plain SVD
+of the pruned matrix gives 0.59; the pruned model's Fisher with the pruned
+entries at 0.3 gives 0.76 (0.76 at 1.0, 0.74 at 3.0), above TFWSVD of the
+dense matrix (0.74). The pruned zeros are part of the function the pruned
+model learned, so they must still be fit, only less closely.
 """
 
 from __future__ import annotations
@@ -13,72 +22,78 @@ import torch
 
 from .solvers import balance
 
+DEFAULT_PRUNED_WEIGHT = 0.3
+
 
 def sparsity_importance(
     mask: torch.Tensor,
-    scores: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
     *,
-    pruned_weight: float = 1e-6,
+    pruned_weight: float = DEFAULT_PRUNED_WEIGHT,
     normalize: bool = True,
+    floor: float = 1e-6,
 ) -> torch.Tensor:
     """Element weights `(out, in)` for a weighted low-rank solver on a pruned matrix.
 
-    Kept entries get their first-order importance |score| (1 when `scores` is
-    None); pruned entries get `pruned_weight`. It is small but not zero so that
-    a row or column whose entries were all pruned still gives the solver a
+    Kept entries get the importance `base` (1 when None); pruned entries get
+    `pruned_weight` times it. Every weight is at least `floor`, so that a row
+    or column whose entries all weigh nothing still gives the solver a
     non-singular system (its factors then shrink to zero instead of being
     undefined).
 
     Args:
         mask: `(out, in)`, True / nonzero where the weight was kept.
-        scores: `(out, in)` first-order scores (movement or Taylor); their sign is dropped.
-        pruned_weight: weight of pruned entries, relative to the kept mean when `normalize`.
-        normalize: divide kept weights by their mean, so that `pruned_weight`
-            means the same for any score scale, and floor them at
-            `pruned_weight` so that a kept entry never counts less than a pruned one.
+        base: `(out, in)` importance (Fisher of the pruned model, or first-order
+            pruning scores); its sign is dropped.
+        pruned_weight: the share of its importance a pruned entry keeps, >= 0.
+        normalize: divide `base` by its mean over the kept entries, so that
+            `floor` means the same for any importance scale.
+        floor: lower bound of every weight (after normalizing).
 
     Returns:
-        float32 (float64 if `scores` is float64) weights, same shape as `mask`.
+        float32 (float64 if `base` is float64) weights, same shape as `mask`.
     """
     if pruned_weight < 0:
         raise ValueError(f"pruned_weight must be >= 0, got {pruned_weight}")
     kept = mask.bool()
-    dtype = scores.dtype if scores is not None and scores.dtype == torch.float64 else torch.float32
-    if scores is None:
-        kept_weight = torch.ones(mask.shape, dtype=dtype, device=mask.device)
+    dtype = base.dtype if base is not None and base.dtype == torch.float64 else torch.float32
+    if base is None:
+        weight = torch.ones(mask.shape, dtype=dtype, device=mask.device)
     else:
-        if scores.shape != mask.shape:
-            raise ValueError(f"scores shape {tuple(scores.shape)} differs from mask shape {tuple(mask.shape)}")
-        kept_weight = scores.detach().abs().to(dtype)
+        if base.shape != mask.shape:
+            raise ValueError(f"importance shape {tuple(base.shape)} differs from mask shape {tuple(mask.shape)}")
+        weight = base.detach().abs().to(dtype)
         if normalize and kept.any():
-            mean = kept_weight[kept].mean()
+            mean = weight[kept].mean()
             if mean > 0:
-                kept_weight = kept_weight / mean
-            kept_weight = kept_weight.clamp_min(pruned_weight)
-    return torch.where(kept, kept_weight, torch.full_like(kept_weight, pruned_weight))
+                weight = weight / mean
+    weight = torch.where(kept, weight, weight * pruned_weight)
+    return weight.clamp_min(floor)
 
 
 def rowwise_sparse_svd(
     weight: torch.Tensor,
     mask: torch.Tensor,
     rank: int,
-    scores: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
     *,
+    pruned_weight: float = DEFAULT_PRUNED_WEIGHT,
     floor: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form sparsity-aware factors `U (out, rank)`, `V (rank, in)` with `U V ~ W * M`.
 
     FWSVD's trick with sparsity-aware importance: all entries of input column
     j share one weight d_j = sqrt(sum_i importance_ij), so the weighted problem
-    becomes an SVD of `W diag(d)`. Columns that pruning emptied get small d_j
-    and so little of the rank. One SVD, no iterations: the cheap variant and a
+    becomes an SVD of `W diag(d)`. Columns that pruning emptied get smaller d_j
+    and so less of the rank. One SVD, no iterations: the cheap variant and a
     starting point for the element-wise solver.
 
     Args:
         weight: `(out, in)` weight; multiplied by `mask` here in case it was not yet.
         mask: `(out, in)` kept entries.
         rank: number of factors, 1 <= rank <= min(out, in).
-        scores: optional first-order scores, see `sparsity_importance`.
+        importance: optional `(out, in)` importance, see `sparsity_importance`.
+        pruned_weight: the share of its importance a pruned entry keeps.
         floor: lower bound of d_j relative to max(d), so that V's division stays finite.
     """
     out_features, in_features = weight.shape
@@ -88,8 +103,8 @@ def rowwise_sparse_svd(
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(weight.shape)}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     pruned = weight.detach().to(dtype) * mask.to(dtype)  # (out, in)
-    importance = sparsity_importance(mask, scores).to(device=weight.device, dtype=dtype)  # (out, in)
-    d = importance.sum(dim=0).sqrt()  # (in,)
+    weights = sparsity_importance(mask, importance, pruned_weight=pruned_weight).to(device=weight.device, dtype=dtype)
+    d = weights.sum(dim=0).sqrt()  # (in,)
     d = d.clamp_min(floor * float(d.max()) if d.max() > 0 else 1.0)
     left, singular, right_t = torch.linalg.svd(pruned * d, full_matrices=False)  # W diag(d)
     u = left[:, :rank] * singular[:rank]  # (out, rank)

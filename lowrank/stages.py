@@ -314,7 +314,7 @@ def run_factorize(
     weights = dense_weights(model, names)
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     spectra = {n: weighted_spectrum(weights[n], fisher[n]) for n in names} if cfg.allocation == "fisher" else None
-    ranks = allocate_ranks(shapes, cfg.keep_ratio, cfg.allocation, cfg.rank_multiple, spectra)
+    ranks = allocate_ranks(shapes, cfg.keep_ratio, cfg.allocation, cfg.rank_multiple, spectra, cfg.min_rank_share)
 
     iterative = cfg.method in ("tfwsvd", "tvd")
     solver = get_solver(cfg.solver if iterative else cfg.method)

@@ -40,6 +40,8 @@ def test_overrides_use_dvc_form() -> None:
         ("evaluate.latency_batch_sizes=[0]", "evaluate.latency_batch_sizes"),
         ("tracking.enabled=yes please", "tracking.enabled"),
         ("finetune=3", "finetune"),
+        ("prune.method=random", "prune.method"),
+        ("prune.taylor_beta=1", "prune.taylor_beta"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:

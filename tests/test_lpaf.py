@@ -78,10 +78,10 @@ def test_pruned_model_has_exact_density_on_every_target(lpaf_run) -> None:
     metrics = results["prune"].metrics
     assert metrics["density"] == pytest.approx(KEEP_RATIO, abs=1e-3)
     assert metrics["steps"] == 6 and metrics["cooldown_steps"] == 1
-    for label in ("dense", "magnitude_one_shot", "movement"):
+    for label in ("dense", "magnitude_one_shot", params.prune.method):
         assert 0 < metrics[f"rank_ratio.{label}.effective_rank_0.9_ratio"] <= 1
     report = json.loads((layout.metrics / "prune_ranks.json").read_text())
-    assert set(report["models"]) == {"dense", "magnitude_one_shot", "movement"}
+    assert set(report["models"]) == {"dense", "magnitude_one_shot", params.prune.method}
     assert (layout.metrics / "prune_ranks.png").stat().st_size > 0
 
 
@@ -148,7 +148,7 @@ def test_prune_schedule_longer_than_training_names_the_key(lpaf_run, tmp_path: P
 def test_factorize_pruned_refuses_dense_methods(tmp_path: Path) -> None:
     cfg = load_params(REPO / "params.yaml").factorize  # fwsvd
     with pytest.raises(ConfigError, match=r"factorize\.method"):
-        run_factorize_pruned(cfg, tmp_path, tmp_path / "out", tmp_path / "m.json")
+        run_factorize_pruned(cfg, load_params(REPO / "params.yaml").fisher, tmp_path, tmp_path, tmp_path / "out", tmp_path / "m.json")
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_sparse_tfwsvd_recovers_low_rank_kept_entries_better_than_svd() -> None:
     weight = low_rank * mask  # exactly rank 4 on its kept entries, not as a whole
 
     def kept_error(method: str) -> float:
-        a, b = factorize_pruned_weight(method, weight, mask, rank, steps=200)
+        a, b = factorize_pruned_weight(method, weight, mask, rank, pruned_weight=0.0, steps=200)
         return float(((a @ b - low_rank)[mask]).square().mean() / low_rank[mask].square().mean())
 
     element_wise, plain = kept_error("sparse_tfwsvd"), kept_error("svd")

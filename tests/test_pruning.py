@@ -158,7 +158,30 @@ def test_movement_score_is_minus_grad_times_weight() -> None:
     assert torch.allclose(pruner.scores()["0"], total)
 
 
-@pytest.mark.parametrize(("method", "scope"), [("movement", "per_matrix"), ("magnitude", "per_matrix"), ("movement", "global")])
+def test_taylor_score_is_smoothed_abs_grad_times_weight() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    pruner = Pruner(["0"], PruneOptions(method="taylor", final_density=0.5, warmup_steps=3, taylor_beta=0.6))
+    pruner.on_train_begin(model, 4)
+    expected = torch.zeros(3, 4)
+    for step in range(3):
+        model.zero_grad()
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        expected = 0.6 * expected + 0.4 * (model[0].weight.grad * model[0].weight.detach()).abs()
+        pruner.after_backward(model, step)
+    assert torch.allclose(pruner.scores()["0"], expected)
+    assert (pruner.scores()["0"] >= 0).all()
+
+
+def test_taylor_beta_out_of_range_is_rejected() -> None:
+    with pytest.raises(ValueError, match="taylor_beta"):
+        PruneOptions(method="taylor", taylor_beta=1.0)
+
+
+@pytest.mark.parametrize(
+    ("method", "scope"),
+    [("movement", "per_matrix"), ("taylor", "per_matrix"), ("magnitude", "per_matrix"), ("movement", "global")],
+)
 def test_pruning_tiny_bert_follows_schedule(method: str, scope: str) -> None:
     model = tiny_bert()
     names = target_names(model)

@@ -61,6 +61,21 @@ def test_fisher_allocation_spends_rank_where_the_error_is() -> None:
     assert error(ranks) < error(uniform)
 
 
+def test_fisher_allocation_floor_keeps_a_share_of_the_uniform_rank() -> None:
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randn(32, 2, generator=generator) @ torch.randn(2, 32, generator=generator)  # rank 2
+    full = torch.randn(32, 32, generator=generator)
+    shapes = {"low": (32, 32), "full": (32, 32)}
+    spectra = {"low": weighted_spectrum(low), "full": weighted_spectrum(full)}
+    uniform = uniform_ranks(shapes, 0.4)["low"]
+    ranks = fisher_ranks(spectra, shapes, 0.4, min_rank_share=0.5)
+    assert ranks["low"] == uniform // 2  # the floor binds: the greedy spend would give it 2 or 3
+    assert ranks["full"] > uniform and kept_ratio(shapes, ranks) <= 0.4
+    assert allocate_ranks(shapes, 0.4, "fisher", spectra=spectra, min_rank_share=1.0) == uniform_ranks(shapes, 0.4)
+    with pytest.raises(ValueError, match="min_rank_share"):
+        fisher_ranks(spectra, shapes, 0.4, min_rank_share=1.5)
+
+
 def test_weighted_spectrum_sums_to_the_truncation_error() -> None:
     weight = torch.randn(10, 6, dtype=torch.float64)
     values = weighted_spectrum(weight)
