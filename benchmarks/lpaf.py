@@ -74,7 +74,8 @@ def main() -> None:
     base = load_params("params.yaml", [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false", "orchestration.path=lpaf", "factorize.method=sparse_tfwsvd"])
     prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs)
     mrft_train = dataclasses.replace(base.mrft.train, epochs=args.mrft_epochs)
-    costs: dict[str, list] = {}
+    costs_file = out / "metrics" / "costs.json"  # kept across invocations, so a resumed run still reports every stage
+    costs: dict[str, list] = read_json(costs_file) if costs_file.is_file() else {}
 
     def stage(key: str, tag: str, run) -> dict:
         path = out / "metrics" / f"{tag}.json"
@@ -83,6 +84,7 @@ def main() -> None:
             with PeakMemory() as memory:
                 run(path)
             costs.setdefault(key, []).append((time.perf_counter() - started, memory.peak / 2**20))
+            costs_file.write_text(json.dumps(costs))
         return read_json(path)
 
     def lpaf(
@@ -108,14 +110,14 @@ def main() -> None:
         return {"prune": prune, "before": before["task"]["score"], "after": after["task"]["score"], "params": after["params"]}
 
     quality = json.loads((runs / "summary.json").read_text())
-    reference = {(row[0], row[1]): row[4] for row in quality["rows"]}  # (method, ratio) -> score + ft
+    reference = {(row[0], row[1]): (row[3], row[4]) for row in quality["rows"]}  # (method, ratio) -> scores before, after ft
     ratios = [float(r) for r in args.ratios.split(",")]
     rows = []
     for ratio in ratios:
         result = lpaf(ratio)
         rows.append([f"LPAF ({args.prune_method}, sparse_tfwsvd, mixed-rank)", ratio, result["before"], result["after"]])
         for method in ("tfwsvd", "fwsvd", "svd"):
-            rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, "", reference.get((method, ratio), "n/a")])
+            rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference.get((method, ratio), ("n/a", "n/a"))])
     ablation = min(ratios)
     for label, kwargs in () if args.no_ablations else (
         (f"magnitude instead of {args.prune_method} pruning", {"prune_method": "magnitude"}),
@@ -144,7 +146,7 @@ def main() -> None:
         + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
         + f"\n\n### Effective rank of the pruned matrices at density {ablation} (mean over matrices, share of full rank)\n\n"
         + table(["model", "energy 90%", "energy 99%", "stable rank"], rank_rows)
-        + "\n\n### Cost per stage (this invocation's runs; cached ones are not timed)\n\n"
+        + "\n\n### Cost per stage (mean over the runs of each stage, all invocations of this setting)\n\n"
         + table(["stage", "runs", "mean seconds", "peak RSS MiB"], cost_rows)
     )
     command = (
