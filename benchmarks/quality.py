@@ -118,8 +118,9 @@ def main() -> None:
             for share in (float(x) for x in args.min_rank_shares.split(",")):
                 tag = f"{method}-fisher-{ratio}" if share == 0 else f"{method}-fisher{share:g}-{ratio}"
                 before, _, info = compress(tag, False, method=method, keep_ratio=ratio, allocation="fisher", min_rank_share=share)
-                ranks = [r["rank"] or 0 for r in info["layers"]]
-                label = f"fisher, floor {share:g} (ranks {min(ranks)}-{max(ranks)})"
+                ranks = [r["rank"] for r in info["layers"] if r["rank"] is not None]
+                dense_layers = len(info["layers"]) - len(ranks)
+                label = f"fisher, floor {share:g} (ranks {min(ranks)}-{max(ranks)}, {dense_layers} dense)"
                 allocation_rows.append([method, label, ratio, info["keep_ratio_reached"], before])
 
     sizes = {split: {"rows": len(rows)} for split, rows in load_from_disk(str(data / "dataset")).items()}

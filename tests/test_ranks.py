@@ -43,12 +43,16 @@ def test_keep_ratio_too_small_or_out_of_range() -> None:
             allocate_ranks({"a": (16, 16)}, bad)
 
 
-def test_fisher_allocation_spends_rank_where_the_error_is() -> None:
+def low_and_full_rank_layers() -> tuple[dict, dict]:
+    """Two 32 x 32 layers: one exactly rank 2, one random (full rank); their shapes and spectra."""
     generator = torch.Generator().manual_seed(0)
-    low = torch.randn(32, 2, generator=generator) @ torch.randn(2, 32, generator=generator)  # rank 2
+    low = torch.randn(32, 2, generator=generator) @ torch.randn(2, 32, generator=generator)
     full = torch.randn(32, 32, generator=generator)
-    shapes = {"low": (32, 32), "full": (32, 32)}
-    spectra = {"low": weighted_spectrum(low), "full": weighted_spectrum(full)}
+    return {"low": (32, 32), "full": (32, 32)}, {"low": weighted_spectrum(low), "full": weighted_spectrum(full)}
+
+
+def test_fisher_allocation_spends_rank_where_the_error_is() -> None:
+    shapes, spectra = low_and_full_rank_layers()
     ranks = fisher_ranks(spectra, shapes, 0.4)
     assert ranks["low"] <= 3 < ranks["full"]
     assert kept_ratio(shapes, ranks) <= 0.4
@@ -62,11 +66,7 @@ def test_fisher_allocation_spends_rank_where_the_error_is() -> None:
 
 
 def test_fisher_allocation_floor_keeps_a_share_of_the_uniform_rank() -> None:
-    generator = torch.Generator().manual_seed(0)
-    low = torch.randn(32, 2, generator=generator) @ torch.randn(2, 32, generator=generator)  # rank 2
-    full = torch.randn(32, 32, generator=generator)
-    shapes = {"low": (32, 32), "full": (32, 32)}
-    spectra = {"low": weighted_spectrum(low), "full": weighted_spectrum(full)}
+    shapes, spectra = low_and_full_rank_layers()
     uniform = uniform_ranks(shapes, 0.4)["low"]
     ranks = fisher_ranks(spectra, shapes, 0.4, min_rank_share=0.5)
     assert ranks["low"] == uniform // 2  # the floor binds: the greedy spend would give it 2 or 3
