@@ -8,8 +8,8 @@ comparison between them differs in the score alone.
 Movement scores (-sum of grad * W) only carry signal while the weights travel
 far, as in a long fine-tuning from the pretrained model; from an already
 fine-tuned model the gradient is mostly noise and movement ranks the weights
-almost at random (measured on MiniLM: rank correlation 0.00 with |W|, and the
-model at chance by density 0.3). The `taylor` criterion, a smoothed
+almost at random (measured on MiniLM: rank correlation 0.00 with |W|; LPAF
+with movement pruning stays at chance, BENCHMARKS.md). The `taylor` criterion, a smoothed
 first-order sensitivity |grad * W| (as in PLATON, Zhang et al. 2022), asks
 instead how much the loss would change if the weight were removed, which a
 converged model answers well.

@@ -5,14 +5,13 @@ weights are an importance (the Fisher information of the pruned model by
 default) scaled down on the pruned entries by `pruned_weight`: the factors
 fit the kept entries first, and the pruned ones less closely.
 
-Measured on MiniLM / SST-2 (keep ratio 0.3, Taylor-pruned to density 0.3,
-no fine-tuning after): with the pruning scores as weights and the pruned
-entries near zero, the matrix-completion reading of "sparsity-aware", the
-factors put arbitrary values where the pruned model has zeros and the model
-falls to chance (0.51; 0.58 with the pruned entries at full weight); plain SVD
-of the pruned matrix gives 0.59; the pruned model's Fisher with the pruned
-entries at 0.3 gives 0.76 (0.76 at 1.0, 0.74 at 3.0), above TFWSVD of the
-dense matrix (0.74). The pruned zeros are part of the function the pruned
+Measured on MiniLM / SST-2 (BENCHMARKS.md, LPAF at keep ratio 0.15, Taylor
+pruning to density 0.15, scores before fine-tuning): with the pruned entries
+at weight 0, the matrix-completion reading of "sparsity-aware", the factors
+put arbitrary values where the pruned model has zeros and the model falls to
+chance (0.48); the pruning scores as weights do the same (0.51); plain SVD of
+the pruned matrix gives 0.62; the pruned model's Fisher with the pruned
+entries at 0.3 gives 0.70. The pruned zeros are part of the function the pruned
 model learned, so they must still be fit, only less closely.
 """
 
