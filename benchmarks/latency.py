@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ import torch
 from torch import nn
 
 from lowrank.compressed import load_compressed
-from lowrank.evaluation import measure_latency
+from lowrank.evaluation import measure_latency, time_calls
 from lowrank.export import export_onnx
 from lowrank.layers import FactorizedLinear
 from lowrank.matching import find_targets
@@ -46,11 +44,10 @@ def macs_per_token(model: nn.Module, seq_len: int) -> int:
     return total - sum(m.in_features * m.out_features for n, m in model.named_modules() if n.endswith("classifier"))
 
 
-def onnx_session(model: nn.Module, folder: Path):
+def onnx_session(model: nn.Module, path: Path):
     """An onnxruntime session on the model's checked export, with every graph optimization (fusions) on."""
     import onnxruntime
 
-    path = folder / f"{id(model)}.onnx"
     export_onnx(model, path)
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -59,20 +56,13 @@ def onnx_session(model: nn.Module, folder: Path):
 
 
 def onnx_latency(session, batch_sizes, seq_len: int, warmup: int, repeats: int) -> dict:
-    """`measure_latency`'s figures for an onnxruntime session: median of `repeats` runs after `warmup`."""
+    """`measure_latency`'s figures for an onnxruntime session, by the same `time_calls`."""
     generator = np.random.default_rng(0)
     results = {}
     for batch in batch_sizes:
         ids = generator.integers(0, 1000, (batch, seq_len)).astype(np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        for _ in range(warmup):
-            session.run(None, feed)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - started)
-        results[f"batch_{batch}"] = {"median_ms": statistics.median(times) * 1e3}
+        results[f"batch_{batch}"] = time_calls(lambda: session.run(None, feed), warmup, repeats)
     return results
 
 
@@ -97,7 +87,6 @@ def main() -> None:
     args = parser.parse_args()
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
 
-    folder = Path(tempfile.mkdtemp(prefix="latency-onnx-"))
     dense = load_compressed(args.model or packaged_model_dir("sentence-transformers/all-MiniLM-L6-v2")).eval()
     variants = {"dense": dense}
     for ratio in map(float, args.ratios.split(",")):
@@ -105,7 +94,8 @@ def main() -> None:
             variants[f"{ratio} (x{multiple})"] = compress(dense, ratio, multiple)
 
     if args.runtime == "onnxruntime":
-        sessions = {name: onnx_session(model, folder) for name, model in variants.items()}
+        with tempfile.TemporaryDirectory(prefix="latency-onnx-") as folder:  # sessions hold the models in memory
+            sessions = {name: onnx_session(model, Path(folder) / f"{i}.onnx") for i, (name, model) in enumerate(variants.items())}
 
         def timing(name: str) -> dict:
             return onnx_latency(sessions[name], batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)

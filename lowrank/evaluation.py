@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -63,6 +63,21 @@ def _vocab_size(model: nn.Module) -> int:
     return int(getattr(getattr(model, "config", None), "vocab_size", 1000) or 1000)
 
 
+def time_calls(call: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
+    """Median and p90 wall time (ms) of `repeats` calls after `warmup` untimed ones: one procedure for every runtime."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "p90_ms": sorted(times)[min(len(times) - 1, int(0.9 * len(times)))] * 1e3,
+    }
+
+
 @torch.inference_mode()
 def measure_latency(
     model: nn.Module,
@@ -88,19 +103,8 @@ def measure_latency(
         for batch_size in batch_sizes:
             input_ids = torch.randint(0, _vocab_size(model), (batch_size, seq_len), generator=generator)
             attention_mask = torch.ones_like(input_ids)
-            for _ in range(warmup):
-                model(input_ids=input_ids, attention_mask=attention_mask)
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                model(input_ids=input_ids, attention_mask=attention_mask)
-                times.append(time.perf_counter() - started)
-            median = statistics.median(times)
-            results[f"batch_{batch_size}"] = {
-                "median_ms": median * 1e3,
-                "p90_ms": sorted(times)[min(len(times) - 1, int(0.9 * len(times)))] * 1e3,
-                "samples_per_s": batch_size / median,
-            }
+            timing = time_calls(lambda: model(input_ids=input_ids, attention_mask=attention_mask), warmup, repeats)
+            results[f"batch_{batch_size}"] = {**timing, "samples_per_s": batch_size * 1e3 / timing["median_ms"]}
     finally:
         torch.set_num_threads(previous)
     return results
