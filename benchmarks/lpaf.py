@@ -8,11 +8,13 @@ pruning, and the other first-order score, instead of the chosen one; plain
 SVD of the pruned matrices instead of sparsity-aware; the pruning scores
 instead of the pruned model's Fisher as the sparse weights; pruned entries at
 weight 0 instead of `factorize.pruned_weight`; plain fine-tuning (p0 = 1)
-instead of mixed-rank. Each stage's wall time and the
+instead of mixed-rank; mixed-rank fine-tuning with its distillation switched.
+`--ablations` picks some of them. Each stage's wall time and the
 peak resident memory of the process while it ran are recorded. Results are
-cached per run under `--out`, so an interrupted benchmark resumes.
+cached per run under `--runs`/lpaf-<budget>, so an interrupted benchmark resumes.
 
     .venv/bin/python benchmarks/lpaf.py --task sst2
+    .venv/bin/python benchmarks/lpaf.py --task sst2 --ratios 0.15 --ablations none --prune-distill
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from lowrank.lpaf import run_factorize_pruned, run_mrft, run_prune
 from lowrank.stages import run_evaluate
 
 from report import table, write_section
+
+ABLATIONS = ("magnitude", "other", "svd", "scores", "pw0", "p0", "kd")
 
 
 class PeakMemory:
@@ -62,17 +66,20 @@ def main() -> None:
     parser.add_argument("--prune-epochs", type=float, default=1.0)
     parser.add_argument("--mrft-epochs", type=float, default=1.0)
     parser.add_argument("--prune-method", default="taylor", choices=["taylor", "movement"])
-    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--ablations", default="all", help=f"comma list of {','.join(ABLATIONS)}, 'all' or 'none'")
+    parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK)")
     args = parser.parse_args()
 
     runs = Path(args.runs or f"benchmarks/runs/{args.task}")
-    out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}"  # cached results are per training budget
+    budget = f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}" + ("-kd" if args.prune_distill else "")
+    out = runs / budget  # cached results are per training budget
     data, dense = runs / "data", runs / "finetune" / "model"
     if not dense.exists():
         raise SystemExit(f"{dense} not found: run benchmarks/quality.py --task {args.task} first")
     base = load_params("params.yaml", [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false", "orchestration.path=lpaf", "factorize.method=sparse_tfwsvd"])
     prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs)
+    prune_distill = dataclasses.replace(base.prune.distill, enabled=args.prune_distill)
     mrft_train = dataclasses.replace(base.mrft.train, epochs=args.mrft_epochs)
     costs_file = out / "metrics" / "costs.json"  # kept across invocations, so a resumed run still reports every stage
     costs: dict[str, list] = read_json(costs_file) if costs_file.is_file() else {}
@@ -90,16 +97,20 @@ def main() -> None:
     def lpaf(
         ratio: float, prune_method: str = args.prune_method, method: str = "sparse_tfwsvd", p0: float | None = None,
         sparse_importance: str = base.factorize.sparse_importance, pruned_weight: float = base.factorize.pruned_weight,
+        mrft_distill: bool = base.mrft.distill.enabled,
     ) -> dict:
-        prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train)
+        prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train, distill=prune_distill)
         factorize_cfg = dataclasses.replace(
             base.factorize, method=method, keep_ratio=ratio, sparse_importance=sparse_importance, pruned_weight=pruned_weight
         )
-        mrft_cfg = dataclasses.replace(base.mrft, train=mrft_train, p0=base.mrft.p0 if p0 is None else p0)
+        mrft_cfg = dataclasses.replace(
+            base.mrft, train=mrft_train, p0=base.mrft.p0 if p0 is None else p0,
+            distill=dataclasses.replace(base.mrft.distill, enabled=mrft_distill),
+        )
         pruned = out / f"prune-{prune_method}-{ratio}"
         weights = "" if method == "svd" else f"-{sparse_importance}-pw{pruned_weight:g}"
         factorized = out / f"factorize-{prune_method}-{method}{weights}-{ratio}"
-        tag = f"{prune_method}-{method}{weights}-{ratio}-p0{mrft_cfg.p0}"
+        tag = f"{prune_method}-{method}{weights}-{ratio}-p0{mrft_cfg.p0}" + ("" if mrft_distill == base.mrft.distill.enabled else f"-kd{int(mrft_distill)}")
         final = out / f"mrft-{tag}"
         prune = stage("prune", f"prune-{prune_method}-{ratio}", lambda m: run_prune(prune_cfg, factorize_cfg, base.model, dense, data, pruned, m))
         stage("factorize_pruned", factorized.name, lambda m: run_factorize_pruned(factorize_cfg, base.fisher, pruned, data, factorized, m))
@@ -115,18 +126,26 @@ def main() -> None:
     rows = []
     for ratio in ratios:
         result = lpaf(ratio)
-        rows.append([f"LPAF ({args.prune_method}, sparse_tfwsvd, mixed-rank)", ratio, result["before"], result["after"]])
+        rows.append([f"LPAF ({args.prune_method}{' + distillation' if args.prune_distill else ''}, sparse_tfwsvd, mixed-rank)", ratio, result["before"], result["after"]])
         for method in ("tfwsvd", "fwsvd", "svd"):
             rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference.get((method, ratio), ("n/a", "n/a"))])
     ablation = min(ratios)
-    for label, kwargs in () if args.no_ablations else (
-        (f"magnitude instead of {args.prune_method} pruning", {"prune_method": "magnitude"}),
-        *[(f"{other} instead of {args.prune_method} pruning", {"prune_method": other}) for other in ("taylor", "movement") if other != args.prune_method],
-        ("plain SVD of the pruned matrices", {"method": "svd"}),
-        ("pruning scores as the sparse weights instead of the Fisher", {"sparse_importance": "scores"}),
-        ("pruned entries at weight 0 (fit the kept entries only)", {"pruned_weight": 0.0}),
-        ("plain fine-tuning instead of mixed-rank (p0 = 1)", {"p0": 1.0}),
-    ):
+    chosen = {"all": list(ABLATIONS), "none": []}.get(args.ablations, args.ablations.split(","))
+    unknown = sorted(set(chosen) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"--ablations: unknown {unknown}; choose from {','.join(ABLATIONS)}")
+    other = "movement" if args.prune_method == "taylor" else "taylor"
+    settings = {
+        "magnitude": (f"magnitude instead of {args.prune_method} pruning", {"prune_method": "magnitude"}),
+        "other": (f"{other} instead of {args.prune_method} pruning", {"prune_method": other}),
+        "svd": ("plain SVD of the pruned matrices", {"method": "svd"}),
+        "scores": ("pruning scores as the sparse weights instead of the Fisher", {"sparse_importance": "scores"}),
+        "pw0": ("pruned entries at weight 0 (fit the kept entries only)", {"pruned_weight": 0.0}),
+        "p0": ("plain fine-tuning instead of mixed-rank (p0 = 1)", {"p0": 1.0}),
+        "kd": (f"mixed-rank fine-tuning with distillation {'off' if base.mrft.distill.enabled else 'on'}", {"mrft_distill": not base.mrft.distill.enabled}),
+    }
+    for key in chosen:
+        label, kwargs = settings[key]
         result = lpaf(ablation, **kwargs)
         rows.append([f"LPAF, {label}", ablation, result["before"], result["after"]])
 
@@ -138,7 +157,7 @@ def main() -> None:
         f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
         f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = keep ratio, "
         f"sparsity-aware factorization ({base.factorize.sparse_importance} importance of the pruned model, pruned entries "
-        f"at weight {base.factorize.pruned_weight:g}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
+        f"at weight {base.factorize.pruned_weight:g}; distillation while pruning {'on' if args.prune_distill else 'off'}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
         f"The factorize-path rows had 1 epoch of + ft, so LPAF trained for more steps: compare with that in mind.\n\n"
         + table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
@@ -151,9 +170,9 @@ def main() -> None:
     )
     command = (
         f"python benchmarks/lpaf.py --task {args.task} --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
-        f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + (" --no-ablations" if args.no_ablations else "")
+        f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
     )
-    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}"
+    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}" + ("-kd" if args.prune_distill else "")
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
 

@@ -80,7 +80,10 @@ def main() -> None:
     def compress(tag: str, finetune: bool, **factorize) -> tuple[float, float | None, dict]:
         cfg = dataclasses.replace(base.factorize, **factorize)
         model, tuned = out / tag / "model", out / tag / "ft" / "model"
-        info = cached(metrics / f"{tag}.factorize.json", lambda: run_factorize(cfg, dense, fisher, model, metrics / f"{tag}.factorize.json"))
+        factorize_metrics = metrics / f"{tag}.factorize.json"
+        if finetune and not (metrics / f"{tag}.ft.json").is_file() and not (model / "config.json").is_file():
+            factorize_metrics.unlink(missing_ok=True)  # an earlier run kept only metrics; + ft needs the model again
+        info = cached(factorize_metrics, lambda: run_factorize(cfg, dense, fisher, model, factorize_metrics))
         before = cached(metrics / f"{tag}.eval.json", lambda: run_evaluate(base.evaluate, model, data, metrics / f"{tag}.eval.json"))
         after = None
         if finetune:
