@@ -1,9 +1,8 @@
 """Benchmark (issue 3e): CPU latency of compressed vs dense models beside the ideal multiply-add ratio.
 
 Factorizes the model at each keep ratio (plain SVD: latency does not depend on
-the method), with ranks as they come and rounded to a multiple of 8 (with
-`--fuse-qkv`, also with the query/key/value down products fused into one
-GEMM by `lowrank.fusion.fuse_qkv`), and times dense and compressed forward passes side by side in one process:
+the method), with ranks as they come and rounded to a multiple of 8, and
+times dense and compressed forward passes side by side in one process:
 batch 1 and 32, random tokens, `--repeats` timed runs after a warm-up,
 median. The ideal speed-up counts multiply-adds per token of every Linear
 layer plus attention's two products.
@@ -26,7 +25,6 @@ from torch import nn
 from lowrank.compressed import load_compressed
 from lowrank.evaluation import measure_latency, time_calls
 from lowrank.export import export_onnx
-from lowrank.fusion import SharedDown, SharedDownLinear, fuse_qkv
 from lowrank.layers import FactorizedLinear
 from lowrank.matching import find_targets
 from lowrank.models import packaged_model_dir
@@ -41,7 +39,6 @@ def macs_per_token(model: nn.Module, seq_len: int) -> int:
     """Multiply-adds per token: Linear layers (dense or factorized), QK^T and AV in every block; not the classifier."""
     # A FactorizedLinear's two factors are nn.Linear modules themselves: counting Linear layers counts them once.
     total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    total += sum(m.weight.numel() for m in model.modules() if isinstance(m, SharedDown))  # fused Q/K/V downs
     config = model.config
     total += 2 * config.num_hidden_layers * seq_len * config.hidden_size
     return total - sum(m.in_features * m.out_features for n, m in model.named_modules() if n.endswith("classifier"))
@@ -85,7 +82,6 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch-sizes", default="1,32")
-    parser.add_argument("--fuse-qkv", action="store_true", help="also time each rank-multiple-8 model with lowrank.fusion.fuse_qkv")
     parser.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
                         help="eager PyTorch, or the exported ONNX model in onnxruntime (all graph optimizations)")
     args = parser.parse_args()
@@ -96,9 +92,6 @@ def main() -> None:
     for ratio in map(float, args.ratios.split(",")):
         for multiple in (1, 8):
             variants[f"{ratio} (x{multiple})"] = compress(dense, ratio, multiple)
-        if args.fuse_qkv:
-            variants[f"{ratio} (x8, fused QKV down)"] = fused = copy.deepcopy(variants[f"{ratio} (x8)"])
-            fuse_qkv(fused)
 
     if args.runtime == "onnxruntime":
         with tempfile.TemporaryDirectory(prefix="latency-onnx-") as folder:  # sessions hold the models in memory
@@ -124,7 +117,7 @@ def main() -> None:
     rows = []
     for name, model in variants.items():
         ideal = dense_macs / macs_per_token(model, args.seq_len)
-        ranks = sorted({m.rank for m in model.modules() if isinstance(m, FactorizedLinear | SharedDownLinear)})
+        ranks = sorted({m.rank for m in model.modules() if isinstance(m, FactorizedLinear)})
         row = [name, ",".join(map(str, ranks)) or "-", ideal]
         for batch in batch_sizes:
             key = f"batch_{batch}"
@@ -142,7 +135,7 @@ def main() -> None:
         f"Ideal speed-up: dense multiply-adds per token over compressed ones (Linear layers and attention products).\n\n"
         + table(header, rows)
     )
-    command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats}" + (" --fuse-qkv" if args.fuse_qkv else "")
+    command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats}"
     if args.runtime == "torch":
         write_section("latency", "Latency of compressed vs dense (issue 3e)", command, body)
     else:
