@@ -70,10 +70,14 @@ def main() -> None:
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK)")
     args = parser.parse_args()
+    chosen = {"all": list(ABLATIONS), "none": []}.get(args.ablations, args.ablations.split(","))
+    unknown = sorted(set(chosen) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"--ablations: unknown {unknown}; choose from {','.join(ABLATIONS)}")
 
     runs = Path(args.runs or f"benchmarks/runs/{args.task}")
-    budget = f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}" + ("-kd" if args.prune_distill else "")
-    out = runs / budget  # cached results are per training budget
+    kd = "-kd" if args.prune_distill else ""
+    out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}"  # cached results are per training budget
     data, dense = runs / "data", runs / "finetune" / "model"
     if not dense.exists():
         raise SystemExit(f"{dense} not found: run benchmarks/quality.py --task {args.task} first")
@@ -130,10 +134,6 @@ def main() -> None:
         for method in ("tfwsvd", "fwsvd", "svd"):
             rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference.get((method, ratio), ("n/a", "n/a"))])
     ablation = min(ratios)
-    chosen = {"all": list(ABLATIONS), "none": []}.get(args.ablations, args.ablations.split(","))
-    unknown = sorted(set(chosen) - set(ABLATIONS))
-    if unknown:
-        raise SystemExit(f"--ablations: unknown {unknown}; choose from {','.join(ABLATIONS)}")
     other = "movement" if args.prune_method == "taylor" else "taylor"
     settings = {
         "magnitude": (f"magnitude instead of {args.prune_method} pruning", {"prune_method": "magnitude"}),
@@ -172,7 +172,7 @@ def main() -> None:
         f"python benchmarks/lpaf.py --task {args.task} --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
     )
-    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}" + ("-kd" if args.prune_distill else "")
+    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}"
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
 
