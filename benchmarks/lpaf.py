@@ -9,12 +9,15 @@ SVD of the pruned matrices instead of sparsity-aware; the pruning scores
 instead of the pruned model's Fisher as the sparse weights; pruned entries at
 weight 0 instead of `factorize.pruned_weight`; plain fine-tuning (p0 = 1)
 instead of mixed-rank; mixed-rank fine-tuning with its distillation switched.
-`--ablations` picks some of them. Each stage's wall time and the
+`--ablations` picks some of them; `--density-factor` prunes less than the
+factors keep (density = factor x keep ratio), so the pruned model that
+mixed-rank fine-tuning starts beside is stronger. Each stage's wall time and the
 peak resident memory of the process while it ran are recorded. Results are
 cached per run under `--runs`/lpaf-<budget>, so an interrupted benchmark resumes.
 
     .venv/bin/python benchmarks/lpaf.py --task sst2
     .venv/bin/python benchmarks/lpaf.py --task sst2 --ratios 0.15 --ablations none --prune-distill
+    .venv/bin/python benchmarks/lpaf.py --task sst2 --ratios 0.15 --ablations none --density-factor 2
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--mrft-epochs", type=float, default=1.0)
     parser.add_argument("--prune-method", default="taylor", choices=["taylor", "movement"])
     parser.add_argument("--ablations", default="all", help=f"comma list of {','.join(ABLATIONS)}, 'all' or 'none'")
+    parser.add_argument("--density-factor", type=float, default=1.0, help="prune to density = factor x keep ratio (capped at 1)")
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK)")
     args = parser.parse_args()
@@ -74,6 +78,8 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(ABLATIONS))
     if unknown:
         raise SystemExit(f"--ablations: unknown {unknown}; choose from {','.join(ABLATIONS)}")
+    if args.density_factor < 1:
+        raise SystemExit(f"--density-factor must be >= 1 (the pruned model keeps at least the factors' share), got {args.density_factor}")
 
     runs = Path(args.runs or f"benchmarks/runs/{args.task}")
     kd = "-kd" if args.prune_distill else ""
@@ -87,6 +93,9 @@ def main() -> None:
     mrft_train = dataclasses.replace(base.mrft.train, epochs=args.mrft_epochs)
     costs_file = out / "metrics" / "costs.json"  # kept across invocations, so a resumed run still reports every stage
     costs: dict[str, list] = read_json(costs_file) if costs_file.is_file() else {}
+
+    def density_of(ratio: float) -> float:
+        return round(min(1.0, ratio * args.density_factor), 6)
 
     def stage(key: str, tag: str, run) -> dict:
         path = out / "metrics" / f"{tag}.json"
@@ -103,7 +112,8 @@ def main() -> None:
         sparse_importance: str = base.factorize.sparse_importance, pruned_weight: float = base.factorize.pruned_weight,
         mrft_distill: bool = base.mrft.distill.enabled,
     ) -> dict:
-        prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train, distill=prune_distill)
+        density = density_of(ratio)
+        prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train, distill=prune_distill, final_density=density)
         factorize_cfg = dataclasses.replace(
             base.factorize, method=method, keep_ratio=ratio, sparse_importance=sparse_importance, pruned_weight=pruned_weight
         )
@@ -111,12 +121,13 @@ def main() -> None:
             base.mrft, train=mrft_train, p0=base.mrft.p0 if p0 is None else p0,
             distill=dataclasses.replace(base.mrft.distill, enabled=mrft_distill),
         )
-        pruned = out / f"prune-{prune_method}-{ratio}"
+        pruned = out / f"prune-{prune_method}-{density}"  # named by density: one pruned model serves every ratio that asks for it
         weights = "" if method == "svd" else f"-{sparse_importance}-pw{pruned_weight:g}"
-        factorized = out / f"factorize-{prune_method}-{method}{weights}-{ratio}"
-        tag = f"{prune_method}-{method}{weights}-{ratio}-p0{mrft_cfg.p0}" + ("" if mrft_distill == base.mrft.distill.enabled else f"-kd{int(mrft_distill)}")
+        from_density = "" if density == ratio else f"-d{density}"
+        factorized = out / f"factorize-{prune_method}-{method}{weights}-{ratio}{from_density}"
+        tag = f"{prune_method}-{method}{weights}-{ratio}{from_density}-p0{mrft_cfg.p0}" + ("" if mrft_distill == base.mrft.distill.enabled else f"-kd{int(mrft_distill)}")
         final = out / f"mrft-{tag}"
-        prune = stage("prune", f"prune-{prune_method}-{ratio}", lambda m: run_prune(prune_cfg, factorize_cfg, base.model, dense, data, pruned, m))
+        prune = stage("prune", f"prune-{prune_method}-{density}", lambda m: run_prune(prune_cfg, factorize_cfg, base.model, dense, data, pruned, m))
         stage("factorize_pruned", factorized.name, lambda m: run_factorize_pruned(factorize_cfg, base.fisher, pruned, data, factorized, m))
         before = stage("evaluate", f"eval-{factorized.name}", lambda m: run_evaluate(base.evaluate, factorized / "model", data, m))
         stage("mrft", f"mrft-{tag}", lambda m: run_mrft(mrft_cfg, pruned, factorized, dense, data, final, m))
@@ -126,6 +137,9 @@ def main() -> None:
 
     quality = json.loads((runs / "summary.json").read_text())
     reference = {(row[0], row[1]): (row[3], row[4]) for row in quality["rows"]}  # (method, ratio) -> scores before, after ft
+    steps = args.prune_epochs + args.mrft_epochs  # + ft with as many epochs as LPAF trains, when quality.py was run for it
+    same_budget_file = runs / f"summary-ft{steps:g}.json"
+    same_budget = {(r[0], r[1]): r[4] for r in json.loads(same_budget_file.read_text())["rows"]} if same_budget_file.is_file() else {}
     ratios = [float(r) for r in args.ratios.split(",")]
     rows = []
     for ratio in ratios:
@@ -133,6 +147,8 @@ def main() -> None:
         rows.append([f"LPAF ({args.prune_method}{' + distillation' if args.prune_distill else ''}, sparse_tfwsvd, mixed-rank)", ratio, result["before"], result["after"]])
         for method in ("tfwsvd", "fwsvd", "svd"):
             rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference.get((method, ratio), ("n/a", "n/a"))])
+            if same_budget.get((method, ratio)) is not None:
+                rows.append([f"{method.upper()} + ft for {steps:g} epochs, as many as LPAF", ratio, reference.get((method, ratio), ("n/a",))[0], same_budget[(method, ratio)]])
     ablation = min(ratios)
     other = "movement" if args.prune_method == "taylor" else "taylor"
     settings = {
@@ -149,21 +165,22 @@ def main() -> None:
         result = lpaf(ablation, **kwargs)
         rows.append([f"LPAF, {label}", ablation, result["before"], result["after"]])
 
-    ranks = read_json(out / "metrics" / f"prune-{args.prune_method}-{ablation}.json").get("rank_ratio", {})
-    prune_scores = [[r, read_json(out / "metrics" / f"prune-{args.prune_method}-{r}.json")["history"][-1]["score"]] for r in ratios]
+    ranks = read_json(out / "metrics" / f"prune-{args.prune_method}-{density_of(ablation)}.json").get("rank_ratio", {})
+    densities = [density_of(r) for r in ratios]
+    prune_scores = [[d, read_json(out / "metrics" / f"prune-{args.prune_method}-{d}.json")["history"][-1]["score"]] for d in densities]
     rank_rows = [[label, *(values.get(k) for k in ("effective_rank_0.9_ratio", "effective_rank_0.99_ratio", "stable_rank_ratio"))] for label, values in ranks.items()]
     cost_rows = [[key, len(v), sum(s for s, _ in v) / len(v), max(m for _, m in v)] for key, v in costs.items()]
     body = (
         f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
-        f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = keep ratio, "
+        f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = {'keep ratio' if args.density_factor == 1 else f'{args.density_factor:g} x keep ratio'}, "
         f"sparsity-aware factorization ({base.factorize.sparse_importance} importance of the pruned model, pruned entries "
         f"at weight {base.factorize.pruned_weight:g}; distillation while pruning {'on' if args.prune_distill else 'off'}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
-        f"The factorize-path rows had 1 epoch of + ft, so LPAF trained for more steps: compare with that in mind.\n\n"
+        f"The factorize-path rows had 1 epoch of + ft unless they say otherwise; LPAF trained for {steps:g}.\n\n"
         + table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
         + f"\n\nScore of the {args.prune_method}-pruned model itself (before factorizing): "
         + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
-        + f"\n\n### Effective rank of the pruned matrices at density {ablation} (mean over matrices, share of full rank)\n\n"
+        + f"\n\n### Effective rank of the pruned matrices at density {density_of(ablation)} (mean over matrices, share of full rank)\n\n"
         + table(["model", "energy 90%", "energy 99%", "stable rank"], rank_rows)
         + "\n\n### Cost per stage (mean over the runs of each stage, all invocations of this setting)\n\n"
         + table(["stage", "runs", "mean seconds", "peak RSS MiB"], cost_rows)
@@ -171,8 +188,10 @@ def main() -> None:
     command = (
         f"python benchmarks/lpaf.py --task {args.task} --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
+        + (f" --density-factor {args.density_factor:g}" if args.density_factor != 1 else "")
     )
-    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}"
+    factor = "" if args.density_factor == 1 else f"-density{args.density_factor:g}x"
+    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}"
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
 
