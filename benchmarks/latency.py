@@ -34,6 +34,12 @@ from lowrank.surgery import dense_weights, factorize_model
 
 from report import table, write_section
 
+RUNTIMES = {
+    "torch": "eager PyTorch",
+    "onnxruntime": "onnxruntime (each model's checked ONNX export, all graph optimizations)",
+    "compile": "torch.compile (inductor, freezing on, one static graph per batch size; compiled during the warm-up)",
+}
+
 
 def macs_per_token(model: nn.Module, seq_len: int) -> int:
     """Multiply-adds per token: Linear layers (dense or factorized), QK^T and AV in every block; not the classifier."""
@@ -66,6 +72,16 @@ def onnx_latency(session, batch_sizes, seq_len: int, warmup: int, repeats: int) 
     return results
 
 
+def compiled(model: nn.Module) -> nn.Module:
+    """The model through inductor with its weights frozen as constants, so the
+    element-wise work around each thin GEMM (bias, GELU, residual adds) can fuse
+    and the factor weights can be pre-packed; one graph per input shape."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    return torch.compile(model, dynamic=False)
+
+
 def compress(model: nn.Module, keep_ratio: float, rank_multiple: int) -> nn.Module:
     model = copy.deepcopy(model)
     names = find_targets(model)
@@ -82,8 +98,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch-sizes", default="1,32")
-    parser.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
-                        help="eager PyTorch, or the exported ONNX model in onnxruntime (all graph optimizations)")
+    parser.add_argument("--runtime", default="torch", choices=list(RUNTIMES),
+                        help="eager PyTorch, the exported ONNX model in onnxruntime (all graph optimizations), "
+                        "or torch.compile (inductor, weights frozen as constants)")
     args = parser.parse_args()
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
 
@@ -100,8 +117,13 @@ def main() -> None:
         def timing(name: str) -> dict:
             return onnx_latency(sessions[name], batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)
     else:
+        if args.runtime == "compile":
+            variants_run = {name: compiled(model) for name, model in variants.items()}
+        else:
+            variants_run = variants
+
         def timing(name: str) -> dict:
-            return measure_latency(variants[name], batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)
+            return measure_latency(variants_run[name], batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)
 
     # Two interleaved rounds, keeping each variant's best median, so a slow moment hits all alike.
     results: dict[str, dict] = {}
@@ -128,18 +150,19 @@ def main() -> None:
     header = ["model (keep ratio, rank multiple)", "ranks", "ideal speed-up"]
     for batch in batch_sizes:
         header += [f"ms b={batch}", f"speed-up b={batch}", f"share of ideal b={batch}"]
-    runtime = "eager PyTorch" if args.runtime == "torch" else "onnxruntime (each model's checked ONNX export, all graph optimizations)"
+    runtime = RUNTIMES[args.runtime]
     body = (
         f"all-MiniLM-L6-v2 (sequence classification) in {runtime}, sequence length {args.seq_len}, median of {args.repeats} "
         f"runs after 3 warm-up runs, best of two interleaved rounds, all variants in one process. "
         f"Ideal speed-up: dense multiply-adds per token over compressed ones (Linear layers and attention products).\n\n"
         + table(header, rows)
     )
-    command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats}"
+    command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats} --ratios {args.ratios}"
     if args.runtime == "torch":
         write_section("latency", "Latency of compressed vs dense (issue 3e)", command, body)
     else:
-        write_section("latency-onnxruntime", "Latency of compressed vs dense in onnxruntime (issue 3e)", command + " --runtime onnxruntime", body)
+        title = {"onnxruntime": "onnxruntime", "compile": "torch.compile"}[args.runtime]
+        write_section(f"latency-{args.runtime}", f"Latency of compressed vs dense in {title} (issue 3e)", command + f" --runtime {args.runtime}", body)
 
 
 if __name__ == "__main__":
