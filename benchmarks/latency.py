@@ -21,6 +21,7 @@ import numpy as np
 
 import torch
 from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
 
 from lowrank.compressed import load_compressed
 from lowrank.evaluation import measure_latency, time_calls
@@ -94,6 +95,8 @@ def compress(model: nn.Module, keep_ratio: float, rank_multiple: int) -> nn.Modu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the packaged MiniLM)")
+    parser.add_argument("--shape", default=None, choices=["bert-base"],
+                        help="instead of --model, random weights in this architecture's shapes (time does not depend on the values)")
     parser.add_argument("--ratios", default="0.5,0.3,0.15")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
@@ -104,7 +107,12 @@ def main() -> None:
     args = parser.parse_args()
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
 
-    dense = load_compressed(args.model or packaged_model_dir("sentence-transformers/all-MiniLM-L6-v2")).eval()
+    if args.shape:
+        torch.manual_seed(0)
+        dense = BertForSequenceClassification(BertConfig()).eval()  # BertConfig's defaults are BERT-base's shapes
+    else:
+        dense = load_compressed(args.model or packaged_model_dir("sentence-transformers/all-MiniLM-L6-v2")).eval()
+    model_name = f"random {args.shape}" if args.shape else "all-MiniLM-L6-v2"
     variants = {"dense": dense}
     for ratio in map(float, args.ratios.split(",")):
         for multiple in (1, 8):
@@ -152,18 +160,16 @@ def main() -> None:
         header += [f"ms b={batch}", f"speed-up b={batch}", f"share of ideal b={batch}"]
     runtime = RUNTIMES[args.runtime]
     body = (
-        f"all-MiniLM-L6-v2 (sequence classification) in {runtime}, sequence length {args.seq_len}, median of {args.repeats} "
+        f"{model_name} (sequence classification) in {runtime}, sequence length {args.seq_len}, median of {args.repeats} "
         f"runs after 3 warm-up runs, best of two interleaved rounds, all variants in one process. "
         f"Ideal speed-up: dense multiply-adds per token over compressed ones (Linear layers and attention products).\n\n"
         + table(header, rows)
     )
-    command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats} --ratios {args.ratios}"
-    if args.runtime == "torch":
-        write_section("latency", "Latency of compressed vs dense (issue 3e)", command, body)
-    else:
-        title = {"onnxruntime": "onnxruntime", "compile": "torch.compile"}[args.runtime]
-        write_section(f"latency-{args.runtime}", f"Latency of compressed vs dense in {title} (issue 3e)", command + f" --runtime {args.runtime}", body)
-
+    command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats} --ratios {args.ratios} --batch-sizes {args.batch_sizes}"
+    command += (f" --runtime {args.runtime}" if args.runtime != "torch" else "") + (f" --shape {args.shape}" if args.shape else "")
+    name = "latency" + (f"-{args.runtime}" if args.runtime != "torch" else "") + (f"-{args.shape}" if args.shape else "")
+    title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile"}[args.runtime]
+    write_section(name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body)
 
 if __name__ == "__main__":
     main()
