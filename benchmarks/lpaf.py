@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--mrft-epochs", type=float, default=1.0)
     parser.add_argument("--prune-method", default="taylor", choices=["taylor", "movement"])
     parser.add_argument("--ablations", default="all", help=f"comma list of {','.join(ABLATIONS)}, 'all' or 'none'")
-    parser.add_argument("--density-factor", type=float, default=1.0, help="prune to density = factor x keep ratio (capped at 1)")
+    parser.add_argument("--density-factor", type=float, default=None, help="prune to density = factor x keep ratio, capped at 1 (default: params.yaml's prune.density_factor)")
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK)")
     args = parser.parse_args()
@@ -78,8 +78,6 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(ABLATIONS))
     if unknown:
         raise SystemExit(f"--ablations: unknown {unknown}; choose from {','.join(ABLATIONS)}")
-    if args.density_factor < 1:
-        raise SystemExit(f"--density-factor must be >= 1 (the pruned model keeps at least the factors' share), got {args.density_factor}")
 
     runs = Path(args.runs or f"benchmarks/runs/{args.task}")
     kd = "-kd" if args.prune_distill else ""
@@ -87,7 +85,11 @@ def main() -> None:
     data, dense = runs / "data", runs / "finetune" / "model"
     if not dense.exists():
         raise SystemExit(f"{dense} not found: run benchmarks/quality.py --task {args.task} first")
-    base = load_params("params.yaml", [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false", "orchestration.path=lpaf", "factorize.method=sparse_tfwsvd"])
+    overrides = [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false", "orchestration.path=lpaf", "factorize.method=sparse_tfwsvd"]
+    if args.density_factor is not None:
+        overrides.append(f"prune.density_factor={args.density_factor}")
+    base = load_params("params.yaml", overrides)  # a bad --density-factor fails here, naming prune.density_factor
+    args.density_factor = base.prune.density_factor
     prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs)
     prune_distill = dataclasses.replace(base.prune.distill, enabled=args.prune_distill)
     mrft_train = dataclasses.replace(base.mrft.train, epochs=args.mrft_epochs)
@@ -95,7 +97,7 @@ def main() -> None:
     costs: dict[str, list] = read_json(costs_file) if costs_file.is_file() else {}
 
     def density_of(ratio: float) -> float:
-        return round(min(1.0, ratio * args.density_factor), 6)
+        return base.prune.density(ratio)
 
     def stage(key: str, tag: str, run) -> dict:
         path = out / "metrics" / f"{tag}.json"
@@ -113,7 +115,7 @@ def main() -> None:
         mrft_distill: bool = base.mrft.distill.enabled,
     ) -> dict:
         density = density_of(ratio)
-        prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train, distill=prune_distill, final_density=density)
+        prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train, distill=prune_distill)
         factorize_cfg = dataclasses.replace(
             base.factorize, method=method, keep_ratio=ratio, sparse_importance=sparse_importance, pruned_weight=pruned_weight
         )
@@ -188,7 +190,7 @@ def main() -> None:
     command = (
         f"python benchmarks/lpaf.py --task {args.task} --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
-        + (f" --density-factor {args.density_factor:g}" if args.density_factor != 1 else "")
+        + f" --density-factor {args.density_factor:g}"
     )
     factor = "" if args.density_factor == 1 else f"-density{args.density_factor:g}x"
     name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}"

@@ -193,7 +193,10 @@ class PruneConfig:
     method: movement (first-order, Sanh et al. 2020), taylor (smoothed first-order
         sensitivity |grad * W|; the one that works from a fine-tuned model) or magnitude (the baseline).
     taylor_beta: the smoothing of the taylor scores over steps, in [0, 1).
-    final_density: share of each target's weights kept at the end; null = `factorize.keep_ratio`.
+    final_density: share of each target's weights kept at the end; null = `density_factor` x `factorize.keep_ratio`.
+    density_factor: with `final_density` null, how many times the factors' share the pruned
+        model keeps (capped at 1): pruning less than the factors keep leaves a stronger
+        sparse model to factorize and to mix with during mixed-rank fine-tuning.
     warmup_ratio / cooldown_ratio: shares of the training steps held at density 1
         before, and at the final density after, the cubic ramp. `warmup_steps` /
         `cooldown_steps`, when set, replace them with step counts.
@@ -208,6 +211,7 @@ class PruneConfig:
     method: Literal["movement", "taylor", "magnitude"] = "taylor"
     taylor_beta: float = 0.85
     final_density: float | None = None
+    density_factor: float = 1.0
     warmup_ratio: float = 0.1
     cooldown_ratio: float = 0.1
     warmup_steps: int | None = None
@@ -222,6 +226,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         density = self.final_density
         _check(density is None or 0 < density <= 1, "prune.final_density", f"must be in (0, 1] or null, got {density}")
+        _check(self.density_factor >= 1, "prune.density_factor", f"must be >= 1 (the pruned model keeps at least the factors' share), got {self.density_factor}")
         for key in ("warmup_ratio", "cooldown_ratio"):
             value = getattr(self, key)
             _check(0 <= value < 1, f"prune.{key}", f"must be in [0, 1), got {value}")
@@ -241,8 +246,10 @@ class PruneConfig:
         _check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")
 
     def density(self, keep_ratio: float) -> float:
-        """The final density: `final_density`, or the factorization's keep ratio when null."""
-        return keep_ratio if self.final_density is None else self.final_density
+        """The final density: `final_density`, or `density_factor` x the factorization's keep ratio when null."""
+        if self.final_density is not None:
+            return self.final_density
+        return round(min(1.0, keep_ratio * self.density_factor), 6)
 
     def schedule_steps(self, total_steps: int) -> tuple[int, int]:
         """(warm-up, cool-down) steps of a run of `total_steps`; ConfigError if they leave no ramp.

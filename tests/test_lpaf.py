@@ -156,6 +156,7 @@ def test_factorize_pruned_refuses_dense_methods(tmp_path: Path) -> None:
     [
         (["prune.final_density=0"], "prune.final_density"),
         (["prune.final_density=1.5"], "prune.final_density"),
+        (["prune.density_factor=0.5"], "prune.density_factor"),
         (["prune.warmup_ratio=0.7", "prune.cooldown_ratio=0.4"], "prune.warmup_ratio + prune.cooldown_ratio"),
         (
             ["prune.warmup_steps=8", "prune.cooldown_steps=3", "prune.train.max_steps=10"],
@@ -198,3 +199,17 @@ def test_sparse_tfwsvd_recovers_low_rank_kept_entries_better_than_svd() -> None:
     assert element_wise < 1e-4
     assert plain > 0.1
     assert kept_error("sparse_svd") < 1.0  # the closed form is a start, not exact
+
+
+@pytest.mark.parametrize(
+    ("overrides", "keep_ratio", "density"),
+    [
+        (["prune.density_factor=1"], 0.15, 0.15),
+        (["prune.density_factor=2"], 0.15, 0.3),
+        (["prune.density_factor=3"], 0.5, 1.0),  # capped: a density above 1 is no pruning
+        (["prune.density_factor=2", "prune.final_density=0.4"], 0.15, 0.4),  # an explicit density wins
+    ],
+)
+def test_pruning_density_follows_the_keep_ratio(overrides: list[str], keep_ratio: float, density: float) -> None:
+    prune = load_params(REPO / "params.yaml", ["orchestration.path=lpaf", "factorize.method=sparse_tfwsvd", *overrides]).prune
+    assert prune.density(keep_ratio) == pytest.approx(density)
