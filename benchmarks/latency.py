@@ -171,5 +171,6 @@ def main() -> None:
     title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile"}[args.runtime]
     write_section(name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body)
 
+
 if __name__ == "__main__":
     main()

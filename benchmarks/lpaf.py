@@ -96,9 +96,6 @@ def main() -> None:
     costs_file = out / "metrics" / "costs.json"  # kept across invocations, so a resumed run still reports every stage
     costs: dict[str, list] = read_json(costs_file) if costs_file.is_file() else {}
 
-    def density_of(ratio: float) -> float:
-        return base.prune.density(ratio)
-
     def stage(key: str, tag: str, run) -> dict:
         path = out / "metrics" / f"{tag}.json"
         if not path.is_file():
@@ -114,7 +111,7 @@ def main() -> None:
         sparse_importance: str = base.factorize.sparse_importance, pruned_weight: float = base.factorize.pruned_weight,
         mrft_distill: bool = base.mrft.distill.enabled,
     ) -> dict:
-        density = density_of(ratio)
+        density = base.prune.density(ratio)
         prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train, distill=prune_distill)
         factorize_cfg = dataclasses.replace(
             base.factorize, method=method, keep_ratio=ratio, sparse_importance=sparse_importance, pruned_weight=pruned_weight
@@ -139,8 +136,8 @@ def main() -> None:
 
     quality = json.loads((runs / "summary.json").read_text())
     reference = {(row[0], row[1]): (row[3], row[4]) for row in quality["rows"]}  # (method, ratio) -> scores before, after ft
-    steps = args.prune_epochs + args.mrft_epochs  # + ft with as many epochs as LPAF trains, when quality.py was run for it
-    same_budget_file = runs / f"summary-ft{steps:g}.json"
+    epochs = args.prune_epochs + args.mrft_epochs  # + ft with as many epochs as LPAF trains, when quality.py was run for it
+    same_budget_file = runs / f"summary-ft{epochs:g}.json"
     same_budget = {(r[0], r[1]): r[4] for r in json.loads(same_budget_file.read_text())["rows"]} if same_budget_file.is_file() else {}
     ratios = [float(r) for r in args.ratios.split(",")]
     rows = []
@@ -150,7 +147,7 @@ def main() -> None:
         for method in ("tfwsvd", "fwsvd", "svd"):
             rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference.get((method, ratio), ("n/a", "n/a"))])
             if same_budget.get((method, ratio)) is not None:
-                rows.append([f"{method.upper()} + ft for {steps:g} epochs, as many as LPAF", ratio, reference.get((method, ratio), ("n/a",))[0], same_budget[(method, ratio)]])
+                rows.append([f"{method.upper()} + ft for {epochs:g} epochs, as many as LPAF", ratio, reference.get((method, ratio), ("n/a",))[0], same_budget[(method, ratio)]])
     ablation = min(ratios)
     other = "movement" if args.prune_method == "taylor" else "taylor"
     settings = {
@@ -167,8 +164,8 @@ def main() -> None:
         result = lpaf(ablation, **kwargs)
         rows.append([f"LPAF, {label}", ablation, result["before"], result["after"]])
 
-    ranks = read_json(out / "metrics" / f"prune-{args.prune_method}-{density_of(ablation)}.json").get("rank_ratio", {})
-    densities = [density_of(r) for r in ratios]
+    ranks = read_json(out / "metrics" / f"prune-{args.prune_method}-{base.prune.density(ablation)}.json").get("rank_ratio", {})
+    densities = [base.prune.density(r) for r in ratios]
     prune_scores = [[d, read_json(out / "metrics" / f"prune-{args.prune_method}-{d}.json")["history"][-1]["score"]] for d in densities]
     rank_rows = [[label, *(values.get(k) for k in ("effective_rank_0.9_ratio", "effective_rank_0.99_ratio", "stable_rank_ratio"))] for label, values in ranks.items()]
     cost_rows = [[key, len(v), sum(s for s, _ in v) / len(v), max(m for _, m in v)] for key, v in costs.items()]
@@ -178,11 +175,11 @@ def main() -> None:
         f"sparsity-aware factorization ({base.factorize.sparse_importance} importance of the pruned model, pruned entries "
         f"at weight {base.factorize.pruned_weight:g}; distillation while pruning {'on' if args.prune_distill else 'off'}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
-        f"The factorize-path rows had 1 epoch of + ft unless they say otherwise; LPAF trained for {steps:g}.\n\n"
+        f"The factorize-path rows had 1 epoch of + ft unless they say otherwise; LPAF trained for {epochs:g}.\n\n"
         + table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
         + f"\n\nScore of the {args.prune_method}-pruned model itself (before factorizing): "
         + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
-        + f"\n\n### Effective rank of the pruned matrices at density {density_of(ablation)} (mean over matrices, share of full rank)\n\n"
+        + f"\n\n### Effective rank of the pruned matrices at density {base.prune.density(ablation)} (mean over matrices, share of full rank)\n\n"
         + table(["model", "energy 90%", "energy 99%", "stable rank"], rank_rows)
         + "\n\n### Cost per stage (mean over the runs of each stage, all invocations of this setting)\n\n"
         + table(["stage", "runs", "mean seconds", "peak RSS MiB"], cost_rows)
