@@ -89,7 +89,7 @@ def main() -> None:
     if args.density_factor is not None:
         overrides.append(f"prune.density_factor={args.density_factor}")
     base = load_params("params.yaml", overrides)  # a bad --density-factor fails here, naming prune.density_factor
-    args.density_factor = base.prune.density_factor
+    density_factor = base.prune.density_factor  # the flag's value, or params.yaml's when it is not given
     prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs)
     prune_distill = dataclasses.replace(base.prune.distill, enabled=args.prune_distill)
     mrft_train = dataclasses.replace(base.mrft.train, epochs=args.mrft_epochs)
@@ -171,7 +171,7 @@ def main() -> None:
     cost_rows = [[key, len(v), sum(s for s, _ in v) / len(v), max(m for _, m in v)] for key, v in costs.items()]
     body = (
         f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
-        f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = {'keep ratio' if args.density_factor == 1 else f'{args.density_factor:g} x keep ratio'}, "
+        f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = {'keep ratio' if density_factor == 1 else f'{density_factor:g} x keep ratio'}, "
         f"sparsity-aware factorization ({base.factorize.sparse_importance} importance of the pruned model, pruned entries "
         f"at weight {base.factorize.pruned_weight:g}; distillation while pruning {'on' if args.prune_distill else 'off'}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
@@ -187,9 +187,9 @@ def main() -> None:
     command = (
         f"python benchmarks/lpaf.py --task {args.task} --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
-        + f" --density-factor {args.density_factor:g}"
+        + f" --density-factor {density_factor:g}"
     )
-    factor = "" if args.density_factor == 1 else f"-density{args.density_factor:g}x"
+    factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
     name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}"
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
