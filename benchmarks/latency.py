@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ RUNTIMES = {
     "torch": "eager PyTorch",
     "onnxruntime": "onnxruntime (each model's checked ONNX export, all graph optimizations)",
     "compile": "torch.compile (inductor, freezing on, one static graph per batch size; compiled during the warm-up)",
+    "compile-max": "torch.compile with mode max-autotune and the C++ wrapper (inductor, freezing on; GEMMs autotuned "
+    "among ATen and inductor's C++ templates, no Python between kernels; compiled during the warm-up)",
 }
 
 
@@ -73,14 +76,46 @@ def onnx_latency(session, batch_sizes, seq_len: int, warmup: int, repeats: int) 
     return results
 
 
-def compiled(model: nn.Module) -> nn.Module:
+def compiled(model: nn.Module, autotune: bool = False) -> nn.Module:
     """The model through inductor with its weights frozen as constants, so the
     element-wise work around each thin GEMM (bias, GELU, residual adds) can fuse
-    and the factor weights can be pre-packed; one graph per input shape."""
+    and the factor weights can be pre-packed; one graph per input shape.
+    `autotune` also times GEMM kernels per shape (a factorized model's thin GEMMs
+    are where ATen's defaults are weakest) and drops the Python launcher, whose
+    per-kernel cost weighs more on the model with twice as many GEMMs."""
     import torch._inductor.config as inductor
 
     inductor.freezing = True
-    return torch.compile(model, dynamic=False)
+    inductor.cpp_wrapper = autotune
+    return torch.compile(model, dynamic=False, mode="max-autotune" if autotune else None)
+
+
+GEMM_OPS = ("addmm", "aten::mm", "mkl_linear", "mkldnn_linear", "aten::linear")  # the Linear layers' products
+ATTENTION_OPS = ("bmm", "scaled_dot_product", "attention", "softmax")  # attention's two products and softmax
+
+
+def profile_split(model: nn.Module, batch: int, seq_len: int, repeats: int) -> dict[str, float]:
+    """Milliseconds per forward pass in Linear GEMMs, in attention, and in the rest, by the
+    profiler's self times: where a compressed model's time goes that its multiply-adds do not explain."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(input_ids=ids, attention_mask=mask)
+        started = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                model(input_ids=ids, attention_mask=mask)
+        wall = (time.perf_counter() - started) * 1e3 / repeats
+    split = {"linear GEMMs": 0.0, "attention": 0.0, "other ops": 0.0}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = "linear GEMMs" if any(k in name for k in GEMM_OPS) else "attention" if any(k in name for k in ATTENTION_OPS) else "other ops"
+        split[kind] += event.self_cpu_time_total / 1e3 / repeats
+    split["outside ops (Python, dispatch)"] = max(0.0, wall - sum(split.values()))
+    return {**split, "wall (profiled)": wall}
 
 
 def compress(model: nn.Module, keep_ratio: float, rank_multiple: int) -> nn.Module:
@@ -101,6 +136,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--profile", action="store_true", help="also split each variant's time into Linear GEMMs, attention and the rest (torch.profiler)")
+    parser.add_argument("--multiples", default="1,8", help="rank multiples to time at each ratio (factorize.rank_multiple)")
     parser.add_argument("--runtime", default="torch", choices=list(RUNTIMES),
                         help="eager PyTorch, the exported ONNX model in onnxruntime (all graph optimizations), "
                         "or torch.compile (inductor, weights frozen as constants)")
@@ -115,7 +152,7 @@ def main() -> None:
     model_name = f"random {args.shape}" if args.shape else "all-MiniLM-L6-v2"
     variants = {"dense": dense}
     for ratio in map(float, args.ratios.split(",")):
-        for multiple in (1, 8):
+        for multiple in map(int, args.multiples.split(",")):
             variants[f"{ratio} (x{multiple})"] = compress(dense, ratio, multiple)
 
     if args.runtime == "onnxruntime":
@@ -125,8 +162,8 @@ def main() -> None:
         def timing(name: str) -> dict:
             return onnx_latency(sessions[name], batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)
     else:
-        if args.runtime == "compile":
-            variants_run = {name: compiled(model) for name, model in variants.items()}
+        if args.runtime.startswith("compile"):
+            variants_run = {name: compiled(model, args.runtime == "compile-max") for name, model in variants.items()}
         else:
             variants_run = variants
 
@@ -165,10 +202,26 @@ def main() -> None:
         f"Ideal speed-up: dense multiply-adds per token over compressed ones (Linear layers and attention products).\n\n"
         + table(header, rows)
     )
+    if args.profile:
+        if args.runtime == "onnxruntime":
+            raise SystemExit("--profile: torch runtimes only")
+        split_rows = []
+        for batch in batch_sizes:
+            for name in variants:
+                split = profile_split(variants_run[name], batch, args.seq_len, args.repeats)
+                split_rows.append([name, batch, *split.values()])
+                print(split_rows[-1], flush=True)
+        body += (
+            "\n\nWhere the time goes, in ms per forward pass (torch.profiler self times, "
+            f"{args.repeats} profiled runs; the profiler adds its own overhead, so its wall time is above the table's):\n\n"
+            + table(["model", "batch", *split.keys()], split_rows)
+        )
     command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats} --ratios {args.ratios} --batch-sizes {args.batch_sizes}"
+    command += f" --multiples {args.multiples}" if args.multiples != "1,8" else ""
+    command += " --profile" if args.profile else ""
     command += (f" --runtime {args.runtime}" if args.runtime != "torch" else "") + (f" --shape {args.shape}" if args.shape else "")
     name = "latency" + (f"-{args.runtime}" if args.runtime != "torch" else "") + (f"-{args.shape}" if args.shape else "")
-    title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile"}[args.runtime]
+    title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile", "compile-max": " in torch.compile, max-autotune"}[args.runtime]
     write_section(name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body)
 
 

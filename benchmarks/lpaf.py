@@ -37,6 +37,7 @@ from lowrank.io import read_json
 from lowrank.lpaf import run_factorize_pruned, run_mrft, run_prune
 from lowrank.stages import run_evaluate
 
+from quality import ft_suffix
 from report import table, write_section
 
 ABLATIONS = ("magnitude", "other", "svd", "scores", "pw0", "p0", "kd")
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--ablations", default="all", help=f"comma list of {','.join(ABLATIONS)}, 'all' or 'none'")
     parser.add_argument("--density-factor", type=float, default=None, help="prune to density = factor x keep ratio, capped at 1 (default: params.yaml's prune.density_factor)")
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of pruning and mixed-rank fine-tuning, and of its path draws (default: params.yaml's)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK)")
     args = parser.parse_args()
     chosen = {"all": list(ABLATIONS), "none": []}.get(args.ablations, args.ablations.split(","))
@@ -81,7 +84,8 @@ def main() -> None:
 
     runs = Path(args.runs or f"benchmarks/runs/{args.task}")
     kd = "-kd" if args.prune_distill else ""
-    out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}"  # cached results are per training budget
+    seed = "" if args.seed is None else f"-seed{args.seed}"
+    out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{seed}"  # cached results are per training budget and seed
     data, dense = runs / "data", runs / "finetune" / "model"
     if not dense.exists():
         raise SystemExit(f"{dense} not found: run benchmarks/quality.py --task {args.task} first")
@@ -90,9 +94,11 @@ def main() -> None:
         overrides.append(f"prune.density_factor={args.density_factor}")
     base = load_params("params.yaml", overrides)  # a bad --density-factor fails here, naming prune.density_factor
     density_factor = base.prune.density_factor  # the flag's value, or params.yaml's when it is not given
-    prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs)
+    seeds = {} if args.seed is None else {"seed": args.seed}
+    prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs, **seeds)
     prune_distill = dataclasses.replace(base.prune.distill, enabled=args.prune_distill)
-    mrft_train = dataclasses.replace(base.mrft.train, epochs=args.mrft_epochs)
+    mrft_train = dataclasses.replace(base.mrft.train, epochs=args.mrft_epochs, lr=base.mrft.train.lr if args.lr is None else args.lr, **seeds)
+    lr = "" if mrft_train.lr == base.mrft.train.lr else f"-lr{mrft_train.lr:g}"
     costs_file = out / "metrics" / "costs.json"  # kept across invocations, so a resumed run still reports every stage
     costs: dict[str, list] = read_json(costs_file) if costs_file.is_file() else {}
 
@@ -117,14 +123,14 @@ def main() -> None:
             base.factorize, method=method, keep_ratio=ratio, sparse_importance=sparse_importance, pruned_weight=pruned_weight
         )
         mrft_cfg = dataclasses.replace(
-            base.mrft, train=mrft_train, p0=base.mrft.p0 if p0 is None else p0,
+            base.mrft, train=mrft_train, **seeds, p0=base.mrft.p0 if p0 is None else p0,
             distill=dataclasses.replace(base.mrft.distill, enabled=mrft_distill),
         )
         pruned = out / f"prune-{prune_method}-{density}"  # named by density: one pruned model serves every ratio that asks for it
         weights = "" if method == "svd" else f"-{sparse_importance}-pw{pruned_weight:g}"
         from_density = "" if density == ratio else f"-d{density}"
         factorized = out / f"factorize-{prune_method}-{method}{weights}-{ratio}{from_density}"
-        tag = f"{prune_method}-{method}{weights}-{ratio}{from_density}-p0{mrft_cfg.p0}" + ("" if mrft_distill == base.mrft.distill.enabled else f"-kd{int(mrft_distill)}")
+        tag = f"{prune_method}-{method}{weights}-{ratio}{from_density}-p0{mrft_cfg.p0}" + ("" if mrft_distill == base.mrft.distill.enabled else f"-kd{int(mrft_distill)}") + lr
         final = out / f"mrft-{tag}"
         prune = stage("prune", f"prune-{prune_method}-{density}", lambda m: run_prune(prune_cfg, factorize_cfg, base.model, dense, data, pruned, m))
         stage("factorize_pruned", factorized.name, lambda m: run_factorize_pruned(factorize_cfg, base.fisher, pruned, data, factorized, m))
@@ -137,7 +143,8 @@ def main() -> None:
     quality = json.loads((runs / "summary.json").read_text())
     reference = {(row[0], row[1]): (row[3], row[4]) for row in quality["rows"]}  # (method, ratio) -> scores before, after ft
     epochs = args.prune_epochs + args.mrft_epochs  # + ft with as many epochs as LPAF trains, when quality.py was run for it
-    same_budget_file = runs / f"summary-ft{epochs:g}.json"
+    # the + ft run with LPAF's seed and learning rate (quality.py --ft-seed, --ft-lr)
+    same_budget_file = runs / f"summary-ft{epochs:g}{ft_suffix(mrft_train, base.finetune_compressed)}.json"
     same_budget = {(r[0], r[1]): r[4] for r in json.loads(same_budget_file.read_text())["rows"]} if same_budget_file.is_file() else {}
     ratios = [float(r) for r in args.ratios.split(",")]
     rows = []
@@ -187,10 +194,10 @@ def main() -> None:
     command = (
         f"python benchmarks/lpaf.py --task {args.task} --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
-        + f" --density-factor {density_factor:g}"
+        + f" --density-factor {density_factor:g}" + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
     )
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
-    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}"
+    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{seed}{lr}"
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
 

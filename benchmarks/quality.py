@@ -45,6 +45,11 @@ def cached(path: Path, make) -> dict:
     return read_json(path)
 
 
+def ft_suffix(ft, default) -> str:
+    """Names a fine-tuning seed or learning rate other than params.yaml's (shared with lpaf.py, whose rows pair on it)."""
+    return ("" if ft.seed == default.seed else f"-seed{ft.seed}") + ("" if ft.lr == default.lr else f"-lr{ft.lr:g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
@@ -52,6 +57,8 @@ def main() -> None:
     parser.add_argument("--methods", default="svd,fwsvd,tfwsvd,tvd")
     parser.add_argument("--ratios", default="0.5,0.3,0.15")
     parser.add_argument("--ft-epochs", type=float, default=1.0)
+    parser.add_argument("--ft-seed", type=int, default=None, help="seed of + ft (default: params.yaml's finetune_compressed.seed)")
+    parser.add_argument("--ft-lr", type=float, default=None, help="learning rate of + ft (default: params.yaml's finetune_compressed.lr)")
     parser.add_argument("--ft-ratios", default=None, help="keep ratios that also get + ft (default: all)")
     parser.add_argument("--ft-methods", default=None, help="methods that get + ft (default: all)")
     parser.add_argument("--allocation-methods", default="fwsvd,tfwsvd")
@@ -75,8 +82,13 @@ def main() -> None:
     if not fisher.exists():
         run_fisher(base.fisher, base.factorize, dense, data, fisher, metrics / "fisher.json")
     dense_score = cached(metrics / "evaluate_dense.json", lambda: run_evaluate(base.evaluate, dense, data, metrics / "evaluate_dense.json"))["task"]["score"]
-    ft = dataclasses.replace(base.finetune_compressed, epochs=args.ft_epochs)
-    ft_name = "ft" if args.ft_epochs == 1 else f"ft{args.ft_epochs:g}"  # cached per budget: another --ft-epochs never reuses these
+    default_ft = base.finetune_compressed
+    ft = dataclasses.replace(
+        default_ft, epochs=args.ft_epochs, seed=default_ft.seed if args.ft_seed is None else args.ft_seed,
+        lr=default_ft.lr if args.ft_lr is None else args.ft_lr,
+    )
+    # cached per budget, seed and learning rate: another setting never reuses these
+    ft_name = ("ft" if args.ft_epochs == 1 else f"ft{args.ft_epochs:g}") + ft_suffix(ft, default_ft)
 
     def compress(tag: str, finetune: bool, **factorize) -> tuple[float, float | None, dict]:
         cfg = dataclasses.replace(base.factorize, **factorize)
@@ -147,8 +159,10 @@ def main() -> None:
     (out / f"summary{suffix}.json").write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_rows}, indent=1))
     command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --ft-epochs {args.ft_epochs:g}" + (
         f" --ft-ratios {args.ft_ratios}" if args.ft_ratios else ""
-    ) + (f" --ft-methods {args.ft_methods}" if args.ft_methods else "") + f" --allocation-methods {args.allocation_methods} --min-rank-shares {args.min_rank_shares}"
-    budget = "" if ft_name == "ft" else f", + ft for {args.ft_epochs:g} epochs"
+    ) + (f" --ft-methods {args.ft_methods}" if args.ft_methods else "") + (
+        f" --ft-seed {ft.seed}" if args.ft_seed is not None else ""
+    ) + (f" --ft-lr {ft.lr:g}" if args.ft_lr is not None else "") + f" --allocation-methods {args.allocation_methods} --min-rank-shares {args.min_rank_shares}"
+    budget = "" if ft_name == "ft" else f", + ft for {args.ft_epochs:g} epochs, seed {ft.seed}, lr {ft.lr:g}"
     write_section(f"quality-{args.task}{suffix}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d){budget}", command, body)
 
 
