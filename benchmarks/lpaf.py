@@ -198,6 +198,11 @@ def main() -> None:
     )
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
     name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{seed}{lr}"
+    summary = {  # read by benchmarks/equal_steps.py, which pools seeds
+        "task": args.task, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
+        "prune_distill": args.prune_distill, "seed": prune_train.seed, "lr": mrft_train.lr, "rows": rows,
+    }
+    (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
 

@@ -1,0 +1,75 @@
+"""Benchmark (issue 4): LPAF against TFWSVD + ft at equal training steps, pooled over seeds.
+
+One seed's dev score moves by a point or more with the training seed alone, so
+the issue's target (LPAF at or above TFWSVD + ft) is judged over several. This
+script trains nothing: it reads the summaries `benchmarks/lpaf.py` leaves in
+each of its run folders, keeps those that found a + ft run with as many epochs,
+the same seed and the same learning rate (`quality.py --ft-epochs N --ft-seed S
+--ft-lr LR`), and tabulates them per setting, with the mean over seeds.
+
+    .venv/bin/python benchmarks/quality.py --task sst2 --ft-epochs 5 --ft-ratios 0.15 --ft-methods tfwsvd --ft-seed 43
+    .venv/bin/python benchmarks/lpaf.py --task sst2 --ratios 0.15 --prune-epochs 3 --mrft-epochs 2 --ablations none --seed 43
+    .venv/bin/python benchmarks/equal_steps.py --task sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from report import table, write_section
+
+
+def paired_scores(summary: dict, ratio: float) -> tuple[float, float] | None:
+    """(LPAF, TFWSVD + ft at LPAF's epochs) after fine-tuning at `ratio`, or None when the run has no such pair."""
+    lpaf = [r[3] for r in summary["rows"] if r[0].startswith("LPAF (") and r[1] == ratio]
+    tfwsvd = [r[3] for r in summary["rows"] if r[0].startswith("TFWSVD + ft for") and r[1] == ratio]
+    return (lpaf[0], tfwsvd[0]) if lpaf and tfwsvd else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--ratio", type=float, default=0.15)
+    parser.add_argument("--runs", default=None, help="the benchmarks' folder (default benchmarks/runs/TASK)")
+    args = parser.parse_args()
+
+    runs = Path(args.runs or f"benchmarks/runs/{args.task}")
+    groups: dict[tuple, list[tuple[int, float, float]]] = defaultdict(list)
+    for path in sorted(runs.glob("lpaf-*/summary-*.json")):
+        summary = json.loads(path.read_text())
+        pair = paired_scores(summary, args.ratio)
+        if pair is not None:
+            key = (summary["prune_method"], summary["prune_epochs"], summary["mrft_epochs"], summary["density_factor"], summary["prune_distill"], summary["lr"])
+            groups[key].append((summary["seed"], *pair))
+    if not groups:
+        raise SystemExit(f"{runs}: no lpaf.py summary at keep ratio {args.ratio} with a + ft run of as many epochs (see --help)")
+
+    rows, means = [], []
+    for (method, prune, mrft, factor, distill, lr), seeds in sorted(groups.items()):
+        setting = f"{method}, {prune:g} + {mrft:g} epochs, density {factor:g} x keep ratio{', distillation while pruning' if distill else ''}, lr {lr:g}"
+        for seed, lpaf, tfwsvd in sorted(seeds):
+            rows.append([setting, seed, lpaf, tfwsvd, lpaf - tfwsvd])
+        lpaf_scores, tfwsvd_scores = [s[1] for s in seeds], [s[2] for s in seeds]
+        ahead = sum(lpaf >= tfwsvd for _, lpaf, tfwsvd in seeds)
+        means.append([
+            setting, len(seeds), statistics.mean(lpaf_scores), statistics.mean(tfwsvd_scores),
+            statistics.mean(lpaf_scores) - statistics.mean(tfwsvd_scores), f"{ahead} of {len(seeds)}",
+        ])
+    body = (
+        f"Task {args.task}, keep ratio {args.ratio}: LPAF (prune + mixed-rank epochs) beside TFWSVD + ft for as many epochs, "
+        "both at the same training seed and learning rate (the LPAF seed also drives pruning and the mixed-rank path draws). "
+        "Dev scores after fine-tuning, read from the lpaf.py runs' summaries.\n\n"
+        + table(["LPAF setting", "seed", "LPAF", "TFWSVD + ft", "LPAF - TFWSVD + ft"], rows)
+        + "\n\n### Mean over seeds\n\n"
+        + table(["LPAF setting", "seeds", "LPAF", "TFWSVD + ft", "difference", "seeds with LPAF at or above"], means)
+    )
+    command = f"python benchmarks/equal_steps.py --task {args.task} --ratio {args.ratio:g}"
+    write_section(f"equal-steps-{args.task}-{args.ratio:g}", f"LPAF vs TFWSVD + ft at equal steps over seeds, {args.task.upper()} at {args.ratio:g} (issue 4)", command, body)
+
+
+if __name__ == "__main__":
+    main()
