@@ -170,6 +170,7 @@ def main() -> None:
         def timing(name: str) -> dict:
             return measure_latency(variants_run[name], batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)
 
+    dense_macs = macs_per_token(dense, args.seq_len)
     # Two interleaved rounds, keeping each variant's best median, so a slow moment hits all alike.
     results: dict[str, dict] = {}
     for _ in range(2):
@@ -180,7 +181,6 @@ def main() -> None:
                 if best is None or value["median_ms"] < best["median_ms"]:
                     results[name][key] = value
 
-    dense_macs = macs_per_token(dense, args.seq_len)
     rows = []
     for name, model in variants.items():
         ideal = dense_macs / macs_per_token(model, args.seq_len)
@@ -205,22 +205,32 @@ def main() -> None:
     if args.profile:
         if args.runtime == "onnxruntime":
             raise SystemExit("--profile: torch runtimes only")
-        split_rows = []
+        split_rows, bound_rows = [], []
         for batch in batch_sizes:
-            for name in variants:
-                split = profile_split(variants_run[name], batch, args.seq_len, args.repeats)
-                split_rows.append([name, batch, *split.values()])
-                print(split_rows[-1], flush=True)
+            splits = {name: profile_split(variants_run[name], batch, args.seq_len, args.repeats) for name in variants}
+            split_rows += [[name, batch, *split.values()] for name, split in splits.items()]
+            dense_split = splits["dense"]
+            gemm, wall = dense_split["linear GEMMs"], dense_split["wall (profiled)"]
+            for name, model in variants.items():
+                if name != "dense":
+                    ideal = dense_macs / macs_per_token(model, args.seq_len)
+                    gemm_speedup = gemm / splits[name]["linear GEMMs"]
+                    # Amdahl: the dense model's GEMMs shrunk by exactly the ideal ratio, everything else as it is
+                    best = wall / (gemm / ideal + wall - gemm)
+                    bound_rows.append([name, batch, ideal, gemm_speedup, gemm_speedup / ideal, best / ideal])
         body += (
             "\n\nWhere the time goes, in ms per forward pass (torch.profiler self times, "
             f"{args.repeats} profiled runs; the profiler adds its own overhead, so its wall time is above the table's):\n\n"
-            + table(["model", "batch", *split.keys()], split_rows)
+            + table(["model", "batch", *dense_split.keys()], split_rows)
+            + "\n\nThe Linear GEMMs alone against the ideal, and the share of the ideal speed-up the whole model could reach "
+            "if its GEMMs shrank exactly by the ideal ratio and everything else stayed as in the dense model (Amdahl):\n\n"
+            + table(["model", "batch", "ideal", "GEMM speed-up", "GEMM share of ideal", "reachable share of ideal"], bound_rows)
         )
     command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats} --ratios {args.ratios} --batch-sizes {args.batch_sizes}"
     command += f" --multiples {args.multiples}" if args.multiples != "1,8" else ""
     command += " --profile" if args.profile else ""
     command += (f" --runtime {args.runtime}" if args.runtime != "torch" else "") + (f" --shape {args.shape}" if args.shape else "")
-    name = "latency" + (f"-{args.runtime}" if args.runtime != "torch" else "") + (f"-{args.shape}" if args.shape else "")
+    name = "latency" + (f"-{args.runtime}" if args.runtime != "torch" else "") + (f"-{args.shape}" if args.shape else "") + ("-profile" if args.profile else "")
     title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile", "compile-max": " in torch.compile, max-autotune"}[args.runtime]
     write_section(name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body)
 
