@@ -23,13 +23,6 @@ from pathlib import Path
 from report import table, write_section
 
 
-def paired_scores(summary: dict, ratio: float) -> tuple[float, float] | None:
-    """(LPAF, TFWSVD + ft at LPAF's epochs) after fine-tuning at `ratio`, or None when the run has no such pair."""
-    lpaf = [r[3] for r in summary["rows"] if r[0].startswith("LPAF (") and r[1] == ratio]
-    tfwsvd = [r[3] for r in summary["rows"] if r[0].startswith("TFWSVD + ft for") and r[1] == ratio]
-    return (lpaf[0], tfwsvd[0]) if lpaf and tfwsvd else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
@@ -41,10 +34,12 @@ def main() -> None:
     groups: dict[tuple, list[tuple[int, float, float]]] = defaultdict(list)
     for path in sorted(runs.glob("lpaf-*/summary-*.json")):
         summary = json.loads(path.read_text())
-        pair = paired_scores(summary, args.ratio)
-        if pair is not None:
+        # (LPAF, TFWSVD + ft at LPAF's epochs) after fine-tuning; a run without such a + ft run has None
+        for ratio, lpaf, tfwsvd in summary["pairs"]:
+            if ratio != args.ratio or tfwsvd is None:
+                continue
             key = (summary["prune_method"], summary["prune_epochs"], summary["mrft_epochs"], summary["density_factor"], summary["prune_distill"], summary["lr"])
-            groups[key].append((summary["seed"], *pair))
+            groups[key].append((summary["seed"], lpaf, tfwsvd))
     if not groups:
         raise SystemExit(f"{runs}: no lpaf.py summary at keep ratio {args.ratio} with a + ft run of as many epochs (see --help)")
 

@@ -147,9 +147,10 @@ def main() -> None:
     same_budget_file = runs / f"summary-ft{epochs:g}{ft_suffix(mrft_train, base.finetune_compressed)}.json"
     same_budget = {(r[0], r[1]): r[4] for r in json.loads(same_budget_file.read_text())["rows"]} if same_budget_file.is_file() else {}
     ratios = [float(r) for r in args.ratios.split(",")]
-    rows = []
+    rows, pairs = [], []  # pairs: (ratio, LPAF, TFWSVD + ft at as many epochs or None), for equal_steps.py
     for ratio in ratios:
         result = lpaf(ratio)
+        pairs.append((ratio, result["after"], same_budget.get(("tfwsvd", ratio))))
         rows.append([f"LPAF ({args.prune_method}{' + distillation' if args.prune_distill else ''}, sparse_tfwsvd, mixed-rank)", ratio, result["before"], result["after"]])
         for method in ("tfwsvd", "fwsvd", "svd"):
             rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference.get((method, ratio), ("n/a", "n/a"))])
@@ -200,7 +201,7 @@ def main() -> None:
     name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{seed}{lr}"
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
         "task": args.task, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
-        "prune_distill": args.prune_distill, "seed": prune_train.seed, "lr": mrft_train.lr, "rows": rows,
+        "prune_distill": args.prune_distill, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
