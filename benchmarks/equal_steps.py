@@ -20,6 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from quality import DEFAULT_TRAIN, runs_folder, train_suffix
 from report import table, write_section
 
 
@@ -27,10 +28,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--ratio", type=float, default=0.15)
-    parser.add_argument("--runs", default=None, help="the benchmarks' folder (default benchmarks/runs/TASK)")
+    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN, help="training subset the runs used")
+    parser.add_argument("--runs", default=None, help="the benchmarks' folder (default benchmarks/runs/TASK, or TASK-trainN for another --train)")
     args = parser.parse_args()
 
-    runs = Path(args.runs or f"benchmarks/runs/{args.task}")
+    runs = Path(args.runs) if args.runs else runs_folder(args.task, args.train)
     groups: dict[tuple, list[tuple[int, float, float]]] = defaultdict(list)
     for path in sorted(runs.glob("lpaf-*/summary-*.json")):
         summary = json.loads(path.read_text())
@@ -55,15 +57,16 @@ def main() -> None:
             statistics.mean(lpaf_scores) - statistics.mean(tfwsvd_scores), f"{ahead} of {len(seeds)}",
         ])
     body = (
-        f"Task {args.task}, keep ratio {args.ratio}: LPAF (prune + mixed-rank epochs) beside TFWSVD + ft for as many epochs, "
+        f"Task {args.task}, {args.train} training examples, keep ratio {args.ratio}: LPAF (prune + mixed-rank epochs) beside TFWSVD + ft for as many epochs, "
         "both at the same training seed and learning rate (the LPAF seed also drives pruning and the mixed-rank path draws). "
         "Dev scores after fine-tuning, read from the lpaf.py runs' summaries.\n\n"
         + table(["LPAF setting", "seed", "LPAF", "TFWSVD + ft", "LPAF - TFWSVD + ft"], rows)
         + "\n\n### Mean over seeds\n\n"
         + table(["LPAF setting", "seeds", "LPAF", "TFWSVD + ft", "difference", "seeds with LPAF at or above"], means)
     )
-    command = f"python benchmarks/equal_steps.py --task {args.task} --ratio {args.ratio:g}"
-    write_section(f"equal-steps-{args.task}-{args.ratio:g}", f"LPAF vs TFWSVD + ft at equal steps over seeds, {args.task.upper()} at {args.ratio:g} (issue 4)", command, body)
+    command = f"python benchmarks/equal_steps.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratio {args.ratio:g}"
+    trained = "" if args.train == DEFAULT_TRAIN else f", {args.train} training examples"
+    write_section(f"equal-steps-{args.task}{train_suffix(args.train)}-{args.ratio:g}", f"LPAF vs TFWSVD + ft at equal steps over seeds, {args.task.upper()} at {args.ratio:g}{trained} (issue 4)", command, body)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from lowrank.io import read_json
 from lowrank.lpaf import run_factorize_pruned, run_mrft, run_prune
 from lowrank.stages import run_evaluate
 
-from quality import ft_suffix
+from quality import DEFAULT_TRAIN, ft_suffix, runs_folder, train_suffix
 from report import table, write_section
 
 ABLATIONS = ("magnitude", "other", "svd", "scores", "pw0", "p0", "kd")
@@ -65,7 +65,7 @@ class PeakMemory:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN, help="training subset; the quality benchmark must have run with the same --train")
     parser.add_argument("--ratios", default="0.3,0.15")
     parser.add_argument("--prune-epochs", type=float, default=1.0)
     parser.add_argument("--mrft-epochs", type=float, default=1.0)
@@ -75,14 +75,14 @@ def main() -> None:
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
     parser.add_argument("--seed", type=int, default=None, help="seed of pruning and mixed-rank fine-tuning, and of its path draws (default: params.yaml's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
-    parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK)")
+    parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK, or TASK-trainN for another --train)")
     args = parser.parse_args()
     chosen = {"all": list(ABLATIONS), "none": []}.get(args.ablations, args.ablations.split(","))
     unknown = sorted(set(chosen) - set(ABLATIONS))
     if unknown:
         raise SystemExit(f"--ablations: unknown {unknown}; choose from {','.join(ABLATIONS)}")
 
-    runs = Path(args.runs or f"benchmarks/runs/{args.task}")
+    runs = Path(args.runs) if args.runs else runs_folder(args.task, args.train)
     kd = "-kd" if args.prune_distill else ""
     seed = "" if args.seed is None else f"-seed{args.seed}"
     out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{seed}"  # cached results are per training budget and seed
@@ -140,12 +140,15 @@ def main() -> None:
         shutil.rmtree(final, ignore_errors=True)
         return {"prune": prune, "before": before["task"]["score"], "after": after["task"]["score"], "params": after["params"]}
 
-    quality = json.loads((runs / "summary.json").read_text())
-    reference = {(row[0], row[1]): (row[3], row[4]) for row in quality["rows"]}  # (method, ratio) -> scores before, after ft
+    # (method, ratio) -> scores before and after 1 epoch of + ft, when quality.py ran with its default budget
+    quality = json.loads((runs / "summary.json").read_text()) if (runs / "summary.json").is_file() else {"rows": []}
+    reference = {(row[0], row[1]): (row[3], row[4]) for row in quality["rows"]}
     epochs = args.prune_epochs + args.mrft_epochs  # + ft with as many epochs as LPAF trains, when quality.py was run for it
     # the + ft run with LPAF's seed and learning rate (quality.py --ft-seed, --ft-lr)
     same_budget_file = runs / f"summary-ft{epochs:g}{ft_suffix(mrft_train, base.finetune_compressed)}.json"
-    same_budget = {(r[0], r[1]): r[4] for r in json.loads(same_budget_file.read_text())["rows"]} if same_budget_file.is_file() else {}
+    same_rows = json.loads(same_budget_file.read_text())["rows"] if same_budget_file.is_file() else []
+    same_budget = {(r[0], r[1]): r[4] for r in same_rows}
+    same_before = {(r[0], r[1]): (r[3],) for r in same_rows}
     ratios = [float(r) for r in args.ratios.split(",")]
     rows, pairs = [], []  # pairs: (ratio, LPAF, TFWSVD + ft at as many epochs or None), for equal_steps.py
     for ratio in ratios:
@@ -153,9 +156,11 @@ def main() -> None:
         pairs.append((ratio, result["after"], same_budget.get(("tfwsvd", ratio))))
         rows.append([f"LPAF ({args.prune_method}{' + distillation' if args.prune_distill else ''}, sparse_tfwsvd, mixed-rank)", ratio, result["before"], result["after"]])
         for method in ("tfwsvd", "fwsvd", "svd"):
-            rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference.get((method, ratio), ("n/a", "n/a"))])
+            if (method, ratio) in reference:
+                rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference[(method, ratio)]])
             if same_budget.get((method, ratio)) is not None:
-                rows.append([f"{method.upper()} + ft for {epochs:g} epochs, as many as LPAF", ratio, reference.get((method, ratio), ("n/a",))[0], same_budget[(method, ratio)]])
+                before = reference.get((method, ratio), same_before.get((method, ratio), ("n/a",)))[0]
+                rows.append([f"{method.upper()} + ft for {epochs:g} epochs, as many as LPAF", ratio, before, same_budget[(method, ratio)]])
     ablation = min(ratios)
     other = "movement" if args.prune_method == "taylor" else "taylor"
     settings = {
@@ -193,18 +198,18 @@ def main() -> None:
         + table(["stage", "runs", "mean seconds", "peak RSS MiB"], cost_rows)
     )
     command = (
-        f"python benchmarks/lpaf.py --task {args.task} --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
+        f"python benchmarks/lpaf.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
         + f" --density-factor {density_factor:g}" + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
     )
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
-    name = f"lpaf-{args.task}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{seed}{lr}"
+    name = f"lpaf-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{seed}{lr}"
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
-        "task": args.task, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
+        "task": args.task, "train": args.train, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
         "prune_distill": args.prune_distill, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
-    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
+    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{'' if args.train == DEFAULT_TRAIN else f' ({args.train} training examples)'}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
 
 if __name__ == "__main__":

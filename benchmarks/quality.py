@@ -45,6 +45,19 @@ def cached(path: Path, make) -> dict:
     return read_json(path)
 
 
+DEFAULT_TRAIN = 2000  # the training subset every benchmark folder and section assumes unless it names another
+
+
+def runs_folder(task: str, train: int) -> Path:
+    """Where a task's benchmark runs live: one folder per training subset, since the dense model differs."""
+    return Path(f"benchmarks/runs/{task}" + ("" if train == DEFAULT_TRAIN else f"-train{train}"))
+
+
+def train_suffix(train: int) -> str:
+    """Names a training subset other than the default in section names, so it reports beside the default's."""
+    return "" if train == DEFAULT_TRAIN else f"-train{train}"
+
+
 def ft_suffix(ft, default) -> str:
     """Names a fine-tuning seed or learning rate other than params.yaml's (shared with lpaf.py, whose rows pair on it)."""
     return ("" if ft.seed == default.seed else f"-seed{ft.seed}") + ("" if ft.lr == default.lr else f"-lr{ft.lr:g}")
@@ -53,7 +66,7 @@ def ft_suffix(ft, default) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--train", type=int, default=2000, help="training subset (dense, Fisher and + ft)")
+    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN, help="training subset (dense, Fisher and + ft); another size runs in its own folder")
     parser.add_argument("--methods", default="svd,fwsvd,tfwsvd,tvd")
     parser.add_argument("--ratios", default="0.5,0.3,0.15")
     parser.add_argument("--ft-epochs", type=float, default=1.0)
@@ -68,7 +81,7 @@ def main() -> None:
     parser.add_argument("--seed-from", default=None, help="reuse data/finetune/fisher artifacts from this folder")
     args = parser.parse_args()
 
-    out = Path(args.out or f"benchmarks/runs/{args.task}")
+    out = Path(args.out) if args.out else runs_folder(args.task, args.train)
     base = load_params("params.yaml", [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false"])
     if args.seed_from and not (out / "data").exists():
         for part in ("data", "finetune", "fisher"):
@@ -157,13 +170,14 @@ def main() -> None:
     )
     suffix = "" if ft_name == "ft" else f"-{ft_name}"  # another fine-tuning budget reports beside the 1-epoch one, not over it
     (out / f"summary{suffix}.json").write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_rows}, indent=1))
-    command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --ft-epochs {args.ft_epochs:g}" + (
+    command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --methods {args.methods} --ratios {args.ratios} --ft-epochs {args.ft_epochs:g}" + (
         f" --ft-ratios {args.ft_ratios}" if args.ft_ratios else ""
     ) + (f" --ft-methods {args.ft_methods}" if args.ft_methods else "") + (
         f" --ft-seed {ft.seed}" if args.ft_seed is not None else ""
     ) + (f" --ft-lr {ft.lr:g}" if args.ft_lr is not None else "") + f" --allocation-methods {args.allocation_methods} --min-rank-shares {args.min_rank_shares}"
     budget = "" if ft_name == "ft" else f", + ft for {args.ft_epochs:g} epochs, seed {ft.seed}, lr {ft.lr:g}"
-    write_section(f"quality-{args.task}{suffix}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d){budget}", command, body)
+    trained = "" if args.train == DEFAULT_TRAIN else f", {args.train} training examples"
+    write_section(f"quality-{args.task}{train_suffix(args.train)}{suffix}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d){trained}{budget}", command, body)
 
 
 if __name__ == "__main__":
