@@ -48,14 +48,14 @@ def cached(path: Path, make) -> dict:
 DEFAULT_TRAIN = 2000  # the training subset every benchmark folder and section assumes unless it names another
 
 
+def train_suffix(train: int) -> str:
+    """Names a training subset other than the default in folder and section names, so it reports beside the default's."""
+    return "" if train == DEFAULT_TRAIN else f"-train{train}"
+
+
 def runs_folder(task: str, train: int) -> Path:
     """Where a task's benchmark runs live: one folder per training subset, since the dense model differs."""
-    return Path(f"benchmarks/runs/{task}" + ("" if train == DEFAULT_TRAIN else f"-train{train}"))
-
-
-def train_suffix(train: int) -> str:
-    """Names a training subset other than the default in section names, so it reports beside the default's."""
-    return "" if train == DEFAULT_TRAIN else f"-train{train}"
+    return Path(f"benchmarks/runs/{task}{train_suffix(train)}")
 
 
 def ft_suffix(ft, default) -> str:
