@@ -140,15 +140,17 @@ def main() -> None:
         shutil.rmtree(final, ignore_errors=True)
         return {"prune": prune, "before": before["task"]["score"], "after": after["task"]["score"], "params": after["params"]}
 
-    # (method, ratio) -> scores before and after 1 epoch of + ft, when quality.py ran with its default budget
-    quality = json.loads((runs / "summary.json").read_text()) if (runs / "summary.json").is_file() else {"rows": []}
-    reference = {(row[0], row[1]): (row[3], row[4]) for row in quality["rows"]}
+    # quality.py's + ft runs with LPAF's seed and learning rate (--ft-seed, --ft-lr), as quality.py names their summaries
+    same_ft = ft_suffix(mrft_train, base.finetune_compressed)
+    # (method, ratio) -> scores before and after 1 epoch of + ft, when quality.py ran with that budget
+    reference_file = runs / ("summary.json" if not same_ft else f"summary-ft{same_ft}.json")
+    quality = json.loads(reference_file.read_text()) if reference_file.is_file() else {"rows": []}
+    reference = {(row[0], row[1]): (row[3], "not run" if row[4] is None else row[4]) for row in quality["rows"]}
     epochs = args.prune_epochs + args.mrft_epochs  # + ft with as many epochs as LPAF trains, when quality.py was run for it
-    # the + ft run with LPAF's seed and learning rate (quality.py --ft-seed, --ft-lr)
-    same_budget_file = runs / f"summary-ft{epochs:g}{ft_suffix(mrft_train, base.finetune_compressed)}.json"
+    same_budget_file = runs / f"summary-ft{epochs:g}{same_ft}.json"
     same_rows = json.loads(same_budget_file.read_text())["rows"] if same_budget_file.is_file() else []
     same_budget = {(r[0], r[1]): r[4] for r in same_rows}
-    same_before = {(r[0], r[1]): (r[3],) for r in same_rows}
+    factorized_scores = {(r[0], r[1]): r[3] for r in quality["rows"] + same_rows}  # before + ft: the same in every run
     ratios = [float(r) for r in args.ratios.split(",")]
     rows, pairs = [], []  # pairs: (ratio, LPAF, TFWSVD + ft at as many epochs or None), for equal_steps.py
     for ratio in ratios:
@@ -159,8 +161,7 @@ def main() -> None:
             if (method, ratio) in reference:
                 rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference[(method, ratio)]])
             if same_budget.get((method, ratio)) is not None:
-                before = reference.get((method, ratio), same_before.get((method, ratio), ("n/a",)))[0]
-                rows.append([f"{method.upper()} + ft for {epochs:g} epochs, as many as LPAF", ratio, before, same_budget[(method, ratio)]])
+                rows.append([f"{method.upper()} + ft for {epochs:g} epochs, as many as LPAF", ratio, factorized_scores[(method, ratio)], same_budget[(method, ratio)]])
     ablation = min(ratios)
     other = "movement" if args.prune_method == "taylor" else "taylor"
     settings = {
