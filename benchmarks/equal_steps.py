@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from quality import DEFAULT_TRAIN, runs_folder, train_suffix
+from quality import DEFAULT_TRAIN, runs_folder, train_phrase, train_suffix
 from report import table, write_section
 
 
@@ -65,8 +65,7 @@ def main() -> None:
         + table(["LPAF setting", "seeds", "LPAF", "TFWSVD + ft", "difference", "seeds with LPAF at or above"], means)
     )
     command = f"python benchmarks/equal_steps.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratio {args.ratio:g}"
-    trained = "" if args.train == DEFAULT_TRAIN else f", {args.train} training examples"
-    write_section(f"equal-steps-{args.task}{train_suffix(args.train)}-{args.ratio:g}", f"LPAF vs TFWSVD + ft at equal steps over seeds, {args.task.upper()} at {args.ratio:g}{trained} (issue 4)", command, body)
+    write_section(f"equal-steps-{args.task}{train_suffix(args.train)}-{args.ratio:g}", f"LPAF vs TFWSVD + ft at equal steps over seeds, {args.task.upper()} at {args.ratio:g}{train_phrase(args.train)} (issue 4)", command, body)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from lowrank.io import read_json
 from lowrank.lpaf import run_factorize_pruned, run_mrft, run_prune
 from lowrank.stages import run_evaluate
 
-from quality import DEFAULT_TRAIN, ft_suffix, runs_folder, train_suffix
+from quality import DEFAULT_TRAIN, runs_folder, summary_file, train_phrase, train_suffix
 from report import table, write_section
 
 ABLATIONS = ("magnitude", "other", "svd", "scores", "pw0", "p0", "kd")
@@ -140,14 +140,13 @@ def main() -> None:
         shutil.rmtree(final, ignore_errors=True)
         return {"prune": prune, "before": before["task"]["score"], "after": after["task"]["score"], "params": after["params"]}
 
-    # quality.py's + ft runs with LPAF's seed and learning rate (--ft-seed, --ft-lr), as quality.py names their summaries
-    same_ft = ft_suffix(mrft_train, base.finetune_compressed)
+    # quality.py's + ft runs with LPAF's seed and learning rate (--ft-seed, --ft-lr)
     # (method, ratio) -> scores before and after 1 epoch of + ft, when quality.py ran with that budget
-    reference_file = runs / ("summary.json" if not same_ft else f"summary-ft{same_ft}.json")
+    reference_file = summary_file(runs, 1, mrft_train, base.finetune_compressed)
     quality = json.loads(reference_file.read_text()) if reference_file.is_file() else {"rows": []}
     reference = {(row[0], row[1]): (row[3], "not run" if row[4] is None else row[4]) for row in quality["rows"]}
     epochs = args.prune_epochs + args.mrft_epochs  # + ft with as many epochs as LPAF trains, when quality.py was run for it
-    same_budget_file = runs / f"summary-ft{epochs:g}{same_ft}.json"
+    same_budget_file = summary_file(runs, epochs, mrft_train, base.finetune_compressed)
     same_rows = json.loads(same_budget_file.read_text())["rows"] if same_budget_file.is_file() else []
     same_budget = {(r[0], r[1]): r[4] for r in same_rows}
     factorized_scores = {(r[0], r[1]): r[3] for r in quality["rows"] + same_rows}  # before + ft: the same in every run
@@ -210,7 +209,7 @@ def main() -> None:
         "prune_distill": args.prune_distill, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
-    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{'' if args.train == DEFAULT_TRAIN else f' ({args.train} training examples)'}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
+    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ def train_suffix(train: int) -> str:
     return "" if train == DEFAULT_TRAIN else f"-train{train}"
 
 
+def train_phrase(train: int) -> str:
+    """The same, for section titles."""
+    return "" if train == DEFAULT_TRAIN else f", {train} training examples"
+
+
 def runs_folder(task: str, train: int) -> Path:
     """Where a task's benchmark runs live: one folder per training subset, since the dense model differs."""
     return Path(f"benchmarks/runs/{task}{train_suffix(train)}")
@@ -61,6 +66,17 @@ def runs_folder(task: str, train: int) -> Path:
 def ft_suffix(ft, default) -> str:
     """Names a fine-tuning seed or learning rate other than params.yaml's (shared with lpaf.py, whose rows pair on it)."""
     return ("" if ft.seed == default.seed else f"-seed{ft.seed}") + ("" if ft.lr == default.lr else f"-lr{ft.lr:g}")
+
+
+def ft_name(epochs: float, ft, default) -> str:
+    """Names a + ft budget, seed and learning rate: its cached runs and its summary are apart from every other's."""
+    return ("ft" if epochs == 1 else f"ft{epochs:g}") + ft_suffix(ft, default)
+
+
+def summary_file(out: Path, epochs: float, ft, default) -> Path:
+    """The summary quality.py leaves for that + ft setting; lpaf.py reads it to pair its rows."""
+    name = ft_name(epochs, ft, default)
+    return out / ("summary.json" if name == "ft" else f"summary-{name}.json")
 
 
 def main() -> None:
@@ -101,20 +117,20 @@ def main() -> None:
         lr=default_ft.lr if args.ft_lr is None else args.ft_lr,
     )
     # cached per budget, seed and learning rate: another setting never reuses these
-    ft_name = ("ft" if args.ft_epochs == 1 else f"ft{args.ft_epochs:g}") + ft_suffix(ft, default_ft)
+    ft_tag = ft_name(args.ft_epochs, ft, default_ft)
 
     def compress(tag: str, finetune: bool, **factorize) -> tuple[float, float | None, dict]:
         cfg = dataclasses.replace(base.factorize, **factorize)
         model, tuned = out / tag / "model", out / tag / "ft" / "model"
         factorize_metrics = metrics / f"{tag}.factorize.json"
-        if finetune and not (metrics / f"{tag}.{ft_name}.json").is_file() and not (model / "config.json").is_file():
+        if finetune and not (metrics / f"{tag}.{ft_tag}.json").is_file() and not (model / "config.json").is_file():
             factorize_metrics.unlink(missing_ok=True)  # an earlier run kept only metrics; + ft needs the model again
         info = cached(factorize_metrics, lambda: run_factorize(cfg, dense, fisher, model, factorize_metrics))
         before = cached(metrics / f"{tag}.eval.json", lambda: run_evaluate(base.evaluate, model, data, metrics / f"{tag}.eval.json"))
         after = None
         if finetune:
-            cached(metrics / f"{tag}.{ft_name}.json", lambda: run_finetune_compressed(ft, model, data, tuned, metrics / f"{tag}.{ft_name}.json"))
-            after = cached(metrics / f"{tag}.{ft_name}.eval.json", lambda: run_evaluate(base.evaluate, tuned, data, metrics / f"{tag}.{ft_name}.eval.json"))["task"]["score"]
+            cached(metrics / f"{tag}.{ft_tag}.json", lambda: run_finetune_compressed(ft, model, data, tuned, metrics / f"{tag}.{ft_tag}.json"))
+            after = cached(metrics / f"{tag}.{ft_tag}.eval.json", lambda: run_evaluate(base.evaluate, tuned, data, metrics / f"{tag}.{ft_tag}.eval.json"))["task"]["score"]
             shutil.rmtree(out / tag / "ft", ignore_errors=True)  # keep only metrics: models are large
         shutil.rmtree(out / tag / "model", ignore_errors=True)
         return before["task"]["score"], after, info
@@ -168,16 +184,15 @@ def main() -> None:
         + "### Uniform vs Fisher rank allocation at equal parameters, before fine-tuning (d)\n\n"
         + table(["method", "allocation", "keep ratio", "reached", "score"], allocation_rows)
     )
-    suffix = "" if ft_name == "ft" else f"-{ft_name}"  # another fine-tuning budget reports beside the 1-epoch one, not over it
-    (out / f"summary{suffix}.json").write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_rows}, indent=1))
+    suffix = "" if ft_tag == "ft" else f"-{ft_tag}"  # another fine-tuning budget reports beside the 1-epoch one, not over it
+    summary_file(out, args.ft_epochs, ft, default_ft).write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_rows}, indent=1))
     command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --methods {args.methods} --ratios {args.ratios} --ft-epochs {args.ft_epochs:g}" + (
         f" --ft-ratios {args.ft_ratios}" if args.ft_ratios else ""
     ) + (f" --ft-methods {args.ft_methods}" if args.ft_methods else "") + (
         f" --ft-seed {ft.seed}" if args.ft_seed is not None else ""
     ) + (f" --ft-lr {ft.lr:g}" if args.ft_lr is not None else "") + f" --allocation-methods {args.allocation_methods} --min-rank-shares {args.min_rank_shares}"
-    budget = "" if ft_name == "ft" else f", + ft for {args.ft_epochs:g} epochs, seed {ft.seed}, lr {ft.lr:g}"
-    trained = "" if args.train == DEFAULT_TRAIN else f", {args.train} training examples"
-    write_section(f"quality-{args.task}{train_suffix(args.train)}{suffix}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d){trained}{budget}", command, body)
+    budget = "" if ft_tag == "ft" else f", + ft for {args.ft_epochs:g} epochs, seed {ft.seed}, lr {ft.lr:g}"
+    write_section(f"quality-{args.task}{train_suffix(args.train)}{suffix}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d){train_phrase(args.train)}{budget}", command, body)
 
 
 if __name__ == "__main__":
