@@ -38,7 +38,7 @@ from report import table, write_section
 
 RUNTIMES = {
     "torch": "eager PyTorch",
-    "onnxruntime": "onnxruntime (each model's checked ONNX export, all graph optimizations)",
+    "onnxruntime": "onnxruntime (each model's checked ONNX export, attention exported through transformers' eager path, all graph optimizations)",
     "compile": "torch.compile (inductor, freezing on, one static graph per batch size; compiled during the warm-up)",
     "compile-max": "torch.compile with mode max-autotune and the C++ wrapper (inductor, freezing on; GEMMs autotuned "
     "among ATen and inductor's C++ templates, no Python between kernels; compiled during the warm-up)",
@@ -54,11 +54,11 @@ def macs_per_token(model: nn.Module, seq_len: int) -> int:
     return total - sum(m.in_features * m.out_features for n, m in model.named_modules() if n.endswith("classifier"))
 
 
-def onnx_session(model: nn.Module, path: Path):
+def onnx_session(model: nn.Module, path: Path, eager_attention: bool = True):
     """An onnxruntime session on the model's checked export, with every graph optimization (fusions) on."""
     import onnxruntime
 
-    export_onnx(model, path)
+    export_onnx(model, path, eager_attention=eager_attention)
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
@@ -141,7 +141,12 @@ def main() -> None:
     parser.add_argument("--runtime", default="torch", choices=list(RUNTIMES),
                         help="eager PyTorch, the exported ONNX model in onnxruntime (all graph optimizations), "
                         "or torch.compile (inductor, weights frozen as constants)")
+    parser.add_argument("--onnx-attention", default="eager", choices=["eager", "sdpa"],
+                        help="onnxruntime: export attention through transformers' eager path (the library's default) "
+                        "or as scaled_dot_product_attention, whose ONNX rule adds a NaN guard over every score tensor")
     args = parser.parse_args()
+    if args.onnx_attention != "eager" and args.runtime != "onnxruntime":
+        raise SystemExit("--onnx-attention: with --runtime onnxruntime only")
     if args.profile and args.runtime == "onnxruntime":
         raise SystemExit("--profile: torch runtimes only (torch, compile, compile-max)")
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
@@ -159,7 +164,8 @@ def main() -> None:
 
     if args.runtime == "onnxruntime":
         with tempfile.TemporaryDirectory(prefix="latency-onnx-") as folder:  # sessions hold the models in memory
-            sessions = {name: onnx_session(model, Path(folder) / f"{i}.onnx") for i, (name, model) in enumerate(variants.items())}
+            eager = args.onnx_attention == "eager"
+            sessions = {name: onnx_session(model, Path(folder) / f"{i}.onnx", eager) for i, (name, model) in enumerate(variants.items())}
 
         def timing(name: str) -> dict:
             return onnx_latency(sessions[name], batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)
@@ -199,6 +205,8 @@ def main() -> None:
     for batch in batch_sizes:
         header += [f"ms b={batch}", f"speed-up b={batch}", f"share of ideal b={batch}"]
     runtime = RUNTIMES[args.runtime]
+    if args.onnx_attention == "sdpa":
+        runtime = runtime.replace("transformers' eager path", "scaled_dot_product_attention")
     body = (
         f"{model_name} (sequence classification) in {runtime}, sequence length {args.seq_len}, median of {args.repeats} "
         f"runs after 3 warm-up runs, best of two interleaved rounds, all variants in one process. "
@@ -230,9 +238,12 @@ def main() -> None:
     command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats} --ratios {args.ratios} --batch-sizes {args.batch_sizes}"
     command += f" --multiples {args.multiples}" if args.multiples != "1,8" else ""
     command += " --profile" if args.profile else ""
+    command += f" --onnx-attention {args.onnx_attention}" if args.onnx_attention != "eager" else ""
     command += (f" --runtime {args.runtime}" if args.runtime != "torch" else "") + (f" --shape {args.shape}" if args.shape else "")
     name = "latency" + (f"-{args.runtime}" if args.runtime != "torch" else "") + (f"-{args.shape}" if args.shape else "") + ("-profile" if args.profile else "")
+    name += "-sdpa-export" if args.onnx_attention == "sdpa" else ""
     title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile", "compile-max": " in torch.compile, max-autotune"}[args.runtime]
+    title += ", attention exported as SDPA" if args.onnx_attention == "sdpa" else ""
     write_section(name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body)
 
 

@@ -26,3 +26,12 @@ def test_compressed_model_exports_with_parity(tmp_path: Path) -> None:
     shapes = {tuple(init.dims) for init in graph.initializer}
     assert (32, 8) in shapes or (8, 32) in shapes
     assert not list(tmp_path.glob(".model.onnx.tmp"))
+
+
+def test_export_uses_eager_attention_and_restores_the_model(tmp_path: Path) -> None:
+    model = load_compressed(save_tiny_model(tmp_path / "m"))
+    model.set_attn_implementation("sdpa")
+    export_onnx(model, tmp_path / "model.onnx")
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    assert "IsNaN" not in ops  # the SDPA rule's guard over every score tensor
+    assert model.config._attn_implementation == "sdpa"
