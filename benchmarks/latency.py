@@ -3,8 +3,8 @@
 Factorizes the model at each keep ratio (plain SVD: latency does not depend on
 the method), with ranks as they come and rounded to a multiple of 8, and
 times dense and compressed forward passes side by side in one process:
-batch 1 and 32, random tokens, `--repeats` timed runs after a warm-up,
-median. The ideal speed-up counts multiply-adds per token of every Linear
+batch 1 and 32, random tokens, the variants taking `--rounds` turns of
+`--repeats` timed calls, median. The ideal speed-up counts multiply-adds per token of every Linear
 layer plus attention's two products.
 
     .venv/bin/python benchmarks/latency.py [--model artifacts/finetune/model]
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +27,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from lowrank.compressed import load_compressed
-from lowrank.evaluation import measure_latency, time_calls
-from lowrank.export import export_onnx
+from lowrank.export import export_onnx, onnx_session
 from lowrank.layers import FactorizedLinear
 from lowrank.matching import find_targets
 from lowrank.models import packaged_model_dir
@@ -54,26 +55,52 @@ def macs_per_token(model: nn.Module, seq_len: int) -> int:
     return total - sum(m.in_features * m.out_features for n, m in model.named_modules() if n.endswith("classifier"))
 
 
-def onnx_session(model: nn.Module, path: Path, eager_attention: bool = True):
-    """An onnxruntime session on the model's checked export, with every graph optimization (fusions) on."""
-    import onnxruntime
-
+def exported_session(model: nn.Module, path: Path, eager_attention: bool):
+    """The library's onnxruntime session on the model's checked export."""
     export_onnx(model, path, eager_attention=eager_attention)
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx_session(path)
 
 
-def onnx_latency(session, batch_sizes, seq_len: int, warmup: int, repeats: int) -> dict:
-    """`measure_latency`'s figures for an onnxruntime session, by the same `time_calls`."""
-    generator = np.random.default_rng(0)
-    results = {}
-    for batch in batch_sizes:
-        ids = generator.integers(0, 1000, (batch, seq_len)).astype(np.int64)
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        results[f"batch_{batch}"] = time_calls(lambda: session.run(None, feed), warmup, repeats)
-    return results
+def onnx_call(session, batch: int, seq_len: int) -> Callable[[], object]:
+    """One forward pass of an onnxruntime session on random tokens (the same for every session)."""
+    ids = np.random.default_rng(0).integers(0, 1000, (batch, seq_len)).astype(np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return lambda: session.run(None, feed)
+
+
+def torch_call(model: nn.Module, batch: int, seq_len: int) -> Callable[[], object]:
+    """One forward pass of a PyTorch model on random tokens (the same for every model)."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def call() -> object:
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=mask)
+
+    return call
+
+
+def timed_in_turns(calls: dict[str, Callable[[], object]], rounds: int, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms per call of each variant, over `rounds` turns of `repeats` timed calls.
+
+    The variants take turns in a rotating order, so a slow spell of the machine
+    (a shared 2-core VM drifts by 10% over minutes) falls on all of them alike
+    and their ratios stay fair; each turn starts with an untimed call, so a
+    variant runs with its weights in cache, as a server running one model does.
+    """
+    for call in calls.values():
+        for _ in range(warmup):  # also compiles, for torch.compile
+            call()
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    labels = list(calls)
+    for turn in range(rounds):
+        for label in labels[turn % len(labels):] + labels[: turn % len(labels)]:
+            calls[label]()
+            for _ in range(repeats):
+                started = time.perf_counter()
+                calls[label]()
+                times[label].append(time.perf_counter() - started)
+    return {label: statistics.median(values) * 1e3 for label, values in times.items()}
 
 
 def compiled(model: nn.Module, autotune: bool = False) -> nn.Module:
@@ -134,16 +161,17 @@ def main() -> None:
                         help="instead of --model, random weights in this architecture's shapes (time does not depend on the values)")
     parser.add_argument("--ratios", default="0.5,0.3,0.15")
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant and turn")
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--profile", action="store_true", help="also split each variant's time into Linear GEMMs, attention and the rest (torch.profiler)")
     parser.add_argument("--multiples", default="1,8", help="rank multiples to time at each ratio (factorize.rank_multiple)")
     parser.add_argument("--runtime", default="torch", choices=list(RUNTIMES),
                         help="eager PyTorch, the exported ONNX model in onnxruntime (all graph optimizations), "
                         "or torch.compile (inductor, weights frozen as constants)")
-    parser.add_argument("--onnx-attention", default="eager", choices=["eager", "sdpa"],
-                        help="onnxruntime: export attention through transformers' eager path (the library's default) "
-                        "or as scaled_dot_product_attention, whose ONNX rule adds a NaN guard over every score tensor")
+    parser.add_argument("--onnx-attention", default="eager", choices=["eager", "sdpa", "both"],
+                        help="onnxruntime: export attention through transformers' eager path (the library's default), "
+                        "as scaled_dot_product_attention, whose ONNX rule adds a NaN guard over every score tensor, or both side by side")
+    parser.add_argument("--rounds", type=int, default=8, help="turns: the variants take turns this many times, in a rotating order")
     args = parser.parse_args()
     if args.onnx_attention != "eager" and args.runtime != "onnxruntime":
         raise SystemExit("--onnx-attention: with --runtime onnxruntime only")
@@ -162,61 +190,65 @@ def main() -> None:
         for multiple in map(int, args.multiples.split(",")):
             variants[f"{ratio} (x{multiple})"] = compress(dense, ratio, multiple)
 
+    # What is timed: a label per (variant, ONNX export), each beside the dense model of the same runtime and export.
+    exports = ["eager", "sdpa"] if args.onnx_attention == "both" else [args.onnx_attention]
+    labels = {(name, export): name + ("" if export == exports[0] else ", SDPA export") for export in exports for name in variants}
     if args.runtime == "onnxruntime":
         with tempfile.TemporaryDirectory(prefix="latency-onnx-") as folder:  # sessions hold the models in memory
-            eager = args.onnx_attention == "eager"
-            sessions = {name: onnx_session(model, Path(folder) / f"{i}.onnx", eager) for i, (name, model) in enumerate(variants.items())}
+            sessions = {
+                label: exported_session(variants[name], Path(folder) / f"{i}.onnx", export == "eager")
+                for i, ((name, export), label) in enumerate(labels.items())
+            }
 
-        def timing(name: str) -> dict:
-            return onnx_latency(sessions[name], batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)
+        def call(label: str, batch: int) -> Callable[[], object]:
+            return onnx_call(sessions[label], batch, args.seq_len)
     else:
         if args.runtime.startswith("compile"):
             variants_run = {name: compiled(model, args.runtime == "compile-max") for name, model in variants.items()}
         else:
             variants_run = variants
 
-        def timing(name: str) -> dict:
-            return measure_latency(variants_run[name], batch_sizes, args.seq_len, warmup=3, repeats=args.repeats)
+        def call(label: str, batch: int) -> Callable[[], object]:
+            return torch_call(variants_run[label], batch, args.seq_len)
 
     dense_macs = macs_per_token(dense, args.seq_len)
     ideals = {name: dense_macs / macs_per_token(model, args.seq_len) for name, model in variants.items()}
-    # Two interleaved rounds, keeping each variant's best median, so a slow moment hits all alike.
-    results: dict[str, dict] = {}
-    for _ in range(2):
-        for name in variants:
-            got = timing(name)
-            for key, value in got.items():
-                best = results.setdefault(name, {}).get(key)
-                if best is None or value["median_ms"] < best["median_ms"]:
-                    results[name][key] = value
+    medians = {
+        batch: timed_in_turns({label: call(label, batch) for label in labels.values()}, args.rounds, args.repeats)
+        for batch in batch_sizes
+    }
 
     rows = []
-    for name, model in variants.items():
-        ideal = ideals[name]
+    for (name, export), label in labels.items():
+        model, ideal, dense_label = variants[name], ideals[name], labels[("dense", export)]
         ranks = sorted({m.rank for m in model.modules() if isinstance(m, FactorizedLinear)})
-        row = [name, ",".join(map(str, ranks)) or "-", ideal]
+        row = [label, ",".join(map(str, ranks)) or "-", ideal]
         for batch in batch_sizes:
-            key = f"batch_{batch}"
-            speedup = results["dense"][key]["median_ms"] / results[name][key]["median_ms"]
-            row += [results[name][key]["median_ms"], speedup, speedup / ideal]
+            speedup = medians[batch][dense_label] / medians[batch][label]
+            row += [medians[batch][label], speedup, speedup / ideal]
         rows.append(row)
         print(row, flush=True)
     header = ["model (keep ratio, rank multiple)", "ranks", "ideal speed-up"]
     for batch in batch_sizes:
         header += [f"ms b={batch}", f"speed-up b={batch}", f"share of ideal b={batch}"]
     runtime = RUNTIMES[args.runtime]
-    if args.onnx_attention == "sdpa":
-        runtime = runtime.replace("transformers' eager path", "scaled_dot_product_attention")
+    attention = {
+        "eager": "transformers' eager path",
+        "sdpa": "scaled_dot_product_attention",
+        "both": "transformers' eager path, or scaled_dot_product_attention in the rows that say SDPA export",
+    }[args.onnx_attention]
+    runtime = runtime.replace("transformers' eager path", attention)
     body = (
-        f"{model_name} (sequence classification) in {runtime}, sequence length {args.seq_len}, median of {args.repeats} "
-        f"runs after 3 warm-up runs, best of two interleaved rounds, all variants in one process. "
+        f"{model_name} (sequence classification) in {runtime}, sequence length {args.seq_len}, median of {args.rounds * args.repeats} "
+        f"runs after 3 warm-up runs, taken in {args.rounds} turns of {args.repeats} (each after an untimed call) in a rotating "
+        f"order across the variants, all in one process. "
         f"Ideal speed-up: dense multiply-adds per token over compressed ones (Linear layers and attention products).\n\n"
         + table(header, rows)
     )
     if args.profile:
         split_rows, bound_rows = [], []
         for batch in batch_sizes:
-            splits = {name: profile_split(variants_run[name], batch, args.seq_len, args.repeats) for name in variants}
+            splits = {name: profile_split(variants_run[name], batch, args.seq_len, args.rounds * args.repeats) for name in variants}
             split_rows += [[name, batch, *split.values()] for name, split in splits.items()]
             dense_split = splits["dense"]
             gemm, wall = dense_split["linear GEMMs"], dense_split["wall (profiled)"]
@@ -229,21 +261,22 @@ def main() -> None:
                     bound_rows.append([name, batch, ideal, gemm_speedup, gemm_speedup / ideal, best / ideal])
         body += (
             "\n\nWhere the time goes, in ms per forward pass (torch.profiler self times, "
-            f"{args.repeats} profiled runs; the profiler adds its own overhead, so its wall time is above the table's):\n\n"
+            f"{args.rounds * args.repeats} profiled runs; the profiler adds its own overhead, so its wall time is above the table's):\n\n"
             + table(["model", "batch", *dense_split.keys()], split_rows)
             + "\n\nThe Linear GEMMs alone against the ideal, and the share of the ideal speed-up the whole model could reach "
             "if its GEMMs shrank exactly by the ideal ratio and everything else stayed as in the dense model (Amdahl):\n\n"
             + table(["model", "batch", "ideal", "GEMM speed-up", "GEMM share of ideal", "reachable share of ideal"], bound_rows)
         )
-    command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats} --ratios {args.ratios} --batch-sizes {args.batch_sizes}"
+    command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats} --rounds {args.rounds} --ratios {args.ratios} --batch-sizes {args.batch_sizes}"
     command += f" --multiples {args.multiples}" if args.multiples != "1,8" else ""
     command += " --profile" if args.profile else ""
     command += f" --onnx-attention {args.onnx_attention}" if args.onnx_attention != "eager" else ""
     command += (f" --runtime {args.runtime}" if args.runtime != "torch" else "") + (f" --shape {args.shape}" if args.shape else "")
     name = "latency" + (f"-{args.runtime}" if args.runtime != "torch" else "") + (f"-{args.shape}" if args.shape else "") + ("-profile" if args.profile else "")
-    name += "-sdpa-export" if args.onnx_attention == "sdpa" else ""
+    name += f"-{args.onnx_attention}-export" if args.onnx_attention != "eager" else ""
+    name += f"-b{args.batch_sizes.replace(',', '-')}" if args.batch_sizes != "1,32" else ""
     title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile", "compile-max": " in torch.compile, max-autotune"}[args.runtime]
-    title += ", attention exported as SDPA" if args.onnx_attention == "sdpa" else ""
+    title += {"eager": "", "sdpa": ", attention exported as SDPA", "both": ", eager vs SDPA attention export"}[args.onnx_attention]
     write_section(name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body)
 
 

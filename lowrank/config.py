@@ -296,6 +296,9 @@ class MrftConfig:
         _check(0 <= self.ramp_share <= 1, "mrft.ramp_share", f"must be in [0, 1], got {self.ramp_share}")
 
 
+LATENCY_RUNTIMES = ("torch", "onnxruntime")  # eager PyTorch; the checked ONNX export in onnxruntime
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """What the evaluate stage measures besides the task metric."""
@@ -306,10 +309,15 @@ class EvaluateConfig:
     latency_seq_len: int = 64
     latency_warmup: int = 3
     latency_repeats: int = 10
+    latency_runtimes: list[str] = field(default_factory=lambda: ["torch"])
     threads: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, "evaluate.batch_size", "must be positive")
+        _check(
+            bool(self.latency_runtimes) and set(self.latency_runtimes) <= set(LATENCY_RUNTIMES),
+            "evaluate.latency_runtimes", f"must be a non-empty list of {', '.join(LATENCY_RUNTIMES)}",
+        )
         _check(all(b > 0 for b in self.latency_batch_sizes), "evaluate.latency_batch_sizes", "must be positive")
         _check(self.latency_repeats >= 1, "evaluate.latency_repeats", "must be >= 1")
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,6 +78,37 @@ def time_calls(call: Callable[[], object], warmup: int, repeats: int) -> dict[st
         "median_ms": statistics.median(times) * 1e3,
         "p90_ms": sorted(times)[min(len(times) - 1, int(0.9 * len(times)))] * 1e3,
     }
+
+
+def measure_onnx_latency(
+    model: nn.Module,
+    batch_sizes: Sequence[int] = (1, 32),
+    seq_len: int = 64,
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """`measure_latency`'s figures for the model's checked ONNX export in onnxruntime.
+
+    On CPU a compressed model gains most there (BENCHMARKS.md), so the evaluate
+    stage can show that speed-up beside eager PyTorch's. Also returns the
+    export's largest logit difference from PyTorch (`onnx_max_abs_diff`).
+    """
+    from .export import export_onnx, onnx_session
+
+    with tempfile.TemporaryDirectory(prefix="lowrank-onnx-") as folder:  # the session holds the graph in memory
+        path = Path(folder) / "model.onnx"
+        parity = export_onnx(model, path)
+        session = onnx_session(path, threads)
+    generator = torch.Generator().manual_seed(0)  # the same tokens as measure_latency
+    results: dict[str, Any] = {}
+    for batch_size in batch_sizes:
+        input_ids = torch.randint(0, _vocab_size(model), (batch_size, seq_len), generator=generator).numpy()
+        feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
+        timing = time_calls(lambda: session.run(None, feed), warmup, repeats)
+        results[f"batch_{batch_size}"] = {**timing, "samples_per_s": batch_size * 1e3 / timing["median_ms"]}
+    results["onnx_max_abs_diff"] = parity["max_abs_diff"]
+    return results
 
 
 @torch.inference_mode()

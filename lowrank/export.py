@@ -60,6 +60,17 @@ def _example(model: nn.Module, batch: int, seq_len: int, seed: int) -> tuple[tor
     return input_ids, attention_mask
 
 
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session on an exported model with every graph optimization
+    (its fusions) on; `threads` intra-op threads, None for as many as torch uses."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def export_onnx(
     model: nn.Module, path: str | Path, *, seq_len: int = 16, opset: int = 18, atol: float = 1e-4, eager_attention: bool = True
 ) -> dict[str, float]:

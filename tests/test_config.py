@@ -38,6 +38,8 @@ def test_overrides_use_dvc_form() -> None:
         ("data.max_train_samples=-3", "data.max_train_samples"),
         ("data.task=custom", "data.custom"),
         ("evaluate.latency_batch_sizes=[0]", "evaluate.latency_batch_sizes"),
+        ("evaluate.latency_runtimes=[tensorrt]", "evaluate.latency_runtimes"),
+        ("evaluate.latency_runtimes=[]", "evaluate.latency_runtimes"),
         ("tracking.enabled=yes please", "tracking.enabled"),
         ("finetune=3", "finetune"),
         ("prune.method=random", "prune.method"),

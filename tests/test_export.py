@@ -8,6 +8,7 @@ import onnx
 
 from conftest import save_tiny_model
 from lowrank.compressed import load_compressed
+from lowrank.evaluation import measure_latency, measure_onnx_latency
 from lowrank.export import export_onnx
 from lowrank.matching import find_targets
 from lowrank.solvers import get_solver
@@ -35,3 +36,15 @@ def test_export_uses_eager_attention_and_restores_the_model(tmp_path: Path) -> N
     ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
     assert "IsNaN" not in ops  # the SDPA rule's guard over every score tensor
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_onnx_latency_times_the_checked_export(tmp_path: Path) -> None:
+    model = load_compressed(save_tiny_model(tmp_path / "m"))
+    onnx = measure_onnx_latency(model, batch_sizes=(1, 4), seq_len=8, warmup=1, repeats=3)
+    eager = measure_latency(model, batch_sizes=(1, 4), seq_len=8, warmup=1, repeats=3)
+    assert onnx["onnx_max_abs_diff"] < 1e-4
+    assert onnx.keys() - {"onnx_max_abs_diff"} == eager.keys() == {"batch_1", "batch_4"}
+    for key, timing in eager.items():
+        assert timing.keys() == onnx[key].keys()
+        assert 0 < onnx[key]["median_ms"] <= onnx[key]["p90_ms"]
+        assert onnx[key]["samples_per_s"] == int(key.split("_")[1]) * 1e3 / onnx[key]["median_ms"]

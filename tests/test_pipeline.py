@@ -78,18 +78,22 @@ def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, gl
     assert [second[n]["cached"] for n in names] == [True] * len(names)
     assert second["evaluate_dense"]["metrics"] == first["evaluate_dense"]["metrics"]
 
-    third = compress(str(params_path), ["evaluate.latency_repeats=3"])
+    third = compress(str(params_path), ["evaluate.latency_repeats=3", "evaluate.latency_runtimes=[torch,onnxruntime]"])
     rerun = {n for n in names if not third[n]["cached"]}
     assert rerun == {n for n in names if n.startswith("evaluate")}
+    assert third["evaluate_compressed"]["metrics"]["latency_onnxruntime.batch_4.median_ms"] > 0
+    assert "latency_onnxruntime.batch_4.median_ms" not in second["evaluate_compressed"]["metrics"]
 
     # An artifact replaced behind the cache's back is noticed and rebuilt.
     shutil.rmtree(tmp_path / "artifacts" / "finetune")
-    fourth = compress(str(params_path), ["evaluate.latency_repeats=3"])
+    fourth = compress(str(params_path), ["evaluate.latency_repeats=3", "evaluate.latency_runtimes=[torch,onnxruntime]"])
     assert fourth["finetune"]["cached"] is False
     assert (tmp_path / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
 
     # Another method or ratio reuses the Fisher artifact: only factorizing and what follows rerun.
-    fifth = compress(str(params_path), ["evaluate.latency_repeats=3", "factorize.keep_ratio=0.3", "factorize.method=tfwsvd"])
+    fifth = compress(str(params_path), [
+        "evaluate.latency_repeats=3", "evaluate.latency_runtimes=[torch,onnxruntime]", "factorize.keep_ratio=0.3", "factorize.method=tfwsvd"
+    ])
     assert {n for n in names if not fifth[n]["cached"]} == {
         "factorize", "evaluate_factorized", "finetune_compressed", "evaluate_compressed"
     }
