@@ -94,26 +94,13 @@ def _time_batches(
     return results
 
 
-def measure_onnx_latency(
-    model: nn.Module,
-    batch_sizes: Sequence[int] = (1, 32),
-    seq_len: int = 64,
-    warmup: int = 3,
-    repeats: int = 10,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """`measure_latency`'s figures for the model's checked ONNX export in onnxruntime.
-
-    On CPU a compressed model gains most there (BENCHMARKS.md), so the evaluate
-    stage can show that speed-up beside eager PyTorch's. Also returns the
-    export's largest logit difference from PyTorch (`onnx_max_abs_diff`).
-    """
+def _onnx_latency(model: nn.Module, batch_sizes: Sequence[int], seq_len: int, warmup: int, repeats: int) -> dict[str, Any]:
     from .export import export_onnx, onnx_session
 
     with tempfile.TemporaryDirectory(prefix="lowrank-onnx-") as folder:  # the session holds the graph in memory
         path = Path(folder) / "model.onnx"
         parity = export_onnx(model, path)
-        session = onnx_session(path, threads)
+        session = onnx_session(path)  # as many threads as torch has now
 
     def prepare(input_ids: torch.Tensor) -> Callable[[], object]:
         feed = {"input_ids": input_ids.numpy(), "attention_mask": np.ones_like(input_ids.numpy())}
@@ -124,7 +111,6 @@ def measure_onnx_latency(
     return results
 
 
-@torch.inference_mode()
 def measure_latency(
     model: nn.Module,
     batch_sizes: Sequence[int] = (1, 32),
@@ -132,13 +118,19 @@ def measure_latency(
     warmup: int = 3,
     repeats: int = 10,
     threads: int | None = None,
-) -> dict[str, dict[str, float]]:
+    runtime: str = "torch",
+) -> dict[str, Any]:
     """Median forward time per batch size on random token ids of length `seq_len` (CPU).
 
     Returns `{"batch_<b>": {"median_ms", "p90_ms", "samples_per_s"}}`. The
     median of `repeats` timed runs after `warmup` untimed ones; threads are
     restored afterwards so a measurement does not change the process.
+    `runtime="onnxruntime"` times the model's checked ONNX export instead, where
+    a compressed model gains most on CPU (BENCHMARKS.md), and adds the export's
+    largest logit difference from PyTorch (`onnx_max_abs_diff`).
     """
+    if runtime not in ("torch", "onnxruntime"):
+        raise ValueError(f"runtime: {runtime!r} is not torch or onnxruntime")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -149,6 +141,9 @@ def measure_latency(
         return lambda: model(input_ids=input_ids, attention_mask=attention_mask)
 
     try:
-        return _time_batches(prepare, _vocab_size(model), batch_sizes, seq_len, warmup, repeats)
+        if runtime == "onnxruntime":
+            return _onnx_latency(model, batch_sizes, seq_len, warmup, repeats)
+        with torch.inference_mode():
+            return _time_batches(prepare, _vocab_size(model), batch_sizes, seq_len, warmup, repeats)
     finally:
         torch.set_num_threads(previous)

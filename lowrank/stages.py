@@ -213,7 +213,7 @@ def run_finetune_compressed(
 def run_evaluate(cfg: EvaluateConfig, model_dir: Path, data_dir: Path, metrics_path: Path) -> StageResult:
     """Task score, parameter counts, size on disk and CPU latency of one model folder."""
     from .compressed import load_compressed, recipe
-    from .evaluation import count_parameters, dir_size_bytes, measure_latency, measure_onnx_latency
+    from .evaluation import count_parameters, dir_size_bytes, measure_latency
     from .matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_targets
 
     prepared = PreparedData.open(data_dir)
@@ -233,10 +233,8 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, data_dir: Path, metrics_p
         "batch_sizes": tuple(cfg.latency_batch_sizes), "seq_len": cfg.latency_seq_len,
         "warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats, "threads": cfg.threads,
     }
-    if cfg.latency and "torch" in cfg.latency_runtimes:
-        metrics["latency"] = measure_latency(model, **timing)
-    if cfg.latency and "onnxruntime" in cfg.latency_runtimes:
-        metrics["latency_onnxruntime"] = measure_onnx_latency(model, **timing)
+    for runtime in cfg.latency_runtimes if cfg.latency else ():
+        metrics["latency" if runtime == "torch" else f"latency_{runtime}"] = measure_latency(model, runtime=runtime, **timing)
     return _finish(metrics_path, {}, metrics)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+import pytest
 
 from conftest import save_tiny_model
 from lowrank.compressed import load_compressed
-from lowrank.evaluation import measure_latency, measure_onnx_latency
+from lowrank.evaluation import measure_latency
 from lowrank.export import export_onnx
 from lowrank.matching import find_targets
 from lowrank.solvers import get_solver
@@ -40,7 +41,7 @@ def test_export_uses_eager_attention_and_restores_the_model(tmp_path: Path) -> N
 
 def test_onnx_latency_times_the_checked_export(tmp_path: Path) -> None:
     model = load_compressed(save_tiny_model(tmp_path / "m"))
-    onnx = measure_onnx_latency(model, batch_sizes=(1, 4), seq_len=8, warmup=1, repeats=3)
+    onnx = measure_latency(model, batch_sizes=(1, 4), seq_len=8, warmup=1, repeats=3, runtime="onnxruntime")
     eager = measure_latency(model, batch_sizes=(1, 4), seq_len=8, warmup=1, repeats=3)
     assert onnx["onnx_max_abs_diff"] < 1e-4
     assert onnx.keys() - {"onnx_max_abs_diff"} == eager.keys() == {"batch_1", "batch_4"}
@@ -48,3 +49,5 @@ def test_onnx_latency_times_the_checked_export(tmp_path: Path) -> None:
         assert timing.keys() == onnx[key].keys()
         assert 0 < onnx[key]["median_ms"] <= onnx[key]["p90_ms"]
         assert onnx[key]["samples_per_s"] == int(key.split("_")[1]) * 1e3 / onnx[key]["median_ms"]
+    with pytest.raises(ValueError, match="runtime"):
+        measure_latency(model, runtime="tensorrt")
