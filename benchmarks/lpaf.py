@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--prune-method", default="taylor", choices=["taylor", "movement"])
     parser.add_argument("--ablations", default="all", help=f"comma list of {','.join(ABLATIONS)}, 'all' or 'none'")
     parser.add_argument("--density-factor", type=float, default=None, help="prune to density = factor x keep ratio, capped at 1 (default: params.yaml's prune.density_factor)")
+    parser.add_argument("--pruned-weight", type=float, default=None,
+                        help="share of its importance a pruned entry keeps in the sparsity-aware factorization (default: params.yaml's factorize.pruned_weight)")
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
     parser.add_argument("--seed", type=int, default=None, help="seed of pruning and mixed-rank fine-tuning, and of its path draws (default: params.yaml's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
@@ -92,7 +94,9 @@ def main() -> None:
     overrides = [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false", "orchestration.path=lpaf", "factorize.method=sparse_tfwsvd"]
     if args.density_factor is not None:
         overrides.append(f"prune.density_factor={args.density_factor}")
-    base = load_params("params.yaml", overrides)  # a bad --density-factor fails here, naming prune.density_factor
+    if args.pruned_weight is not None:
+        overrides.append(f"factorize.pruned_weight={args.pruned_weight}")
+    base = load_params("params.yaml", overrides)  # a bad --density-factor or --pruned-weight fails here, naming its key
     density_factor = base.prune.density_factor  # the flag's value, or params.yaml's when it is not given
     seeds = {} if args.seed is None else {"seed": args.seed}
     prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs, **seeds)
@@ -200,13 +204,15 @@ def main() -> None:
     command = (
         f"python benchmarks/lpaf.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
-        + f" --density-factor {density_factor:g}" + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
+        + f" --density-factor {density_factor:g}" + (f" --pruned-weight {args.pruned_weight:g}" if args.pruned_weight is not None else "")
+        + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
     )
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
-    name = f"lpaf-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{seed}{lr}"
+    weight = "" if args.pruned_weight is None else f"-pw{args.pruned_weight:g}"
+    name = f"lpaf-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{seed}{lr}"
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
         "task": args.task, "train": args.train, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
-        "prune_distill": args.prune_distill, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
+        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
