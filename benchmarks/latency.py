@@ -4,8 +4,8 @@ Factorizes the model at each keep ratio (plain SVD: latency does not depend on
 the method), with ranks as they come and rounded to a multiple of 8, and
 times dense and compressed forward passes side by side in one process:
 batch 1 and 32, random tokens, the variants taking `--rounds` turns of
-`--repeats` timed calls, median. The ideal speed-up counts multiply-adds per token of every Linear
-layer plus attention's two products.
+`--repeats` timed calls, median. The ideal speed-up counts multiply-adds per
+token of every Linear layer plus attention's two products.
 
     .venv/bin/python benchmarks/latency.py [--model artifacts/finetune/model]
 """
@@ -39,7 +39,7 @@ from report import table, write_section
 
 RUNTIMES = {
     "torch": "eager PyTorch",
-    "onnxruntime": "onnxruntime (each model's checked ONNX export, attention exported through transformers' eager path, all graph optimizations)",
+    "onnxruntime": "onnxruntime (each model's checked ONNX export, attention exported through {attention}, all graph optimizations)",
     "compile": "torch.compile (inductor, freezing on, one static graph per batch size; compiled during the warm-up)",
     "compile-max": "torch.compile with mode max-autotune and the C++ wrapper (inductor, freezing on; GEMMs autotuned "
     "among ATen and inductor's C++ templates, no Python between kernels; compiled during the warm-up)",
@@ -231,13 +231,11 @@ def main() -> None:
     header = ["model (keep ratio, rank multiple)", "ranks", "ideal speed-up"]
     for batch in batch_sizes:
         header += [f"ms b={batch}", f"speed-up b={batch}", f"share of ideal b={batch}"]
-    runtime = RUNTIMES[args.runtime]
-    attention = {
+    runtime = RUNTIMES[args.runtime].format(attention={
         "eager": "transformers' eager path",
         "sdpa": "scaled_dot_product_attention",
         "both": "transformers' eager path, or scaled_dot_product_attention in the rows that say SDPA export",
-    }[args.onnx_attention]
-    runtime = runtime.replace("transformers' eager path", attention)
+    }[args.onnx_attention])
     body = (
         f"{model_name} (sequence classification) in {runtime}, sequence length {args.seq_len}, median of {args.rounds * args.repeats} "
         f"runs after 3 warm-up runs, taken in {args.rounds} turns of {args.repeats} (each after an untimed call) in a rotating "
@@ -274,7 +272,6 @@ def main() -> None:
     command += (f" --runtime {args.runtime}" if args.runtime != "torch" else "") + (f" --shape {args.shape}" if args.shape else "")
     name = "latency" + (f"-{args.runtime}" if args.runtime != "torch" else "") + (f"-{args.shape}" if args.shape else "") + ("-profile" if args.profile else "")
     name += f"-{args.onnx_attention}-export" if args.onnx_attention != "eager" else ""
-    name += f"-b{args.batch_sizes.replace(',', '-')}" if args.batch_sizes != "1,32" else ""
     title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile", "compile-max": " in torch.compile, max-autotune"}[args.runtime]
     title += {"eager": "", "sdpa": ", attention exported as SDPA", "both": ", eager vs SDPA attention export"}[args.onnx_attention]
     write_section(name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body)
