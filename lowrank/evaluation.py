@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import LATENCY_RUNTIMES
 from .layers import FactorizedLinear
 
 
@@ -129,8 +130,8 @@ def measure_latency(
     a compressed model gains most on CPU (BENCHMARKS.md), and adds the export's
     largest logit difference from PyTorch (`onnx_max_abs_diff`).
     """
-    if runtime not in ("torch", "onnxruntime"):
-        raise ValueError(f"runtime: {runtime!r} is not torch or onnxruntime")
+    if runtime not in LATENCY_RUNTIMES:
+        raise ValueError(f"runtime: {runtime!r} is not one of {', '.join(LATENCY_RUNTIMES)}")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
