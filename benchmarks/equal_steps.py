@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from lowrank.config import load_params
+from lpaf import LEGACY_PRUNED_WEIGHT
 from quality import DEFAULT_TRAIN, runs_folder, train_phrase, train_suffix
 from report import table, write_section
 
@@ -35,14 +35,13 @@ def main() -> None:
 
     runs = Path(args.runs) if args.runs else runs_folder(args.task, args.train)
     groups: dict[tuple, list[tuple[int, float, float]]] = defaultdict(list)
-    default_weight = load_params("params.yaml").factorize.pruned_weight
     for path in sorted(runs.glob("lpaf-*/summary-*.json")):
         summary = json.loads(path.read_text())
         # (LPAF, TFWSVD + ft at LPAF's epochs) after fine-tuning; a run without such a + ft run has None
         for ratio, lpaf, tfwsvd in summary["pairs"]:
             if ratio != args.ratio or tfwsvd is None:
                 continue
-            weight = summary.get("pruned_weight", default_weight)  # summaries from before the key: params.yaml's value
+            weight = summary.get("pruned_weight", LEGACY_PRUNED_WEIGHT)  # summaries from before the key
             key = (summary["prune_method"], summary["prune_epochs"], summary["mrft_epochs"], summary["density_factor"], weight, summary["prune_distill"], summary["lr"])
             groups[key].append((summary["seed"], lpaf, tfwsvd))
     if not groups:
@@ -50,8 +49,10 @@ def main() -> None:
 
     rows, means = [], []
     for (method, prune, mrft, factor, weight, distill, lr), seeds in sorted(groups.items()):
-        pruned = "" if weight == default_weight else f", pruned entries at weight {weight:g}"
-        setting = f"{method}, {prune:g} + {mrft:g} epochs, density {factor:g} x keep ratio{pruned}{', distillation while pruning' if distill else ''}, lr {lr:g}"
+        setting = (
+            f"{method}, {prune:g} + {mrft:g} epochs, density {factor:g} x keep ratio, pruned entries at weight {weight:g}"
+            f"{', distillation while pruning' if distill else ''}, lr {lr:g}"
+        )
         for seed, lpaf, tfwsvd in sorted(seeds):
             rows.append([setting, seed, lpaf, tfwsvd, lpaf - tfwsvd])
         lpaf_scores, tfwsvd_scores = [s[1] for s in seeds], [s[2] for s in seeds]

@@ -13,7 +13,10 @@ token of every Linear layer plus attention's two products.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
+import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -46,13 +49,17 @@ RUNTIMES = {
 }
 
 
-def macs_per_token(model: nn.Module, seq_len: int) -> int:
-    """Multiply-adds per token: Linear layers (dense or factorized), QK^T and AV in every block; not the classifier."""
+def linear_macs_per_token(model: nn.Module) -> int:
+    """Multiply-adds per token of the Linear layers (dense or factorized), not the classifier's."""
     # A FactorizedLinear's two factors are nn.Linear modules themselves: counting Linear layers counts them once.
     total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    config = model.config
-    total += 2 * config.num_hidden_layers * seq_len * config.hidden_size
     return total - sum(m.in_features * m.out_features for n, m in model.named_modules() if n.endswith("classifier"))
+
+
+def macs_per_token(model: nn.Module, seq_len: int) -> int:
+    """Multiply-adds per token: the Linear layers, and QK^T and AV in every block (which no factorization shrinks)."""
+    config = model.config
+    return linear_macs_per_token(model) + 2 * config.num_hidden_layers * seq_len * config.hidden_size
 
 
 def exported_session(model: nn.Module, path: Path, eager_attention: bool):
@@ -145,6 +152,42 @@ def profile_split(model: nn.Module, batch: int, seq_len: int, repeats: int) -> d
     return {**split, "wall (profiled)": wall}
 
 
+def onnx_profile_split(path: Path, batch: int, seq_len: int, repeats: int) -> dict[str, float]:
+    """The split of `profile_split` for an exported model in onnxruntime, by its per-node
+    profiler: kernel times of the Linear products (MatMul or Gemm by a weight),
+    of attention (its batched products and softmax), and of every other node."""
+    prefix = str(path.with_suffix("")) + f"-profile-b{batch}"
+    session = onnx_session(path, profile_prefix=prefix)
+    call = onnx_call(session, batch, seq_len)
+    for _ in range(3):
+        call()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    wall = (time.perf_counter() - started) * 1e3 / repeats
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-repeats:]
+    start, end = runs[0]["ts"], runs[-1]["ts"] + runs[-1]["dur"]  # the timed runs only, not the warm-up
+    split = {"linear GEMMs": 0.0, "attention": 0.0, "other ops": 0.0}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or not start <= event["ts"] <= end:
+            continue
+        op = event["args"]["op_name"]
+        per_head_inputs = sum(len(next(iter(s.values()))) == 4 for s in event["args"].get("input_type_shape", []))
+        if op == "Softmax" or (op in ONNX_GEMM_OPS and per_head_inputs == 2):  # (batch, heads, length, dim) by the same
+            kind = "attention"
+        elif op in ONNX_GEMM_OPS:
+            kind = "linear GEMMs"
+        else:
+            kind = "other ops"
+        split[kind] += event["dur"] / 1e3 / repeats
+    split["outside ops (Python, dispatch)"] = max(0.0, wall - sum(split.values()))
+    return {**split, "wall (profiled)": wall}
+
+
+ONNX_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
+
+
 def compress(model: nn.Module, keep_ratio: float, rank_multiple: int) -> nn.Module:
     model = copy.deepcopy(model)
     names = find_targets(model)
@@ -163,7 +206,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant and turn")
     parser.add_argument("--batch-sizes", default="1,32")
-    parser.add_argument("--profile", action="store_true", help="also split each variant's time into Linear GEMMs, attention and the rest (torch.profiler)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split each variant's time into Linear GEMMs, attention and the rest (torch.profiler, or onnxruntime's profiler)")
     parser.add_argument("--multiples", default="1,8", help="rank multiples to time at each ratio (factorize.rank_multiple)")
     parser.add_argument("--runtime", default="torch", choices=list(RUNTIMES),
                         help="eager PyTorch, the exported ONNX model in onnxruntime (all graph optimizations), "
@@ -175,8 +219,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.onnx_attention != "eager" and args.runtime != "onnxruntime":
         raise SystemExit("--onnx-attention: with --runtime onnxruntime only")
-    if args.profile and args.runtime == "onnxruntime":
-        raise SystemExit("--profile: torch runtimes only (torch, compile, compile-max)")
+    if args.profile and args.onnx_attention == "both":
+        raise SystemExit("--profile: one --onnx-attention export at a time")
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
 
     if args.shape:
@@ -194,11 +238,10 @@ def main() -> None:
     exports = ["eager", "sdpa"] if args.onnx_attention == "both" else [args.onnx_attention]
     labels = {(name, export): name + ("" if export == exports[0] else ", SDPA export") for export in exports for name in variants}
     if args.runtime == "onnxruntime":
-        with tempfile.TemporaryDirectory(prefix="latency-onnx-") as folder:  # sessions hold the models in memory
-            sessions = {
-                label: exported_session(variants[name], Path(folder) / f"{i}.onnx", export == "eager")
-                for i, ((name, export), label) in enumerate(labels.items())
-            }
+        folder = Path(tempfile.mkdtemp(prefix="latency-onnx-"))  # kept until the end: --profile opens fresh sessions on the files
+        atexit.register(shutil.rmtree, folder, True)
+        onnx_paths = {label: folder / f"{i}.onnx" for i, label in enumerate(labels.values())}
+        sessions = {label: exported_session(variants[name], onnx_paths[label], export == "eager") for (name, export), label in labels.items()}
 
         def call(label: str, batch: int) -> Callable[[], object]:
             return onnx_call(sessions[label], batch, args.seq_len)
@@ -246,24 +289,31 @@ def main() -> None:
     if args.profile:
         split_rows, bound_rows = [], []
         for batch in batch_sizes:
-            splits = {name: profile_split(variants_run[name], batch, args.seq_len, args.rounds * args.repeats) for name in variants}
+            profiled = args.rounds * args.repeats
+            if args.runtime == "onnxruntime":
+                splits = {name: onnx_profile_split(onnx_paths[name], batch, args.seq_len, profiled) for name in variants}
+            else:
+                splits = {name: profile_split(variants_run[name], batch, args.seq_len, profiled) for name in variants}
             split_rows += [[name, batch, *split.values()] for name, split in splits.items()]
             dense_split = splits["dense"]
             gemm, wall = dense_split["linear GEMMs"], dense_split["wall (profiled)"]
             for name in variants:
                 if name != "dense":
-                    ideal = ideals[name]
+                    ideal, linear_ideal = ideals[name], linear_macs_per_token(dense) / linear_macs_per_token(variants[name])
                     gemm_speedup = gemm / splits[name]["linear GEMMs"]
-                    # Amdahl: the dense model's GEMMs shrunk by exactly the ideal ratio, everything else as it is
-                    best = wall / (gemm / ideal + wall - gemm)
-                    bound_rows.append([name, batch, ideal, gemm_speedup, gemm_speedup / ideal, best / ideal])
+                    # Amdahl: the dense model's Linear GEMMs shrunk by exactly their multiply-add ratio, everything else as it is
+                    best = wall / (gemm / linear_ideal + wall - gemm)
+                    bound_rows.append([name, batch, ideal, linear_ideal, gemm_speedup, gemm_speedup / linear_ideal, best / ideal])
         body += (
-            "\n\nWhere the time goes, in ms per forward pass (torch.profiler self times, "
+            "\n\nWhere the time goes, in ms per forward pass ("
+            + ("onnxruntime's per-node kernel times" if args.runtime == "onnxruntime" else "torch.profiler self times")
+            + ", "
             f"{args.rounds * args.repeats} profiled runs; the profiler adds its own overhead, so its wall time is above the table's):\n\n"
             + table(["model", "batch", *dense_split.keys()], split_rows)
-            + "\n\nThe Linear GEMMs alone against the ideal, and the share of the ideal speed-up the whole model could reach "
-            "if its GEMMs shrank exactly by the ideal ratio and everything else stayed as in the dense model (Amdahl):\n\n"
-            + table(["model", "batch", "ideal", "GEMM speed-up", "GEMM share of ideal", "reachable share of ideal"], bound_rows)
+            + "\n\nThe Linear GEMMs alone against their own multiply-add ratio (the ideal without attention's products, "
+            "which do not shrink), and the share of the whole model's ideal speed-up it could reach if its Linear GEMMs "
+            "shrank exactly by that ratio and everything else stayed as in the dense model (Amdahl):\n\n"
+            + table(["model", "batch", "ideal", "Linear GEMM ideal", "GEMM speed-up", "GEMM share of its ideal", "reachable share of ideal"], bound_rows)
         )
     command = f"python benchmarks/latency.py --seq-len {args.seq_len} --repeats {args.repeats} --rounds {args.rounds} --ratios {args.ratios} --batch-sizes {args.batch_sizes}"
     command += f" --multiples {args.multiples}" if args.multiples != "1,8" else ""

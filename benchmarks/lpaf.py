@@ -40,6 +40,9 @@ from lowrank.stages import run_evaluate
 from quality import DEFAULT_TRAIN, runs_folder, summary_file, train_phrase, train_suffix
 from report import table, write_section
 
+# factorize.pruned_weight of every run before the flag existed (the default then): their sections and
+# summaries carry no -pw suffix, so a run at this weight keeps their names and any other weight gets its own.
+LEGACY_PRUNED_WEIGHT = 0.3
 ABLATIONS = ("magnitude", "other", "svd", "scores", "pw0", "p0", "kd")
 
 
@@ -204,11 +207,11 @@ def main() -> None:
     command = (
         f"python benchmarks/lpaf.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
-        + f" --density-factor {density_factor:g}" + (f" --pruned-weight {args.pruned_weight:g}" if args.pruned_weight is not None else "")
+        + f" --density-factor {density_factor:g}" + f" --pruned-weight {base.factorize.pruned_weight:g}"
         + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
     )
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
-    weight = "" if args.pruned_weight is None else f"-pw{args.pruned_weight:g}"
+    weight = "" if base.factorize.pruned_weight == LEGACY_PRUNED_WEIGHT else f"-pw{base.factorize.pruned_weight:g}"
     name = f"lpaf-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{seed}{lr}"
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
         "task": args.task, "train": args.train, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,

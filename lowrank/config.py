@@ -163,7 +163,7 @@ class FactorizeConfig:
     solver_options: dict[str, Any] = field(default_factory=dict)
     min_rank_share: float = 0.5
     sparse_importance: Literal["fisher", "scores"] = "fisher"
-    pruned_weight: float = 0.3
+    pruned_weight: float = 0.6
 
     def __post_init__(self) -> None:
         _check(0 < self.keep_ratio <= 1, "factorize.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")

@@ -61,14 +61,19 @@ def _example(model: nn.Module, batch: int, seq_len: int, seed: int) -> tuple[tor
     return input_ids, attention_mask
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
+def onnx_session(path: str | Path, threads: int | None = None, profile_prefix: str | None = None):
     """An onnxruntime CPU session on an exported model with every graph optimization
-    (its fusions) on; `threads` intra-op threads, None for as many as torch uses."""
+    (its fusions) on; `threads` intra-op threads, None for as many as torch uses.
+    `profile_prefix` turns on onnxruntime's per-node profiler, its JSON written
+    under that prefix when the session's `end_profiling()` is called."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

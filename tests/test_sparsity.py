@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank.sparsity import rowwise_sparse_svd, sparsity_importance
+from lowrank.sparsity import DEFAULT_PRUNED_WEIGHT, rowwise_sparse_svd, sparsity_importance
 
 
 def low_rank_matrix(rows: int, cols: int, rank: int, seed: int = 0) -> torch.Tensor:
@@ -28,7 +28,7 @@ def weighted_als(weight: torch.Tensor, importance: torch.Tensor, u: torch.Tensor
 def test_importance_scales_pruned_entries_by_pruned_weight() -> None:
     mask = torch.tensor([[True, False, True], [False, True, True]])
     uniform = sparsity_importance(mask)
-    assert torch.equal(uniform, torch.where(mask, 1.0, 0.3))
+    assert torch.equal(uniform, torch.where(mask, 1.0, DEFAULT_PRUNED_WEIGHT))
     assert torch.equal(sparsity_importance(mask, pruned_weight=0.0), torch.where(mask, 1.0, 1e-6))  # the floor
     base = torch.tensor([[2.0, 9.0, -4.0], [5.0, 6.0, 0.0]])
     weighted = sparsity_importance(mask, base, pruned_weight=0.5)
