@@ -126,6 +126,7 @@ def compiled(model: nn.Module, autotune: bool = False) -> nn.Module:
 
 GEMM_OPS = ("addmm", "aten::mm", "mkl_linear", "mkldnn_linear", "aten::linear")  # the Linear layers' products
 ATTENTION_OPS = ("bmm", "scaled_dot_product", "attention", "softmax")  # attention's two products and softmax
+ONNX_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")  # onnxruntime's products, after its fusions
 
 
 def profile_split(model: nn.Module, batch: int, seq_len: int, repeats: int) -> dict[str, float]:
@@ -183,9 +184,6 @@ def onnx_profile_split(path: Path, batch: int, seq_len: int, repeats: int) -> di
         split[kind] += event["dur"] / 1e3 / repeats
     split["outside ops (Python, dispatch)"] = max(0.0, wall - sum(split.values()))
     return {**split, "wall (profiled)": wall}
-
-
-ONNX_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
 
 
 def compress(model: nn.Module, keep_ratio: float, rank_multiple: int) -> nn.Module:
