@@ -254,6 +254,7 @@ def main() -> None:
 
     dense_macs = macs_per_token(dense, args.seq_len)
     ideals = {name: dense_macs / macs_per_token(model, args.seq_len) for name, model in variants.items()}
+    linear_ideals = {name: linear_macs_per_token(dense) / linear_macs_per_token(model) for name, model in variants.items()}
     medians = {
         batch: timed_in_turns({label: call(label, batch) for label in labels.values()}, args.rounds, args.repeats)
         for batch in batch_sizes
@@ -297,7 +298,7 @@ def main() -> None:
             gemm, wall = dense_split["linear GEMMs"], dense_split["wall (profiled)"]
             for name in variants:
                 if name != "dense":
-                    ideal, linear_ideal = ideals[name], linear_macs_per_token(dense) / linear_macs_per_token(variants[name])
+                    ideal, linear_ideal = ideals[name], linear_ideals[name]
                     gemm_speedup = gemm / splits[name]["linear GEMMs"]
                     # Amdahl: the dense model's Linear GEMMs shrunk by exactly their multiply-add ratio, everything else as it is
                     best = wall / (gemm / linear_ideal + wall - gemm)
