@@ -30,7 +30,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from lowrank.compressed import load_compressed
-from lowrank.export import export_onnx, onnx_session
+from lowrank.export import export_onnx, onnx_node_kind, onnx_session
 from lowrank.layers import FactorizedLinear
 from lowrank.matching import find_targets
 from lowrank.models import packaged_model_dir
@@ -126,7 +126,6 @@ def compiled(model: nn.Module, autotune: bool = False) -> nn.Module:
 
 GEMM_OPS = ("addmm", "aten::mm", "mkl_linear", "mkldnn_linear", "aten::linear")  # the Linear layers' products
 ATTENTION_OPS = ("bmm", "scaled_dot_product", "attention", "softmax")  # attention's two products and softmax
-ONNX_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")  # onnxruntime's products, after its fusions
 
 
 def profile_split(model: nn.Module, batch: int, seq_len: int, repeats: int) -> dict[str, float]:
@@ -170,18 +169,11 @@ def onnx_profile_split(path: Path, batch: int, seq_len: int, repeats: int) -> di
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-repeats:]
     start, end = runs[0]["ts"], runs[-1]["ts"] + runs[-1]["dur"]  # the timed runs only, not the warm-up
     split = {"linear GEMMs": 0.0, "attention": 0.0, "other ops": 0.0}
+    columns = {"linear": "linear GEMMs", "attention": "attention", "other": "other ops"}
     for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or not start <= event["ts"] <= end:
-            continue
-        op = event["args"]["op_name"]
-        per_head_inputs = sum(len(next(iter(s.values()))) == 4 for s in event["args"].get("input_type_shape", []))
-        if op == "Softmax" or (op in ONNX_GEMM_OPS and per_head_inputs == 2):  # (batch, heads, length, dim) by the same
-            kind = "attention"
-        elif op in ONNX_GEMM_OPS:
-            kind = "linear GEMMs"
-        else:
-            kind = "other ops"
-        split[kind] += event["dur"] / 1e3 / repeats
+        kind = onnx_node_kind(event)
+        if kind is not None and start <= event["ts"] <= end:
+            split[columns[kind]] += event["dur"] / 1e3 / repeats
     split["outside ops (Python, dispatch)"] = max(0.0, wall - sum(split.values()))
     return {**split, "wall (profiled)": wall}
 
@@ -214,7 +206,14 @@ def main() -> None:
                         help="onnxruntime: export attention through transformers' eager path (the library's default), "
                         "as scaled_dot_product_attention, whose ONNX rule adds a NaN guard over every score tensor, or both side by side")
     parser.add_argument("--rounds", type=int, default=8, help="turns: the variants take turns this many times, in a rotating order")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of every runtime (default: torch's, one per core); 1 is the usual setting "
+                        "of a CPU server that runs one request per core")
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads: at least 1")
+        torch.set_num_threads(args.threads)  # onnxruntime sessions take torch's count (lowrank.export.onnx_session)
     if args.onnx_attention != "eager" and args.runtime != "onnxruntime":
         raise SystemExit("--onnx-attention: with --runtime onnxruntime only")
     if args.profile and args.onnx_attention == "both":
@@ -319,10 +318,13 @@ def main() -> None:
     command += " --profile" if args.profile else ""
     command += f" --onnx-attention {args.onnx_attention}" if args.onnx_attention != "eager" else ""
     command += (f" --runtime {args.runtime}" if args.runtime != "torch" else "") + (f" --shape {args.shape}" if args.shape else "")
+    command += f" --threads {args.threads}" if args.threads is not None else ""
     name = "latency" + (f"-{args.runtime}" if args.runtime != "torch" else "") + (f"-{args.shape}" if args.shape else "") + ("-profile" if args.profile else "")
     name += f"-{args.onnx_attention}-export" if args.onnx_attention != "eager" else ""
+    name += f"-threads{args.threads}" if args.threads is not None else ""
     title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile", "compile-max": " in torch.compile, max-autotune"}[args.runtime]
     title += {"eager": "", "sdpa": ", attention exported as SDPA", "both": ", eager vs SDPA attention export"}[args.onnx_attention]
+    title += f", {args.threads} intra-op thread{'s' if args.threads > 1 else ''}" if args.threads is not None else ""
     write_section(name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body)
 
 

@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--pruned-weight", type=float, default=None,
                         help="share of its importance a pruned entry keeps in the sparsity-aware factorization (default: params.yaml's factorize.pruned_weight)")
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
+    parser.add_argument("--rank-pull", type=float, default=None,
+                        help="while pruning, pull each matrix towards its rank-r part with this total strength (prune.rank_pull; default: params.yaml's)")
     parser.add_argument("--seed", type=int, default=None, help="seed of pruning and mixed-rank fine-tuning, and of its path draws (default: params.yaml's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK, or TASK-trainN for another --train)")
@@ -90,7 +92,6 @@ def main() -> None:
     runs = Path(args.runs) if args.runs else runs_folder(args.task, args.train)
     kd = "-kd" if args.prune_distill else ""
     seed = "" if args.seed is None else f"-seed{args.seed}"
-    out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{seed}"  # cached results are per training budget and seed
     data, dense = runs / "data", runs / "finetune" / "model"
     if not dense.exists():
         raise SystemExit(f"{dense} not found: run benchmarks/quality.py --task {args.task} first")
@@ -99,7 +100,11 @@ def main() -> None:
         overrides.append(f"prune.density_factor={args.density_factor}")
     if args.pruned_weight is not None:
         overrides.append(f"factorize.pruned_weight={args.pruned_weight}")
-    base = load_params("params.yaml", overrides)  # a bad --density-factor or --pruned-weight fails here, naming its key
+    if args.rank_pull is not None:
+        overrides.append(f"prune.rank_pull={args.rank_pull}")
+    base = load_params("params.yaml", overrides)  # a bad --density-factor, --pruned-weight or --rank-pull fails here, naming its key
+    pull = f"-pull{base.prune.rank_pull:g}" if base.prune.rank_pull > 0 else ""
+    out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{pull}{seed}"  # cached results are per training budget, pull and seed
     density_factor = base.prune.density_factor  # the flag's value, or params.yaml's when it is not given
     seeds = {} if args.seed is None else {"seed": args.seed}
     prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs, **seeds)
@@ -184,14 +189,21 @@ def main() -> None:
         result = lpaf(ablation, **kwargs)
         rows.append([f"LPAF, {label}", ablation, result["before"], result["after"]])
 
-    ranks = read_json(out / "metrics" / f"prune-{args.prune_method}-{base.prune.density(ablation)}.json").get("rank_ratio", {})
+    prune_metrics = read_json(out / "metrics" / f"prune-{args.prune_method}-{base.prune.density(ablation)}.json")
+    ranks = prune_metrics.get("rank_ratio", {})
     densities = [base.prune.density(r) for r in ratios]
     prune_scores = [[d, read_json(out / "metrics" / f"prune-{args.prune_method}-{d}.json")["history"][-1]["score"]] for d in densities]
+    tail_phrase = (
+        f"{prune_metrics['tail_share_dense']:.3f} in the dense model, {prune_metrics['tail_share']:.3f} after pruning (density {base.prune.density(ablation)}, mean over matrices)"
+        if "tail_share" in prune_metrics else "not recorded (a prune run from before the metric)"
+    )
     rank_rows = [[label, *(values.get(k) for k in ("effective_rank_0.9_ratio", "effective_rank_0.99_ratio", "stable_rank_ratio"))] for label, values in ranks.items()]
     cost_rows = [[key, len(v), sum(s for s, _ in v) / len(v), max(m for _, m in v)] for key, v in costs.items()]
     body = (
         f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
-        f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = {'keep ratio' if density_factor == 1 else f'{density_factor:g} x keep ratio'}, "
+        f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = {'keep ratio' if density_factor == 1 else f'{density_factor:g} x keep ratio'}"
+        + (f" while pulling each matrix towards its rank-r part (prune.rank_pull {base.prune.rank_pull:g}), " if pull else ", ")
+        + f"share of the energy beyond the factor rank: {tail_phrase}; "
         f"sparsity-aware factorization ({base.factorize.sparse_importance} importance of the pruned model, pruned entries "
         f"at weight {base.factorize.pruned_weight:g}; distillation while pruning {'on' if args.prune_distill else 'off'}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
@@ -208,14 +220,15 @@ def main() -> None:
         f"python benchmarks/lpaf.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
         + f" --density-factor {density_factor:g}" + f" --pruned-weight {base.factorize.pruned_weight:g}"
+        + (f" --rank-pull {base.prune.rank_pull:g}" if pull else "")
         + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
     )
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
     weight = "" if base.factorize.pruned_weight == LEGACY_PRUNED_WEIGHT else f"-pw{base.factorize.pruned_weight:g}"
-    name = f"lpaf-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{seed}{lr}"
+    name = f"lpaf-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{pull}{seed}{lr}"
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
         "task": args.task, "train": args.train, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
-        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
+        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "rank_pull": base.prune.rank_pull, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)

@@ -203,6 +203,10 @@ class PruneConfig:
     scope: per_matrix (the same density everywhere) or global (one top-k over all targets).
     update_every: recompute the masks every this many optimizer steps.
     start_from: finetuned (prune the dense teacher further) or pretrained (prune while fine-tuning).
+    rank_pull: beyond the paper, 0 = off: while pruning, pull each matrix towards its part of
+        the rank the factorization will give it (lowrank.rank_pull), with this total strength
+        (the energy beyond that rank would shrink by about exp(-rank_pull) without the task's gradients).
+    rank_pull_every: recompute the singular subspaces of the pull every this many steps.
     rank_energies: spectrum shares for the effective ranks of the rank analysis; [] skips it.
     train: the fine-tuning run that prunes (its `warmup_ratio` is the learning rate's).
     distill: distillation from the dense fine-tuned model during pruning.
@@ -219,6 +223,8 @@ class PruneConfig:
     scope: Literal["per_matrix", "global"] = "per_matrix"
     update_every: int = 1
     start_from: Literal["finetuned", "pretrained"] = "finetuned"
+    rank_pull: float = 0.0
+    rank_pull_every: int = 10
     rank_energies: list[float] = field(default_factory=lambda: [0.9, 0.99])
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillationConfig = field(default_factory=DistillationConfig)
@@ -243,6 +249,8 @@ class PruneConfig:
             self.schedule_steps(self.train.max_steps)
         _check(0 <= self.taylor_beta < 1, "prune.taylor_beta", f"must be in [0, 1), got {self.taylor_beta}")
         _check(self.update_every >= 1, "prune.update_every", f"must be >= 1, got {self.update_every}")
+        _check(self.rank_pull >= 0, "prune.rank_pull", f"must be >= 0 (0: off), got {self.rank_pull}")
+        _check(self.rank_pull_every >= 1, "prune.rank_pull_every", f"must be >= 1, got {self.rank_pull_every}")
         _check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")
 
     def density(self, keep_ratio: float) -> float:

@@ -77,6 +77,27 @@ def onnx_session(path: str | Path, threads: int | None = None, profile_prefix: s
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+ONNX_PRODUCT_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")  # onnxruntime's products, after its fusions
+
+
+def onnx_node_kind(event: dict) -> str | None:
+    """Which part of the model a node of onnxruntime's profile belongs to: "linear"
+    (a product by a weight), "attention" (QK^T, AV, softmax) or "other"; None for
+    events that are not a node's kernel time.
+
+    The export does not name nodes by module reliably after the optimizer's
+    fusions, so products are told apart by their inputs: attention's take two
+    per-head (batch, heads, length, dim) tensors, a Linear layer's a weight.
+    """
+    if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+        return None
+    op = event["args"]["op_name"]
+    per_head_inputs = sum(len(next(iter(s.values()))) == 4 for s in event["args"].get("input_type_shape", []))
+    if op == "Softmax" or (op in ONNX_PRODUCT_OPS and per_head_inputs == 2):
+        return "attention"
+    return "linear" if op in ONNX_PRODUCT_OPS else "other"
+
+
 def export_onnx(
     model: nn.Module, path: str | Path, *, seq_len: int = 16, opset: int = 18, atol: float = 1e-4, eager_attention: bool = True
 ) -> dict[str, float]:

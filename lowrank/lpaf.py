@@ -96,6 +96,8 @@ def run_prune(
     from .models import load_classifier
     from .pruning import PruneOptions, Pruner, prune_once
     from .rank_analysis import plot_rank_report, rank_report
+    from .rank_pull import RankPull
+    from .ranks import allocate_ranks
     from .surgery import dense_weights
     from .training import total_steps, train
 
@@ -112,12 +114,17 @@ def run_prune(
     warmup, cooldown = cfg.schedule_steps(total_steps(cfg.train, len(loader)))
     density = cfg.density(factorize_cfg.keep_ratio)
     pruner = Pruner(names, PruneOptions(cfg.method, density, warmup, cooldown, cfg.scope, cfg.update_every, cfg.taylor_beta))
+    shapes = {n: tuple(w.shape) for n, w in dense_weights(dense, names).items()}
+    ranks = {n: r for n, r in allocate_ranks(shapes, factorize_cfg.keep_ratio, "uniform", factorize_cfg.rank_multiple).items() if r}
+    hooks: list = [pruner]
+    if cfg.rank_pull > 0:
+        hooks.append(RankPull(ranks, cfg.rank_pull, cfg.rank_pull_every, mask_fn=pruner.masks))
     teacher, distill = _distillation(cfg.distill, dense_dir, dense)
     result = train(
-        model, loader, cfg.train, evaluate=prepared.evaluate_fn(cfg.train.eval_batch_size), hooks=[pruner],
+        model, loader, cfg.train, evaluate=prepared.evaluate_fn(cfg.train.eval_batch_size), hooks=hooks,
         teacher=teacher, distill=distill, keep_best=False, description="prune",
     )
-    extra = {"prune_method": cfg.method, "density": density, "scope": cfg.scope, "start_from": cfg.start_from}
+    extra = {"prune_method": cfg.method, "density": density, "scope": cfg.scope, "start_from": cfg.start_from, "rank_pull": cfg.rank_pull}
     with atomic_dir(out_dir) as tmp:
         save_compressed(model, tmp / "model", method="pruned", targets=names, tokenizer=prepared.tokenizer, extra=extra)
         pruner.save(tmp / MASKS_FILE)
@@ -129,6 +136,9 @@ def run_prune(
         "density_per_matrix": {name: float(masks[name].float().mean()) for name in names},
         "warmup_steps": warmup,
         "cooldown_steps": cooldown,
+        # what factorizing at the ranks of factorize.keep_ratio would lose, before and after pruning
+        "tail_share_dense": _mean_tail_share(dense, ranks),
+        "tail_share": _mean_tail_share(model, ranks),
         **_train_metrics(result),
     }
     plots: list[str] = []
@@ -146,6 +156,15 @@ def run_prune(
         metrics["rank_ratio"] = {label: _mean_ratios(rows) for label, rows in reports.items()}
         plots = [str(plot_path), str(report_path)]
     return _finish(metrics_path, {"pruned": out_dir}, metrics, {"history": result.history, "plots": plots})
+
+
+def _mean_tail_share(model: torch.nn.Module, ranks: Mapping[str, int]) -> float:
+    """Mean over matrices of the energy share beyond their rank: LPAF's premise, in one number."""
+    from .rank_pull import tail_share
+    from .surgery import dense_weights
+
+    weights = dense_weights(model, list(ranks))
+    return sum(tail_share(weights[n], r) for n, r in ranks.items()) / max(len(ranks), 1)
 
 
 # --------------------------------------------------------------------------- factorize_pruned

@@ -136,6 +136,25 @@ def test_prune_variants_magnitude_global_from_pretrained(lpaf_run, tmp_path: Pat
     assert "rank_ratio.dense.stable_rank_ratio" not in result.metrics
 
 
+def test_rank_pull_leaves_less_beyond_the_factor_rank(lpaf_run, tmp_path: Path) -> None:
+    """The same pruning run with the pull ends closer to the ranks the factorization will use, masks intact."""
+    params, layout, _ = lpaf_run
+    base = dataclasses.replace(
+        params.prune, final_density=0.5, rank_energies=[], distill=dataclasses.replace(params.prune.distill, enabled=False),
+        train=dataclasses.replace(params.prune.train, epochs=1.0, eval_every_epoch=False),
+    )
+    tails = {}
+    for pull in (0.0, 3.0):
+        out = tmp_path / f"prune-{pull}"
+        result = run_prune(dataclasses.replace(base, rank_pull=pull, rank_pull_every=2), params.factorize, params.model,
+                           layout.model("finetune"), layout.data, out, tmp_path / f"prune-{pull}.json")
+        tails[pull] = result.metrics["tail_share"]
+        masks, _ = load_pruning_state(out / MASKS_FILE)
+        assert sum(int(m.sum()) for m in masks.values()) == kept_count(sum(m.numel() for m in masks.values()), 0.5)
+    assert result.metrics["tail_share_dense"] > 0
+    assert tails[3.0] < 0.6 * tails[0.0]
+
+
 def test_prune_schedule_longer_than_training_names_the_key(lpaf_run, tmp_path: Path) -> None:
     params, layout, _ = lpaf_run
     cfg = dataclasses.replace(params.prune, warmup_steps=5, cooldown_steps=2)  # 6 steps in 2 epochs
@@ -164,6 +183,8 @@ def test_factorize_pruned_refuses_dense_methods(tmp_path: Path) -> None:
         ),
         (["prune.train.lr=0"], "prune.train.lr"),
         (["prune.method=random"], "prune.method"),
+        (["prune.rank_pull=-1"], "prune.rank_pull"),
+        (["prune.rank_pull_every=0"], "prune.rank_pull_every"),
         (["mrft.p0=1.5"], "mrft.p0"),
         (["mrft.distill.temperature=0"], "mrft.distill.temperature"),
         (["factorize.method=sparse_svd"], "factorize.method"),  # the factorize path (default)

@@ -1,0 +1,114 @@
+"""A pull of each targeted weight towards its rank-r part during training.
+
+LPAF prunes first because first-order pruning is said to leave matrices of low
+effective rank, so that the factorization after it loses little. On MiniLM it
+does not (BENCHMARKS.md: 0.47 of full rank at 90% energy after Taylor pruning,
+0.48 for the dense model), and the factorized pruned model starts no better
+than TFWSVD of the dense one. The pull makes the first phase do that work
+explicitly: after every optimizer step, each weight moves a share `gamma(t)` of
+the way to its best rank-r approximation,
+
+    W <- W - gamma(t) * (W - U U^T W V V^T),
+
+where U and V span the top-r singular vectors of W, refreshed every few steps
+(an SVD per matrix per step would cost as much as the step). `gamma` rises
+linearly from 0 over the run, so the network meets the constraint gradually
+while the task loss keeps training it, as gradual pruning meets a density.
+Its sum over the run is the `total` strength: without the task's gradients,
+the energy beyond rank r would shrink by about exp(-total), whatever the
+number of steps, so one setting serves a short run and a long one. It is a decoupled shrinkage of the spectrum's tail,
+the low-rank counterpart of decoupled weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .hooks import TrainHook
+from .surgery import linear_weights
+
+
+def tail_share(weight: torch.Tensor, rank: int) -> float:
+    """Share of the Frobenius energy beyond the top `rank` singular values: what a rank-`rank` factorization loses."""
+    values = torch.linalg.svdvals(weight.detach().float())
+    energy = values.square()
+    return float(energy[rank:].sum() / energy.sum().clamp_min(1e-30))
+
+
+class RankPull(TrainHook):
+    """Pulls each named Linear weight towards its rank-r part after every optimizer step.
+
+    ranks: the rank each module will be factorized to.
+    total: the sum of the per-step pulls over the run, >= 0 (each step's is capped at 1).
+    refresh_every: recompute the singular subspaces every this many steps.
+    mask_fn: called after the pull, e.g. a pruner's masks, so that pruned entries stay zero
+        (the rank-r part is dense); None to leave the weights dense.
+    """
+
+    def __init__(
+        self,
+        ranks: Mapping[str, int],
+        total: float,
+        refresh_every: int = 10,
+        mask_fn: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
+        if not ranks:
+            raise ValueError("RankPull needs at least one target")
+        if not total >= 0:
+            raise ValueError(f"total must be >= 0, got {total}")
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        bad = {name: r for name, r in ranks.items() if r < 1}
+        if bad:
+            raise ValueError(f"ranks must be >= 1, got {bad}")
+        self.ranks = dict(ranks)
+        self.total = total
+        self.refresh_every = refresh_every
+        self.mask_fn = mask_fn
+        self.total_steps = 0
+        self._weights: dict[str, nn.Parameter] = {}
+        self._bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gamma = 0.0
+
+    def gamma_at(self, step: int) -> float:
+        """The pull after `step` (0-based): a linear ramp from 0 whose sum over the run is `total`."""
+        n = self.total_steps
+        if n <= 1:
+            return min(self.total, 1.0)
+        return min(self.total * 2 * min(step, n - 1) / (n * (n - 1)), 1.0)
+
+    @torch.no_grad()
+    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self._weights = linear_weights(model, list(self.ranks), "rank pull target")
+        for name, weight in self._weights.items():
+            if self.ranks[name] > min(weight.shape):
+                raise ValueError(f"rank pull: rank {self.ranks[name]} of {name!r} exceeds min{tuple(weight.shape)}")
+        self._bases = {}
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self._gamma = self.gamma_at(step)
+        if self._gamma == 0:
+            return
+        if step % self.refresh_every == 0 or not self._bases:
+            self._refresh()
+        masks = self.mask_fn() if self.mask_fn is not None else {}
+        for name, weight in self._weights.items():
+            left, right = self._bases[name]
+            low_rank = left @ (left.T @ weight.float() @ right) @ right.T
+            weight.lerp_(low_rank.to(weight.dtype), self._gamma)
+            if name in masks:
+                weight.mul_(masks[name].to(weight.dtype))
+
+    def metrics(self) -> dict[str, float]:
+        return {"rank_pull": self._gamma}
+
+    def _refresh(self) -> None:
+        for name, weight in self._weights.items():
+            rank = self.ranks[name]
+            u, _, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+            self._bases[name] = (u[:, :rank].contiguous(), vh[:rank].T.contiguous())
