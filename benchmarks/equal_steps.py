@@ -43,16 +43,16 @@ def main() -> None:
                 continue
             weight = summary.get("pruned_weight", LEGACY_PRUNED_WEIGHT)  # summaries from before the key
             key = (summary["prune_method"], summary["prune_epochs"], summary["mrft_epochs"], summary["density_factor"], weight,
-                   summary["prune_distill"], summary.get("rank_pull", 0.0), summary["lr"])
+                   summary["prune_distill"], summary.get("rank_pull", 0.0), summary.get("rank_pull_weighted", False), summary["lr"])  # the first pull runs were plain
             groups[key].append((summary["seed"], lpaf, tfwsvd))
     if not groups:
         raise SystemExit(f"{runs}: no lpaf.py summary at keep ratio {args.ratio} with a + ft run of as many epochs (see --help)")
 
     rows, means = [], []
-    for (method, prune, mrft, factor, weight, distill, pull, lr), seeds in sorted(groups.items()):
+    for (method, prune, mrft, factor, weight, distill, pull, weighted, lr), seeds in sorted(groups.items()):
         setting = (
             f"{method}, {prune:g} + {mrft:g} epochs, density {factor:g} x keep ratio, pruned entries at weight {weight:g}"
-            f"{', distillation while pruning' if distill else ''}{f', rank pull {pull:g}' if pull else ''}, lr {lr:g}"
+            f"{', distillation while pruning' if distill else ''}{f", {'score-weighted' if weighted else 'plain'} rank pull {pull:g}" if pull else ''}, lr {lr:g}"
         )
         for seed, lpaf, tfwsvd in sorted(seeds):
             rows.append([setting, seed, lpaf, tfwsvd, lpaf - tfwsvd])

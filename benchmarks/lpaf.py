@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
     parser.add_argument("--rank-pull", type=float, default=None,
                         help="while pruning, pull each matrix towards its rank-r part with this total strength (prune.rank_pull; default: params.yaml's)")
+    parser.add_argument("--rank-pull-plain", action="store_true", help="the pull towards the plain rank-r part, not the score-weighted one (prune.rank_pull_weighted false)")
     parser.add_argument("--seed", type=int, default=None, help="seed of pruning and mixed-rank fine-tuning, and of its path draws (default: params.yaml's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK, or TASK-trainN for another --train)")
@@ -102,8 +103,10 @@ def main() -> None:
         overrides.append(f"factorize.pruned_weight={args.pruned_weight}")
     if args.rank_pull is not None:
         overrides.append(f"prune.rank_pull={args.rank_pull}")
+    if args.rank_pull_plain:
+        overrides.append("prune.rank_pull_weighted=false")
     base = load_params("params.yaml", overrides)  # a bad --density-factor, --pruned-weight or --rank-pull fails here, naming its key
-    pull = f"-pull{base.prune.rank_pull:g}" if base.prune.rank_pull > 0 else ""
+    pull = f"-{'w' if base.prune.rank_pull_weighted else ''}pull{base.prune.rank_pull:g}" if base.prune.rank_pull > 0 else ""
     out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{pull}{seed}"  # cached results are per training budget, pull and seed
     density_factor = base.prune.density_factor  # the flag's value, or params.yaml's when it is not given
     seeds = {} if args.seed is None else {"seed": args.seed}
@@ -202,7 +205,7 @@ def main() -> None:
     body = (
         f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
         f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = {'keep ratio' if density_factor == 1 else f'{density_factor:g} x keep ratio'}"
-        + (f" while pulling each matrix towards its rank-r part (prune.rank_pull {base.prune.rank_pull:g}), " if pull else ", ")
+        + (f" while pulling each matrix towards its {'score-weighted ' if base.prune.rank_pull_weighted else 'plain '}rank-r part (prune.rank_pull {base.prune.rank_pull:g}), " if pull else ", ")
         + f"share of the energy beyond the factor rank: {tail_phrase}; "
         f"sparsity-aware factorization ({base.factorize.sparse_importance} importance of the pruned model, pruned entries "
         f"at weight {base.factorize.pruned_weight:g}; distillation while pruning {'on' if args.prune_distill else 'off'}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
@@ -220,18 +223,19 @@ def main() -> None:
         f"python benchmarks/lpaf.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
         + f" --density-factor {density_factor:g}" + f" --pruned-weight {base.factorize.pruned_weight:g}"
-        + (f" --rank-pull {base.prune.rank_pull:g}" if pull else "")
+        + (f" --rank-pull {base.prune.rank_pull:g}" if pull else "") + (" --rank-pull-plain" if pull and not base.prune.rank_pull_weighted else "")
         + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
     )
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
     weight = "" if base.factorize.pruned_weight == LEGACY_PRUNED_WEIGHT else f"-pw{base.factorize.pruned_weight:g}"
     name = f"lpaf-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{pull}{seed}{lr}"
+    pull_title = f", {'score-weighted' if base.prune.rank_pull_weighted else 'plain'} rank pull {base.prune.rank_pull:g}" if pull else ""
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
         "task": args.task, "train": args.train, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
-        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "rank_pull": base.prune.rank_pull, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
+        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "rank_pull": base.prune.rank_pull, "rank_pull_weighted": base.prune.rank_pull_weighted, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
-    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs (issue 4)", command, body)
+    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs{pull_title} (issue 4)", command, body)
 
 
 if __name__ == "__main__":

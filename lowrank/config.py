@@ -206,7 +206,9 @@ class PruneConfig:
     rank_pull: beyond the paper, 0 = off: while pruning, pull each matrix towards its part of
         the rank the factorization will give it (lowrank.rank_pull), with this total strength
         (the energy beyond that rank would shrink by about exp(-rank_pull) without the task's gradients).
-    rank_pull_every: recompute the singular subspaces of the pull every this many steps.
+    rank_pull_every: refresh the pull's rank-r target every this many steps.
+    rank_pull_weighted: pull towards the rank-r solution weighted by the pruning scores
+        (element-wise, by the als solver) instead of the plain rank-r part, which discards what the task needs.
     rank_energies: spectrum shares for the effective ranks of the rank analysis; [] skips it.
     train: the fine-tuning run that prunes (its `warmup_ratio` is the learning rate's).
     distill: distillation from the dense fine-tuned model during pruning.
@@ -225,6 +227,7 @@ class PruneConfig:
     start_from: Literal["finetuned", "pretrained"] = "finetuned"
     rank_pull: float = 0.0
     rank_pull_every: int = 10
+    rank_pull_weighted: bool = True
     rank_energies: list[float] = field(default_factory=lambda: [0.9, 0.99])
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillationConfig = field(default_factory=DistillationConfig)

@@ -118,13 +118,14 @@ def run_prune(
     ranks = {n: r for n, r in allocate_ranks(shapes, factorize_cfg.keep_ratio, "uniform", factorize_cfg.rank_multiple).items() if r}
     hooks: list = [pruner]
     if cfg.rank_pull > 0:
-        hooks.append(RankPull(ranks, cfg.rank_pull, cfg.rank_pull_every, mask_fn=pruner.masks))
+        importance = pruner.scores if cfg.rank_pull_weighted else None
+        hooks.append(RankPull(ranks, cfg.rank_pull, cfg.rank_pull_every, mask_fn=pruner.masks, importance_fn=importance))
     teacher, distill = _distillation(cfg.distill, dense_dir, dense)
     result = train(
         model, loader, cfg.train, evaluate=prepared.evaluate_fn(cfg.train.eval_batch_size), hooks=hooks,
         teacher=teacher, distill=distill, keep_best=False, description="prune",
     )
-    extra = {"prune_method": cfg.method, "density": density, "scope": cfg.scope, "start_from": cfg.start_from, "rank_pull": cfg.rank_pull}
+    extra = {"prune_method": cfg.method, "density": density, "scope": cfg.scope, "start_from": cfg.start_from, "rank_pull": cfg.rank_pull, "rank_pull_weighted": cfg.rank_pull_weighted}
     with atomic_dir(out_dir) as tmp:
         save_compressed(model, tmp / "model", method="pruned", targets=names, tokenizer=prepared.tokenizer, extra=extra)
         pruner.save(tmp / MASKS_FILE)

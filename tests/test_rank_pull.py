@@ -86,3 +86,18 @@ def test_rank_above_the_matrix_and_unknown_module_are_named() -> None:
         RankPull({"0": 13}, total=1.0).on_train_begin(_model(), 10)
     with pytest.raises(ValueError, match="missing"):
         RankPull({"missing": 2}, total=1.0).on_train_begin(_model(), 10)
+
+
+def test_weighted_pull_keeps_the_important_entries() -> None:
+    """With importance, the pull heads for the weighted rank-r solution: the important entries move less than under the plain pull."""
+    generator = torch.Generator().manual_seed(3)
+    importance = torch.rand(20, 12, generator=generator) ** 4 * 100 + 0.01  # spread-out weights
+    moved = {}
+    for weighted in (False, True):
+        model = _model()
+        start = model[0].weight.detach().clone()
+        pull = RankPull({"0": 3}, total=3.0, refresh_every=5, importance_fn=(lambda: {"0": importance}) if weighted else None)
+        _run(pull, model, steps=50)
+        moved[weighted] = float((importance * (model[0].weight.detach() - start) ** 2).sum())
+        assert tail_share(model[0].weight, 3) < tail_share(start, 3)
+    assert moved[True] < 0.5 * moved[False]
