@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from lpaf import LEGACY_PRUNED_WEIGHT
+from lpaf import LEGACY_PRUNED_WEIGHT, PULL_LABELS
 from quality import DEFAULT_TRAIN, runs_folder, train_phrase, train_suffix
 from report import table, write_section
 
@@ -43,16 +43,21 @@ def main() -> None:
                 continue
             weight = summary.get("pruned_weight", LEGACY_PRUNED_WEIGHT)  # summaries from before the key
             key = (summary["prune_method"], summary["prune_epochs"], summary["mrft_epochs"], summary["density_factor"], weight,
-                   summary["prune_distill"], summary.get("rank_pull", 0.0), summary.get("rank_pull_weighted", False), summary["lr"])  # the first pull runs were plain
+                   summary["prune_distill"], summary.get("rank_pull", 0.0), summary.get("rank_pull_importance", "none"), summary.get("start_from", "finetuned"), summary["lr"])
             groups[key].append((summary["seed"], lpaf, tfwsvd))
     if not groups:
         raise SystemExit(f"{runs}: no lpaf.py summary at keep ratio {args.ratio} with a + ft run of as many epochs (see --help)")
 
     rows, means = [], []
-    for (method, prune, mrft, factor, weight, distill, pull, weighted, lr), seeds in sorted(groups.items()):
+    for (method, prune, mrft, factor, weight, distill, pull, importance, start, lr), seeds in sorted(groups.items()):
+        extras = [
+            "distillation while pruning" if distill else "",
+            f"{PULL_LABELS[importance]} rank pull {pull:g}" if pull else "",
+            "from the pretrained model" if start == "pretrained" else "",
+        ]
         setting = (
-            f"{method}, {prune:g} + {mrft:g} epochs, density {factor:g} x keep ratio, pruned entries at weight {weight:g}"
-            f"{', distillation while pruning' if distill else ''}{f", {'score-weighted' if weighted else 'plain'} rank pull {pull:g}" if pull else ''}, lr {lr:g}"
+            f"{method}, {prune:g} + {mrft:g} epochs, density {factor:g} x keep ratio, pruned entries at weight {weight:g}, "
+            + "".join(f"{extra}, " for extra in extras if extra) + f"lr {lr:g}"
         )
         for seed, lpaf, tfwsvd in sorted(seeds):
             rows.append([setting, seed, lpaf, tfwsvd, lpaf - tfwsvd])
@@ -63,7 +68,7 @@ def main() -> None:
             statistics.mean(lpaf_scores) - statistics.mean(tfwsvd_scores), f"{ahead} of {len(seeds)}",
         ])
     body = (
-        f"Task {args.task}, {args.train} training examples, keep ratio {args.ratio}: LPAF (prune + mixed-rank epochs) beside TFWSVD + ft for as many epochs, "
+        f"Task {args.task}, {args.train} training examples, keep ratio {args.ratio}: LPAF (prune + mixed-rank epochs) beside TFWSVD + ft for as many epochs (from the pretrained model: as many as LPAF less the dense model's fine-tuning), "
         "both at the same training seed and learning rate (the LPAF seed also drives pruning and the mixed-rank path draws). "
         "Dev scores after fine-tuning, read from the lpaf.py runs' summaries.\n\n"
         + table(["LPAF setting", "seed", "LPAF", "TFWSVD + ft", "LPAF - TFWSVD + ft"], rows)

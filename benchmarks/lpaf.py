@@ -43,6 +43,9 @@ from report import table, write_section
 # factorize.pruned_weight of every run before the flag existed (the default then): their sections and
 # summaries carry no -pw suffix, so a run at this weight keeps their names and any other weight gets its own.
 LEGACY_PRUNED_WEIGHT = 0.3
+# prune.rank_pull_importance: how runs folders, sections and tables name the pull
+PULL_PREFIXES = {"none": "", "scores": "w", "fisher": "f"}
+PULL_LABELS = {"none": "plain", "scores": "score-weighted", "fisher": "Fisher-weighted"}
 ABLATIONS = ("magnitude", "other", "svd", "scores", "pw0", "p0", "kd")
 
 
@@ -78,9 +81,13 @@ def main() -> None:
     parser.add_argument("--pruned-weight", type=float, default=None,
                         help="share of its importance a pruned entry keeps in the sparsity-aware factorization (default: params.yaml's factorize.pruned_weight)")
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
+    parser.add_argument("--start-from", default="finetuned", choices=["finetuned", "pretrained"],
+                        help="prune the dense fine-tuned model further, or prune while fine-tuning the pretrained one (prune.start_from); "
+                        "from pretrained, the + ft comparison at equal steps counts the dense model's fine-tuning epochs on the other side")
     parser.add_argument("--rank-pull", type=float, default=None,
                         help="while pruning, pull each matrix towards its rank-r part with this total strength (prune.rank_pull; default: params.yaml's)")
-    parser.add_argument("--rank-pull-plain", action="store_true", help="the pull towards the plain rank-r part, not the score-weighted one (prune.rank_pull_weighted false)")
+    parser.add_argument("--rank-pull-importance", default=None, choices=list(PULL_LABELS),
+                        help="element weights of the pull's rank-r target (prune.rank_pull_importance; default: params.yaml's)")
     parser.add_argument("--seed", type=int, default=None, help="seed of pruning and mixed-rank fine-tuning, and of its path draws (default: params.yaml's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK, or TASK-trainN for another --train)")
@@ -103,11 +110,13 @@ def main() -> None:
         overrides.append(f"factorize.pruned_weight={args.pruned_weight}")
     if args.rank_pull is not None:
         overrides.append(f"prune.rank_pull={args.rank_pull}")
-    if args.rank_pull_plain:
-        overrides.append("prune.rank_pull_weighted=false")
+    if args.rank_pull_importance is not None:
+        overrides.append(f"prune.rank_pull_importance={args.rank_pull_importance}")
     base = load_params("params.yaml", overrides)  # a bad --density-factor, --pruned-weight or --rank-pull fails here, naming its key
-    pull = f"-{'w' if base.prune.rank_pull_weighted else ''}pull{base.prune.rank_pull:g}" if base.prune.rank_pull > 0 else ""
-    out = runs / f"lpaf-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{pull}{seed}"  # cached results are per training budget, pull and seed
+    pull_importance = base.prune.rank_pull_importance
+    pull = f"-{PULL_PREFIXES[pull_importance]}pull{base.prune.rank_pull:g}" if base.prune.rank_pull > 0 else ""
+    start = "-pre" if args.start_from == "pretrained" else ""
+    out = runs / f"lpaf{start}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{pull}{seed}"  # cached results are per training budget, pull and seed
     density_factor = base.prune.density_factor  # the flag's value, or params.yaml's when it is not given
     seeds = {} if args.seed is None else {"seed": args.seed}
     prune_train = dataclasses.replace(base.prune.train, epochs=args.prune_epochs, **seeds)
@@ -133,7 +142,7 @@ def main() -> None:
         mrft_distill: bool = base.mrft.distill.enabled,
     ) -> dict:
         density = base.prune.density(ratio)
-        prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train, distill=prune_distill)
+        prune_cfg = dataclasses.replace(base.prune, method=prune_method, train=prune_train, distill=prune_distill, start_from=args.start_from)
         factorize_cfg = dataclasses.replace(
             base.factorize, method=method, keep_ratio=ratio, sparse_importance=sparse_importance, pruned_weight=pruned_weight
         )
@@ -160,7 +169,11 @@ def main() -> None:
     reference_file = summary_file(runs, 1, mrft_train, base.finetune_compressed)
     quality = json.loads(reference_file.read_text()) if reference_file.is_file() else {"rows": []}
     reference = {(row[0], row[1]): (row[3], "not run" if row[4] is None else row[4]) for row in quality["rows"]}
-    epochs = args.prune_epochs + args.mrft_epochs  # + ft with as many epochs as LPAF trains, when quality.py was run for it
+    # + ft with as many epochs as LPAF trains, when quality.py was run for it; from the pretrained model,
+    # LPAF's pruning also does the dense model's fine-tuning, which the factorize path had before + ft
+    epochs = args.prune_epochs + args.mrft_epochs - (base.finetune.epochs if args.start_from == "pretrained" else 0)
+    if epochs <= 0:
+        raise SystemExit(f"--start-from pretrained: --prune-epochs + --mrft-epochs must exceed the dense model's {base.finetune.epochs:g} fine-tuning epochs")
     same_budget_file = summary_file(runs, epochs, mrft_train, base.finetune_compressed)
     same_rows = json.loads(same_budget_file.read_text())["rows"] if same_budget_file.is_file() else []
     same_budget = {(r[0], r[1]): r[4] for r in same_rows}
@@ -175,7 +188,8 @@ def main() -> None:
             if (method, ratio) in reference:
                 rows.append([f"{method.upper()} + ft (quality benchmark)", ratio, *reference[(method, ratio)]])
             if same_budget.get((method, ratio)) is not None:
-                rows.append([f"{method.upper()} + ft for {epochs:g} epochs, as many as LPAF", ratio, factorized_scores[(method, ratio)], same_budget[(method, ratio)]])
+                budget = "as many as LPAF" if not start else f"as many as LPAF with the dense model's {base.finetune.epochs:g}"
+                rows.append([f"{method.upper()} + ft for {epochs:g} epochs, {budget}", ratio, factorized_scores[(method, ratio)], same_budget[(method, ratio)]])
     ablation = min(ratios)
     other = "movement" if args.prune_method == "taylor" else "taylor"
     settings = {
@@ -204,13 +218,14 @@ def main() -> None:
     cost_rows = [[key, len(v), sum(s for s, _ in v) / len(v), max(m for _, m in v)] for key, v in costs.items()]
     body = (
         f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
-        f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the fine-tuned model to density = {'keep ratio' if density_factor == 1 else f'{density_factor:g} x keep ratio'}"
-        + (f" while pulling each matrix towards its {'score-weighted ' if base.prune.rank_pull_weighted else 'plain '}rank-r part (prune.rank_pull {base.prune.rank_pull:g}), " if pull else ", ")
+        f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the {args.start_from} model to density = {'keep ratio' if density_factor == 1 else f'{density_factor:g} x keep ratio'}"
+        + (f" while pulling each matrix towards its {PULL_LABELS[pull_importance]} rank-r part (prune.rank_pull {base.prune.rank_pull:g}), " if pull else ", ")
         + f"share of the energy beyond the factor rank: {tail_phrase}; "
         f"sparsity-aware factorization ({base.factorize.sparse_importance} importance of the pruned model, pruned entries "
         f"at weight {base.factorize.pruned_weight:g}; distillation while pruning {'on' if args.prune_distill else 'off'}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
-        f"The factorize-path rows had 1 epoch of + ft unless they say otherwise; LPAF trained for {epochs:g}.\n\n"
+        f"The factorize-path rows had 1 epoch of + ft unless they say otherwise; LPAF trained for {args.prune_epochs + args.mrft_epochs:g}"
+        + (f" from the pretrained model, the factorize path for {base.finetune.epochs:g} (the dense model) + the + ft epochs" if start else "") + ".\n\n"
         + table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
         + f"\n\nScore of the {args.prune_method}-pruned model itself (before factorizing): "
         + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
@@ -222,20 +237,21 @@ def main() -> None:
     command = (
         f"python benchmarks/lpaf.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratios {args.ratios} --prune-epochs {args.prune_epochs:g} "
         f"--mrft-epochs {args.mrft_epochs:g} --prune-method {args.prune_method}" + f" --ablations {args.ablations}" + (" --prune-distill" if args.prune_distill else "")
+        + (" --start-from pretrained" if start else "")
         + f" --density-factor {density_factor:g}" + f" --pruned-weight {base.factorize.pruned_weight:g}"
-        + (f" --rank-pull {base.prune.rank_pull:g}" if pull else "") + (" --rank-pull-plain" if pull and not base.prune.rank_pull_weighted else "")
+        + (f" --rank-pull {base.prune.rank_pull:g} --rank-pull-importance {pull_importance}" if pull else "")
         + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
     )
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
     weight = "" if base.factorize.pruned_weight == LEGACY_PRUNED_WEIGHT else f"-pw{base.factorize.pruned_weight:g}"
-    name = f"lpaf-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{pull}{seed}{lr}"
-    pull_title = f", {'score-weighted' if base.prune.rank_pull_weighted else 'plain'} rank pull {base.prune.rank_pull:g}" if pull else ""
+    name = f"lpaf{start}-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{pull}{seed}{lr}"
+    pull_title = f", {PULL_LABELS[pull_importance]} rank pull {base.prune.rank_pull:g}" if pull else ""
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
         "task": args.task, "train": args.train, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
-        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "rank_pull": base.prune.rank_pull, "rank_pull_weighted": base.prune.rank_pull_weighted, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
+        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "start_from": args.start_from, "rank_pull": base.prune.rank_pull, "rank_pull_importance": pull_importance, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
-    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs{pull_title} (issue 4)", command, body)
+    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs{', from the pretrained model' if start else ''}{pull_title} (issue 4)", command, body)
 
 
 if __name__ == "__main__":

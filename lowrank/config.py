@@ -207,8 +207,10 @@ class PruneConfig:
         the rank the factorization will give it (lowrank.rank_pull), with this total strength
         (the energy beyond that rank would shrink by about exp(-rank_pull) without the task's gradients).
     rank_pull_every: refresh the pull's rank-r target every this many steps.
-    rank_pull_weighted: pull towards the rank-r solution weighted by the pruning scores
-        (element-wise, by the als solver) instead of the plain rank-r part, which discards what the task needs.
+    rank_pull_importance: the element weights of the pull's rank-r target (solved by the als
+        solver): fisher (running squared gradients, pruned entries at `factorize.pruned_weight`,
+        as the factorization after pruning weighs them), scores (the pruning scores) or none
+        (the plain rank-r part, which discards what the task needs).
     rank_energies: spectrum shares for the effective ranks of the rank analysis; [] skips it.
     train: the fine-tuning run that prunes (its `warmup_ratio` is the learning rate's).
     distill: distillation from the dense fine-tuned model during pruning.
@@ -227,7 +229,7 @@ class PruneConfig:
     start_from: Literal["finetuned", "pretrained"] = "finetuned"
     rank_pull: float = 0.0
     rank_pull_every: int = 10
-    rank_pull_weighted: bool = True
+    rank_pull_importance: Literal["fisher", "scores", "none"] = "fisher"
     rank_energies: list[float] = field(default_factory=lambda: [0.9, 0.99])
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillationConfig = field(default_factory=DistillationConfig)
@@ -254,6 +256,8 @@ class PruneConfig:
         _check(self.update_every >= 1, "prune.update_every", f"must be >= 1, got {self.update_every}")
         _check(self.rank_pull >= 0, "prune.rank_pull", f"must be >= 0 (0: off), got {self.rank_pull}")
         _check(self.rank_pull_every >= 1, "prune.rank_pull_every", f"must be >= 1, got {self.rank_pull_every}")
+        _check(self.rank_pull_importance in ("fisher", "scores", "none"), "prune.rank_pull_importance",
+               f"must be fisher, scores or none, got {self.rank_pull_importance!r}")
         _check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")
 
     def density(self, keep_ratio: float) -> float:

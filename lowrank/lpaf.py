@@ -118,14 +118,14 @@ def run_prune(
     ranks = {n: r for n, r in allocate_ranks(shapes, factorize_cfg.keep_ratio, "uniform", factorize_cfg.rank_multiple).items() if r}
     hooks: list = [pruner]
     if cfg.rank_pull > 0:
-        importance = pruner.scores if cfg.rank_pull_weighted else None
+        hooks, importance = _rank_pull_importance(cfg.rank_pull_importance, names, pruner, factorize_cfg.pruned_weight)
         hooks.append(RankPull(ranks, cfg.rank_pull, cfg.rank_pull_every, mask_fn=pruner.masks, importance_fn=importance))
     teacher, distill = _distillation(cfg.distill, dense_dir, dense)
     result = train(
         model, loader, cfg.train, evaluate=prepared.evaluate_fn(cfg.train.eval_batch_size), hooks=hooks,
         teacher=teacher, distill=distill, keep_best=False, description="prune",
     )
-    extra = {"prune_method": cfg.method, "density": density, "scope": cfg.scope, "start_from": cfg.start_from, "rank_pull": cfg.rank_pull, "rank_pull_weighted": cfg.rank_pull_weighted}
+    extra = {"prune_method": cfg.method, "density": density, "scope": cfg.scope, "start_from": cfg.start_from, "rank_pull": cfg.rank_pull, "rank_pull_importance": cfg.rank_pull_importance}
     with atomic_dir(out_dir) as tmp:
         save_compressed(model, tmp / "model", method="pruned", targets=names, tokenizer=prepared.tokenizer, extra=extra)
         pruner.save(tmp / MASKS_FILE)
@@ -157,6 +157,24 @@ def run_prune(
         metrics["rank_ratio"] = {label: _mean_ratios(rows) for label, rows in reports.items()}
         plots = [str(plot_path), str(report_path)]
     return _finish(metrics_path, {"pruned": out_dir}, metrics, {"history": result.history, "plots": plots})
+
+
+def _rank_pull_importance(kind: str, names: list[str], pruner, pruned_weight: float) -> tuple[list, Any]:
+    """The hooks to run before the pull, and the importance of its rank-r target (None: the plain rank-r part)."""
+    from .rank_pull import RunningFisher
+    from .sparsity import sparsity_importance
+
+    if kind == "none":
+        return [pruner], None
+    if kind == "scores":
+        return [pruner], pruner.scores
+    fisher = RunningFisher(names)  # before the pruner, which zeroes the gradients of pruned entries
+
+    def importance() -> dict[str, torch.Tensor]:
+        masks = pruner.masks()
+        return {n: sparsity_importance(masks[n], f, pruned_weight=pruned_weight) for n, f in fisher.values().items()}
+
+    return [fisher, pruner], importance
 
 
 def _mean_tail_share(model: torch.nn.Module, ranks: Mapping[str, int]) -> float:

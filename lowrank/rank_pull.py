@@ -28,7 +28,10 @@ the element-wise weighted rank-r problem (TFWSVD's objective, by the `als`
 solver) and the weights move towards that solution, keeping what the loss is
 sensitive to. That hurt less but still hurt: at total 0.5 the pruned model
 kept its score and its factorization started 3 points lower than without the
-pull, so the stage leaves the pull off by default (`prune.rank_pull: 0`).
+pull. The factorization after pruning weighs entries by the Fisher, pruned
+ones at `factorize.pruned_weight`, not by the pruning scores, so the stage can
+also weigh the pull's target that way (`RunningFisher`), making the pull head
+for the very matrix the factorization will produce.
 """
 
 from __future__ import annotations
@@ -47,6 +50,34 @@ def tail_share(weight: torch.Tensor, rank: int) -> float:
     values = torch.linalg.svdvals(weight.detach().float())
     energy = values.square()
     return float(energy[rank:].sum() / energy.sum().clamp_min(1e-30))
+
+
+class RunningFisher(TrainHook):
+    """Squared gradients of the named weights, averaged over recent steps (an
+    exponential moving average with `beta`): the per-mini-batch Fisher that the
+    factorization will weigh entries by, kept current while the weights move.
+    List it before a pruner, which zeroes the gradients of pruned entries."""
+
+    def __init__(self, names: list[str], beta: float = 0.9) -> None:
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.names = list(names)
+        self.beta = beta
+        self._weights: dict[str, nn.Parameter] = {}
+        self._fisher: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
+        self._weights = linear_weights(model, self.names, "fisher target")
+        self._fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in self._weights.items()}
+
+    @torch.no_grad()
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        for name, weight in self._weights.items():
+            if weight.grad is not None:
+                self._fisher[name].mul_(self.beta).add_(weight.grad.float().square(), alpha=1 - self.beta)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        return dict(self._fisher)
 
 
 class RankPull(TrainHook):

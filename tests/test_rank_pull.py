@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank.rank_pull import RankPull, tail_share
+from lowrank.rank_pull import RankPull, RunningFisher, tail_share
 
 
 def _model(seed: int = 0) -> nn.Sequential:
@@ -101,3 +101,18 @@ def test_weighted_pull_keeps_the_important_entries() -> None:
         moved[weighted] = float((importance * (model[0].weight.detach() - start) ** 2).sum())
         assert tail_share(model[0].weight, 3) < tail_share(start, 3)
     assert moved[True] < 0.5 * moved[False]
+
+
+def test_running_fisher_is_the_moving_average_of_squared_gradients() -> None:
+    model = _model()
+    fisher = RunningFisher(["1"], beta=0.5)
+    fisher.on_train_begin(model, 3)
+    expected = torch.zeros_like(model[1].weight)
+    for step in range(3):
+        model.zero_grad()
+        model(torch.randn(4, 12, generator=torch.Generator().manual_seed(step))).square().sum().backward()
+        fisher.after_backward(model, step)
+        expected = 0.5 * expected + 0.5 * model[1].weight.grad.square()
+    torch.testing.assert_close(fisher.values()["1"], expected)
+    with pytest.raises(ValueError, match="beta"):
+        RunningFisher(["1"], beta=1.0)
