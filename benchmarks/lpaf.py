@@ -113,6 +113,8 @@ def main() -> None:
     if args.rank_pull_importance is not None:
         overrides.append(f"prune.rank_pull_importance={args.rank_pull_importance}")
     base = load_params("params.yaml", overrides)  # a bad --density-factor, --pruned-weight or --rank-pull fails here, naming its key
+    # the Fisher pull weighs pruned entries as the factorization will
+    base = dataclasses.replace(base, prune=dataclasses.replace(base.prune, rank_pull_pruned_weight=base.factorize.pruned_weight))
     pull_importance = base.prune.rank_pull_importance
     pull = f"-{PULL_PREFIXES[pull_importance]}pull{base.prune.rank_pull:g}" if base.prune.rank_pull > 0 else ""
     start = "-pre" if args.start_from == "pretrained" else ""

@@ -208,9 +208,12 @@ class PruneConfig:
         (the energy beyond that rank would shrink by about exp(-rank_pull) without the task's gradients).
     rank_pull_every: refresh the pull's rank-r target every this many steps.
     rank_pull_importance: the element weights of the pull's rank-r target (solved by the als
-        solver): fisher (running squared gradients, pruned entries at `factorize.pruned_weight`,
+        solver): fisher (running squared gradients, pruned entries at `rank_pull_pruned_weight`,
         as the factorization after pruning weighs them), scores (the pruning scores) or none
         (the plain rank-r part, which discards what the task needs).
+    rank_pull_pruned_weight: the share of its Fisher a pruned entry keeps in the pull's target;
+        keep it at `factorize.pruned_weight` (a key of its own, so that sweeping that one does
+        not invalidate the pruned model).
     rank_energies: spectrum shares for the effective ranks of the rank analysis; [] skips it.
     train: the fine-tuning run that prunes (its `warmup_ratio` is the learning rate's).
     distill: distillation from the dense fine-tuned model during pruning.
@@ -230,6 +233,7 @@ class PruneConfig:
     rank_pull: float = 0.0
     rank_pull_every: int = 10
     rank_pull_importance: Literal["fisher", "scores", "none"] = "fisher"
+    rank_pull_pruned_weight: float = 0.6
     rank_energies: list[float] = field(default_factory=lambda: [0.9, 0.99])
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillationConfig = field(default_factory=DistillationConfig)
@@ -258,6 +262,7 @@ class PruneConfig:
         _check(self.rank_pull_every >= 1, "prune.rank_pull_every", f"must be >= 1, got {self.rank_pull_every}")
         _check(self.rank_pull_importance in ("fisher", "scores", "none"), "prune.rank_pull_importance",
                f"must be fisher, scores or none, got {self.rank_pull_importance!r}")
+        _check(self.rank_pull_pruned_weight >= 0, "prune.rank_pull_pruned_weight", f"must be >= 0, got {self.rank_pull_pruned_weight}")
         _check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")
 
     def density(self, keep_ratio: float) -> float:

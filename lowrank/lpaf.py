@@ -118,7 +118,7 @@ def run_prune(
     ranks = {n: r for n, r in allocate_ranks(shapes, factorize_cfg.keep_ratio, "uniform", factorize_cfg.rank_multiple).items() if r}
     hooks: list = [pruner]
     if cfg.rank_pull > 0:
-        hooks, importance = _rank_pull_importance(cfg.rank_pull_importance, names, pruner, factorize_cfg.pruned_weight)
+        hooks, importance = _rank_pull_importance(cfg.rank_pull_importance, names, pruner, cfg.rank_pull_pruned_weight)
         hooks.append(RankPull(ranks, cfg.rank_pull, cfg.rank_pull_every, mask_fn=pruner.masks, importance_fn=importance))
     teacher, distill = _distillation(cfg.distill, dense_dir, dense)
     result = train(
@@ -387,7 +387,7 @@ def _run_prune(p: Params, lay: Layout) -> StageResult:
 register(
     Stage(
         name="prune",
-        sections=("prune", "model", "factorize.keep_ratio", "factorize.targets", "factorize.exclude"),
+        sections=("prune", "model", "factorize.keep_ratio", "factorize.rank_multiple", "factorize.targets", "factorize.exclude"),
         inputs=lambda lay: {"model": lay.model("finetune"), "data": lay.data},
         outputs=lambda lay: {"pruned": prune_dir(lay)},
         run=_run_prune,
