@@ -179,7 +179,7 @@ def _rank_pull_importance(kind: str, names: list[str], pruner, pruned_weight: fl
 
 def _mean_tail_share(model: torch.nn.Module, ranks: Mapping[str, int]) -> float:
     """Mean over matrices of the energy share beyond their rank: LPAF's premise, in one number."""
-    from .rank_pull import tail_share
+    from .rank_analysis import tail_share
     from .surgery import dense_weights
 
     weights = dense_weights(model, list(ranks))

@@ -57,6 +57,13 @@ def stable_rank(weight: torch.Tensor) -> float:
     return _stable_rank_from(_singular_values(weight))
 
 
+def tail_share(weight: torch.Tensor, rank: int) -> float:
+    """Share of ||W||_F^2 beyond the top `rank` singular values: what a rank-`rank` factorization must lose."""
+    energy = _singular_values(weight) ** 2
+    total = energy.sum()
+    return float(energy[rank:].sum() / total) if total > 0 else 0.0
+
+
 def _energy_key(energy: float) -> str:
     return f"effective_rank_{energy:g}"
 

@@ -45,13 +45,6 @@ from .hooks import TrainHook
 from .surgery import linear_weights
 
 
-def tail_share(weight: torch.Tensor, rank: int) -> float:
-    """Share of the Frobenius energy beyond the top `rank` singular values: what a rank-`rank` factorization loses."""
-    values = torch.linalg.svdvals(weight.detach().float())
-    energy = values.square()
-    return float(energy[rank:].sum() / energy.sum().clamp_min(1e-30))
-
-
 class RunningFisher(TrainHook):
     """Squared gradients of the named weights, averaged over recent steps (an
     exponential moving average with `beta`): the per-mini-batch Fisher that the
