@@ -8,6 +8,7 @@ produced it, the machine and the date.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import platform
 import re
@@ -38,7 +39,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU"
+    from lowrank.devices import default_device
+
+    device = default_device()
+    gpu = f"stages on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "no GPU"
+    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, {gpu}"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -61,8 +66,11 @@ def write_section(name: str, title: str, command: str, body: str) -> Path:
         f"<!-- {name}:start -->\n## {title}\n\n"
         f"Command: `{command}`  \nMachine: {machine()}  \nDate: {today}\n\n{body.strip()}\n<!-- {name}:end -->"
     )
-    text = REPORT.read_text() if REPORT.exists() else HEADER
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    REPORT.write_text(text)
+    # Benchmarks may run side by side (several seeds on one GPU): a lock keeps each one's section.
+    with open(REPORT.with_name(".BENCHMARKS.md.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = REPORT.read_text() if REPORT.exists() else HEADER
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+        REPORT.write_text(text)
     return REPORT

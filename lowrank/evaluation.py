@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import LATENCY_RUNTIMES
+from .devices import model_device, to_device
 from .layers import FactorizedLinear
 
 
@@ -20,11 +21,12 @@ from .layers import FactorizedLinear
 def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels over a whole loader, in order."""
     model.eval()
+    device = model_device(model)
     logits, labels = [], []
     for batch in loader:
         batch = dict(batch)
         labels.append(batch.pop("labels"))
-        logits.append(model(**batch).logits.float())
+        logits.append(model(**to_device(batch, device)).logits.float().cpu())
     return torch.cat(logits), torch.cat(labels)
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .devices import model_device, to_device
 from .io import atomic_write_bytes
 from .surgery import linear_weights
 
@@ -85,6 +86,7 @@ def collect_importance(
         weight.requires_grad_(True)
     fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
     taylor = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    device = model_device(model)
     seen = used = units = 0
     bar = tqdm(total=max_samples, desc="importance", unit="ex", disable=not progress, dynamic_ncols=True)
     try:
@@ -92,7 +94,7 @@ def collect_importance(
             if max_samples is not None and seen >= max_samples:
                 break
             take = batch["input_ids"].shape[0] if max_samples is None else min(batch["input_ids"].shape[0], max_samples - seen)
-            batch = {k: v[:take] for k, v in batch.items()}
+            batch = to_device({k: v[:take] for k, v in batch.items()}, device)
             seen += take
             bar.update(take)
             if only_misclassified:

@@ -27,6 +27,7 @@ import torch
 from .config import LPAF_METHODS, SPARSE_METHODS, DistillationConfig, FactorizeConfig, FisherConfig, ModelConfig
 from .config import MrftConfig, Params, PruneConfig
 from .config import check_lpaf_factorize
+from .devices import model_device, place
 from .io import atomic_dir, write_json
 from .sparsity import DEFAULT_PRUNED_WEIGHT
 from .stages import (
@@ -53,7 +54,7 @@ def _distillation(cfg: DistillationConfig, teacher_dir: Path, teacher: torch.nn.
 
     if not cfg.enabled:
         return None, None
-    return teacher or load_compressed(teacher_dir), DistillConfig(cfg.temperature, cfg.weight)
+    return teacher or place(load_compressed(teacher_dir)), DistillConfig(cfg.temperature, cfg.weight)
 
 
 def _train_metrics(result) -> dict[str, Any]:
@@ -102,12 +103,12 @@ def run_prune(
     from .training import total_steps, train
 
     prepared = PreparedData.open(data_dir)
-    dense = load_compressed(dense_dir)
+    dense = place(load_compressed(dense_dir))
     names = _targets(dense, factorize_cfg)
     if cfg.start_from == "pretrained":
         torch.manual_seed(cfg.train.seed)
         labels = list(prepared.spec.label_names) if prepared.spec.label_names else None
-        model = load_classifier(model_cfg, labels)
+        model = place(load_classifier(model_cfg, labels))
     else:
         model = copy.deepcopy(dense)
     loader = prepared.loader("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
@@ -265,8 +266,11 @@ def run_factorize_pruned(
     from .surgery import dense_weights, factorize_model
 
     check_lpaf_factorize(cfg)
-    model = load_compressed(pruned_dir / "model")
-    masks, scores = load_pruning_state(pruned_dir / MASKS_FILE)
+    model = place(load_compressed(pruned_dir / "model"))
+    device = model_device(model)
+    masks, scores = (
+        {n: t.to(device) for n, t in state.items()} for state in load_pruning_state(pruned_dir / MASKS_FILE)
+    )
     names = [name for name, _ in model.named_modules() if name in masks]  # model order
     weights = dense_weights(model, names)
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
@@ -338,8 +342,8 @@ def run_mrft(
     from .training import train
 
     prepared = PreparedData.open(data_dir)
-    model = load_compressed(pruned_dir / "model")
-    factorized = load_compressed(factorized_dir / "model")
+    model = place(load_compressed(pruned_dir / "model"))
+    factorized = place(load_compressed(factorized_dir / "model"))
     entry = recipe(factorized)
     factors = {
         name: (m.up.weight.detach(), m.down.weight.detach())  # (out, rank), (rank, in)

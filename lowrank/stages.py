@@ -20,6 +20,7 @@ import torch
 
 from . import data as data_lib
 from .config import DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig, ModelConfig, Params, TrainConfig
+from .devices import model_device, place
 from .io import atomic_dir, atomic_write_bytes, read_json, write_json
 from .models import load_classifier, load_tokenizer
 
@@ -182,7 +183,7 @@ def run_finetune(
     """Fine-tune the pretrained encoder on the task: the dense teacher."""
     prepared = PreparedData.open(data_dir)
     torch.manual_seed(cfg.seed)
-    model = load_classifier(model_cfg, list(prepared.spec.label_names) if prepared.spec.label_names else None)
+    model = place(load_classifier(model_cfg, list(prepared.spec.label_names) if prepared.spec.label_names else None))
 
     def save(m: torch.nn.Module, path: Path) -> None:
         m.save_pretrained(str(path), safe_serialization=True)
@@ -197,7 +198,7 @@ def run_finetune_compressed(
     from .compressed import load_compressed, recipe, recipe_extra, write_compressed
 
     prepared = PreparedData.open(data_dir)
-    model = load_compressed(model_dir)
+    model = place(load_compressed(model_dir))
     entry = recipe(model)
     extra = recipe_extra(entry)
 
@@ -217,11 +218,11 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: Path, data_dir: Path, metrics_p
     from .matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_targets
 
     prepared = PreparedData.open(data_dir)
-    model = load_compressed(model_dir)
-    model.eval()
+    model = place(load_compressed(model_dir))
     started = time.perf_counter()
     scores = prepared.evaluate_fn(cfg.batch_size)(model)
     eval_seconds = time.perf_counter() - started
+    model.cpu()  # latency is a CPU figure: the compressed models are meant to serve there
     targets = list(recipe(model).get("ranks", {})) or find_targets(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE)
     metrics: dict[str, Any] = {
         "task": scores,
@@ -258,7 +259,7 @@ def run_fisher(
     from .importance import collect_importance, save_importance
 
     prepared = PreparedData.open(data_dir)
-    model = load_compressed(model_dir)
+    model = place(load_compressed(model_dir))
     names = _targets(model, factorize_cfg)
     loader = prepared.loader("train", cfg.batch_size)
     started = time.perf_counter()
@@ -283,6 +284,7 @@ def _importance_for(method: str, importance_dir: Path) -> dict[str, torch.Tensor
 
     if method == "svd":
         return None
+    # The solvers move importance to the weight's device themselves.
     return load_importance(importance_dir / ("taylor.safetensors" if method == "tvd" else "fisher.safetensors")).scores
 
 
@@ -301,9 +303,10 @@ def run_factorize(
 
     if cfg.method not in ("svd", "fwsvd", "tfwsvd", "tvd"):
         raise ValueError(f"factorize.method: {cfg.method} factorizes pruned matrices; the factorize stage takes svd, fwsvd, tfwsvd or tvd")
-    model = load_compressed(model_dir)
+    model = place(load_compressed(model_dir))
     names = _targets(model, cfg)
-    fisher = load_importance(importance_dir / "fisher.safetensors").scores
+    device = model_device(model)
+    fisher = {n: t.to(device) for n, t in load_importance(importance_dir / "fisher.safetensors").scores.items()}
     missing = [n for n in names if n not in fisher]
     if missing:
         raise ValueError(f"importance at {importance_dir} lacks {missing[0]}: rerun the fisher stage for these targets")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .config import TrainConfig
+from .devices import model_device, to_device
 from .hooks import TrainHook
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
@@ -111,8 +112,11 @@ def train(
     steps = total_steps(cfg, batches_per_epoch)
     optimizer = build_optimizer(model, cfg)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    device = model_device(model)
     if teacher is not None:
         teacher.eval()
+        if model_device(teacher) != device:
+            raise ValueError(f"the teacher is on {model_device(teacher)}, the student on {device}")
     for hook in hooks:
         hook.on_train_begin(model, steps)
 
@@ -126,6 +130,7 @@ def train(
         for batch in train_loader:
             if step >= steps:
                 break
+            batch = to_device(batch, device)
             for hook in hooks:
                 hook.before_forward(model, step)
             outputs = model(**batch)

@@ -1,0 +1,47 @@
+"""Where the stages run: the GPU when there is one, unless `LOWRANK_DEVICE` says otherwise.
+
+An environment setting, not a param: the device changes how fast a stage
+runs, not what it computes (up to floating-point order), so it must not
+invalidate DVC's or Prefect's caches. Latency is always measured on the CPU,
+where the compressed models are meant to serve.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+from torch import nn
+
+DEVICE_ENV = "LOWRANK_DEVICE"
+
+
+def default_device() -> torch.device:
+    """`LOWRANK_DEVICE` (cpu, cuda, cuda:1, ...) or, when unset or `auto`, cuda if available."""
+    name = os.environ.get(DEVICE_ENV, "auto").strip() or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{DEVICE_ENV}={name!r} is not a torch device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{DEVICE_ENV}={name!r}, but torch sees no CUDA device")
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of tensors moved to `device`; a no-op on the device they are on."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def place(model: nn.Module) -> nn.Module:
+    """The model moved to the default device, for a stage to work on."""
+    return model.to(default_device())
