@@ -142,17 +142,18 @@ def _topk_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
 
     `kthvalue` plus a tie pass avoids sorting all entries (a global sort over
     BERT-base's 85M weights would need 680 MB of indices) and, unlike `topk`,
-    its choice among equal scores is defined.
+    its choice among equal scores is defined. The tie pass ranks ties by a
+    running count instead of reading a count back, so on a GPU a mask costs
+    no synchronization (one per matrix per step made pruning ~8x a plain step).
     """
     n = flat.numel()
     if k >= n:
         return torch.ones_like(flat, dtype=torch.bool)
     threshold = torch.kthvalue(flat, n - k + 1).values
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    ties = torch.nonzero(flat == threshold).flatten()[:missing]
-    mask[ties] = True
-    return mask
+    above = flat > threshold
+    ties = flat == threshold
+    missing = k - above.sum()  # a 0-d tensor: stays on the device
+    return above | (ties & (torch.cumsum(ties, 0) <= missing))
 
 
 def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
@@ -219,6 +220,7 @@ class Pruner(TrainHook):
         self._weights: dict[str, nn.Parameter] = {}
         self._masks: dict[str, torch.Tensor] = {}
         self._scores: dict[str, torch.Tensor] = {}
+        self._selected_density: float | None = None  # the density of the last selection (None: none yet)
 
     def density_at(self, step: int) -> float:
         """Scheduled density of the weights during `step`'s forward pass."""
@@ -258,8 +260,12 @@ class Pruner(TrainHook):
         next_step = step + 1
         ramp_end = self.total_steps - self.options.cooldown_steps
         # Always update when the ramp ends so that the final density is hit exactly.
-        if next_step % self.options.update_every == 0 or next_step == ramp_end:
-            self._update_masks(self.density_at(next_step))
+        density = self.density_at(next_step)
+        # At an unchanged density the kept entries are exactly the live ones (pruned rank last):
+        # warm-up and cool-down need no selection.
+        due = next_step % self.options.update_every == 0 or next_step == ramp_end
+        if due and density != self._selected_density:
+            self._update_masks(density)
         self._apply_masks()
 
     @torch.no_grad()
@@ -274,10 +280,10 @@ class Pruner(TrainHook):
         return self._density
 
     def _count_density(self) -> float:
-        # Counted at updates only: a count per step would synchronize the GPU once per matrix.
+        # Counted at updates only, in one read: a count per matrix would synchronize the GPU once per matrix.
         if not self._masks:
             return 1.0
-        kept = sum(int(m.sum()) for m in self._masks.values())
+        kept = int(torch.stack([m.sum() for m in self._masks.values()]).sum())
         return kept / sum(m.numel() for m in self._masks.values())
 
     def masks(self) -> dict[str, torch.Tensor]:
@@ -295,7 +301,7 @@ class Pruner(TrainHook):
         # Pruned entries rank last, so a new mask is always a subset of the old one.
         ranked = {n: s.masked_fill(~self._masks[n], float("-inf")) for n, s in self._scores.items()}
         self._masks = _select(ranked, density, self.options.scope)
-        self.target_density = density
+        self.target_density = self._selected_density = density
         self._density = self._count_density()
 
     def _apply_masks(self) -> None:

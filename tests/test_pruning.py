@@ -226,6 +226,23 @@ def test_update_every_holds_masks_between_updates() -> None:
     assert seen[8:] == [pytest.approx(0.3)] * 4
 
 
+def test_selection_runs_only_when_the_density_changes_and_changes_nothing_when_skipped() -> None:
+    model = tiny_bert()
+    names = target_names(model)[:3]
+    steps, options = 16, PruneOptions(method="taylor", final_density=0.25, warmup_steps=4, cooldown_steps=5)
+    pruner = Pruner(names, options)
+    selected: list[float] = []
+    update = pruner._update_masks
+    pruner._update_masks = lambda density: (selected.append(density), update(density))  # type: ignore[method-assign]
+    run_loop(model, [pruner], steps)
+    densities = [cubic_sparsity(step, steps, 0.25, 4, 5) for step in range(1, steps + 1)]
+    assert selected == [d for i, d in enumerate(densities) if i == 0 or d != densities[i - 1]]
+    # A selection at the held density, from the final scores, keeps exactly the held masks.
+    held = pruner.masks()
+    fresh = {n: topk_mask(s.masked_fill(~held[n], float("-inf")), 0.25) for n, s in pruner.scores().items()}
+    assert all(torch.equal(fresh[n], held[n]) for n in names)
+
+
 def test_save_load_round_trip(tmp_path) -> None:
     model = tiny_bert()
     names = target_names(model)
