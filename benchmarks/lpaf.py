@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 from lowrank.config import load_params
 from lowrank.io import read_json
@@ -91,7 +92,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of pruning and mixed-rank fine-tuning, and of its path draws (default: params.yaml's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK, or TASK-trainN for another --train)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op CPU threads of this process (default: torch's); divide the cores among runs side by side")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     chosen = {"all": list(ABLATIONS), "none": []}.get(args.ablations, args.ablations.split(","))
     unknown = sorted(set(chosen) - set(ABLATIONS))
     if unknown:
