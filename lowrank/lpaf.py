@@ -97,7 +97,7 @@ def run_prune(
     from .models import load_classifier
     from .pruning import PruneOptions, Pruner, prune_once
     from .rank_analysis import plot_rank_report, rank_report
-    from .rank_pull import RankPull
+    from .rank_pull import pruning_pull_hooks
     from .ranks import allocate_ranks
     from .surgery import dense_weights
     from .training import total_steps, train
@@ -119,8 +119,7 @@ def run_prune(
     ranks = {n: r for n, r in allocate_ranks(shapes, factorize_cfg.keep_ratio, "uniform", factorize_cfg.rank_multiple).items() if r}
     hooks: list = [pruner]
     if cfg.rank_pull > 0:
-        hooks, importance = _rank_pull_importance(cfg.rank_pull_importance, names, pruner, cfg.rank_pull_pruned_weight)
-        hooks.append(RankPull(ranks, cfg.rank_pull, cfg.rank_pull_every, mask_fn=pruner.masks, importance_fn=importance))
+        hooks = pruning_pull_hooks(pruner, ranks, cfg.rank_pull, cfg.rank_pull_every, cfg.rank_pull_importance, cfg.rank_pull_pruned_weight)
     teacher, distill = _distillation(cfg.distill, dense_dir, dense)
     result = train(
         model, loader, cfg.train, evaluate=prepared.evaluate_fn(cfg.train.eval_batch_size), hooks=hooks,
@@ -138,21 +137,20 @@ def run_prune(
         "density_per_matrix": {name: float(masks[name].float().mean()) for name in names},
         "warmup_steps": warmup,
         "cooldown_steps": cooldown,
-        # what factorizing at the ranks of factorize.keep_ratio would lose, before and after pruning
-        "tail_share_dense": _mean_tail_share(dense, ranks),
-        "tail_share": _mean_tail_share(model, ranks),
         **_train_metrics(result),
     }
     plots: list[str] = []
-    if cfg.rank_energies:
-        energies = tuple(cfg.rank_energies)
+    energies = tuple(cfg.rank_energies or ())
+    reports = {"dense": rank_report(dense_weights(dense, names), energies, ranks)}
+    if energies:
         one_shot = copy.deepcopy(dense)
         prune_once(one_shot, names, density, scope=cfg.scope)
-        reports = {
-            "dense": rank_report(dense_weights(dense, names), energies),
-            "magnitude_one_shot": rank_report(dense_weights(one_shot, names), energies),
-            cfg.method: rank_report(dense_weights(model, names), energies),
-        }
+        reports["magnitude_one_shot"] = rank_report(dense_weights(one_shot, names), energies, ranks)
+    reports[cfg.method] = rank_report(dense_weights(model, names), energies, ranks)
+    # what factorizing at the ranks of factorize.keep_ratio would lose, before and after pruning
+    metrics["tail_share_dense"] = _mean_tail_share(reports["dense"])
+    metrics["tail_share"] = _mean_tail_share(reports[cfg.method])
+    if energies:
         report_path = write_json(metrics_path.with_name("prune_ranks.json"), {"density": density, "models": reports})
         plot_path = plot_rank_report(reports, metrics_path.with_name("prune_ranks.png"))
         metrics["rank_ratio"] = {label: _mean_ratios(rows) for label, rows in reports.items()}
@@ -160,31 +158,10 @@ def run_prune(
     return _finish(metrics_path, {"pruned": out_dir}, metrics, {"history": result.history, "plots": plots})
 
 
-def _rank_pull_importance(kind: str, names: list[str], pruner, pruned_weight: float) -> tuple[list, Any]:
-    """The hooks to run before the pull, and the importance of its rank-r target (None: the plain rank-r part)."""
-    from .rank_pull import RunningFisher
-    from .sparsity import sparsity_importance
-
-    if kind == "none":
-        return [pruner], None
-    if kind == "scores":
-        return [pruner], pruner.scores
-    fisher = RunningFisher(names)  # before the pruner, which zeroes the gradients of pruned entries
-
-    def importance() -> dict[str, torch.Tensor]:
-        masks = pruner.masks()
-        return {n: sparsity_importance(masks[n], f, pruned_weight=pruned_weight) for n, f in fisher.values().items()}
-
-    return [fisher, pruner], importance
-
-
-def _mean_tail_share(model: torch.nn.Module, ranks: Mapping[str, int]) -> float:
-    """Mean over matrices of the energy share beyond their rank: LPAF's premise, in one number."""
-    from .rank_analysis import tail_share
-    from .surgery import dense_weights
-
-    weights = dense_weights(model, list(ranks))
-    return sum(tail_share(weights[n], r) for n, r in ranks.items()) / max(len(ranks), 1)
+def _mean_tail_share(rows: list[dict]) -> float:
+    """Mean over the factorized matrices of the energy share beyond their rank: LPAF's premise, in one number."""
+    shares = [row["tail_share"] for row in rows if "tail_share" in row]
+    return sum(shares) / max(len(shares), 1)
 
 
 # --------------------------------------------------------------------------- factorize_pruned

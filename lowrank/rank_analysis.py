@@ -57,23 +57,31 @@ def stable_rank(weight: torch.Tensor) -> float:
     return _stable_rank_from(_singular_values(weight))
 
 
-def tail_share(weight: torch.Tensor, rank: int) -> float:
-    """Share of ||W||_F^2 beyond the top `rank` singular values: what a rank-`rank` factorization must lose."""
-    energy = _singular_values(weight) ** 2
+def _tail_share_from(singular_values: torch.Tensor, rank: int) -> float:
+    energy = singular_values**2
     total = energy.sum()
     return float(energy[rank:].sum() / total) if total > 0 else 0.0
+
+
+def tail_share(weight: torch.Tensor, rank: int) -> float:
+    """Share of ||W||_F^2 beyond the top `rank` singular values: what a rank-`rank` factorization must lose."""
+    return _tail_share_from(_singular_values(weight), rank)
 
 
 def _energy_key(energy: float) -> str:
     return f"effective_rank_{energy:g}"
 
 
-def rank_report(weights: Mapping[str, torch.Tensor], energies: Sequence[float] = (0.9, 0.99)) -> list[dict]:
+def rank_report(
+    weights: Mapping[str, torch.Tensor], energies: Sequence[float] = (0.9, 0.99), ranks: Mapping[str, int] | None = None
+) -> list[dict]:
     """One row per matrix: shape, density, stable rank and effective ranks, raw and over min(m, n).
 
     Args:
         weights: matrices `(out, in)` by name, e.g. pruned Linear weights.
         energies: spectrum shares for the effective ranks, each in (0, 1].
+        ranks: factor ranks by name; a named matrix's row also gets its
+            `tail_share` at that rank, from the same singular values.
 
     Returns:
         Rows with keys name, rows, cols, full_rank, break_even_rank, density,
@@ -103,6 +111,8 @@ def rank_report(weights: Mapping[str, torch.Tensor], energies: Sequence[float] =
             rank = min(_effective_rank_from(values, energy), full)
             row[_energy_key(energy)] = rank
             row[f"{_energy_key(energy)}_ratio"] = rank / full
+        if ranks and name in ranks:
+            row["tail_share"] = _tail_share_from(values, ranks[name])
         rows.append(row)
     return rows
 

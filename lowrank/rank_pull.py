@@ -36,13 +36,18 @@ for the very matrix the factorization will produce.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 from torch import nn
 
 from .hooks import TrainHook
 from .surgery import linear_weights
+
+if TYPE_CHECKING:
+    from .pruning import Pruner
+
+PULL_IMPORTANCE = ("fisher", "scores", "none")
 
 
 class RunningFisher(TrainHook):
@@ -168,3 +173,33 @@ class RankPull(TrainHook):
             rank = self.ranks[name]
             u, _, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
             self._bases[name] = (u[:, :rank].contiguous(), vh[:rank].T.contiguous())
+
+
+def pruning_pull_hooks(
+    pruner: "Pruner", ranks: Mapping[str, int], total: float, refresh_every: int, importance: str, pruned_weight: float
+) -> list[TrainHook]:
+    """The hooks of a pull while pruning, in the order they must run: [RunningFisher,] the pruner, the pull.
+
+    The pull keeps the pruner's masks. Its target is weighted by `importance`:
+    "fisher", running squared gradients with pruned entries at `pruned_weight`
+    (as the factorization after pruning will weigh them); "scores", the
+    pruner's own scores; "none", the plain rank-r part.
+    """
+    from .sparsity import sparsity_importance
+
+    if importance not in PULL_IMPORTANCE:
+        raise ValueError(f"rank pull importance must be one of {PULL_IMPORTANCE}, got {importance!r}")
+    names = list(ranks)
+    if importance == "none":
+        hooks, target_importance = [pruner], None
+    elif importance == "scores":
+        hooks, target_importance = [pruner], pruner.scores
+    else:
+        fisher = RunningFisher(names)  # before the pruner, which zeroes the gradients of pruned entries
+
+        def target_importance() -> dict[str, torch.Tensor]:
+            masks = pruner.masks()
+            return {n: sparsity_importance(masks[n], f, pruned_weight=pruned_weight) for n, f in fisher.values().items()}
+
+        hooks = [fisher, pruner]
+    return [*hooks, RankPull(ranks, total, refresh_every, mask_fn=pruner.masks, importance_fn=target_importance)]

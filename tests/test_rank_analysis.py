@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank.rank_analysis import effective_rank, plot_rank_report, rank_report, stable_rank
+from lowrank.rank_analysis import effective_rank, plot_rank_report, rank_report, stable_rank, tail_share
 
 
 def with_singular_values(values: list[float], rows: int = 9, cols: int = 7, seed: int = 0) -> torch.Tensor:
@@ -57,6 +57,15 @@ def test_rank_report_rows() -> None:
     assert a["stable_rank"] == pytest.approx(15 / 9) and a["stable_rank_ratio"] == pytest.approx(15 / 9 / 7)
     assert a["break_even_rank"] == pytest.approx(63 / 16)
     assert b["density"] == pytest.approx(3 / 24) and b["effective_rank_0.99"] == 3
+
+
+def test_tail_share_of_known_spectrum_and_in_the_report() -> None:
+    matrix = with_singular_values([3.0, 2.0, 1.0, 1.0])
+    assert tail_share(matrix, 2) == pytest.approx(2 / 15)  # (1 + 1) / (9 + 4 + 1 + 1)
+    assert tail_share(matrix, 4) == pytest.approx(0.0, abs=1e-12)
+    rows = rank_report({"a": matrix, "b": torch.eye(3)}, energies=(), ranks={"a": 1})
+    assert rows[0]["tail_share"] == pytest.approx(6 / 15)
+    assert "tail_share" not in rows[1]  # b has no factor rank
 
 
 def test_plot_rank_report_writes_image_atomically(tmp_path) -> None:
