@@ -20,7 +20,7 @@ import torch
 
 from . import data as data_lib
 from .config import DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig, ModelConfig, Params, TrainConfig
-from .devices import model_device, place
+from .devices import default_device, model_device, place
 from .io import atomic_dir, atomic_write_bytes, read_json, write_json
 from .models import load_classifier, load_tokenizer
 
@@ -532,6 +532,7 @@ def preflight(params: Params) -> None:
     check_writable(params.paths.metrics)
     check_model(params.model)
     data_lib.check_sources(params.data)
+    default_device()  # a bad LOWRANK_DEVICE fails here, not at the first stage that trains
 
 
 def preflight_stage(name: str, params: Params) -> None:

@@ -30,6 +30,16 @@ def test_bad_device_names_the_variable(monkeypatch, value: str) -> None:
         default_device()
 
 
+def test_preflight_names_a_bad_device_before_any_work(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    params = load_params(tiny_params(tmp_path, tiny_model_dir, GLUE_DIR))
+    monkeypatch.setenv(DEVICE_ENV, "tpu0")
+    with pytest.raises(ValueError, match=DEVICE_ENV):
+        preflight(params)
+    assert not (tmp_path / "artifacts" / "prepare").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_asking_for_cuda_without_one_fails_clearly(monkeypatch) -> None:
     monkeypatch.setenv(DEVICE_ENV, "cuda")
