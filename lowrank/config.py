@@ -131,6 +131,7 @@ FactorizeMethod = Literal["svd", "fwsvd", "tfwsvd", "tvd", "sparse_svd", "sparse
 # Methods that need pruning masks (the lpaf path), and those that path accepts.
 SPARSE_METHODS = ("sparse_svd", "sparse_tfwsvd")
 LPAF_METHODS = ("svd", *SPARSE_METHODS)
+RANK_PULL_IMPORTANCE = ("fisher", "scores", "none")  # what weighs the pull's rank-r target
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,7 @@ class PruneConfig:
         _check(self.update_every >= 1, "prune.update_every", f"must be >= 1, got {self.update_every}")
         _check(self.rank_pull >= 0, "prune.rank_pull", f"must be >= 0 (0: off), got {self.rank_pull}")
         _check(self.rank_pull_every >= 1, "prune.rank_pull_every", f"must be >= 1, got {self.rank_pull_every}")
-        _check(self.rank_pull_importance in ("fisher", "scores", "none"), "prune.rank_pull_importance",
+        _check(self.rank_pull_importance in RANK_PULL_IMPORTANCE, "prune.rank_pull_importance",
                f"must be fisher, scores or none, got {self.rank_pull_importance!r}")
         _check(self.rank_pull_pruned_weight >= 0, "prune.rank_pull_pruned_weight", f"must be >= 0, got {self.rank_pull_pruned_weight}")
         _check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")

@@ -41,13 +41,12 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import torch
 from torch import nn
 
+from .config import RANK_PULL_IMPORTANCE
 from .hooks import TrainHook
 from .surgery import linear_weights
 
 if TYPE_CHECKING:
     from .pruning import Pruner
-
-PULL_IMPORTANCE = ("fisher", "scores", "none")
 
 
 class RunningFisher(TrainHook):
@@ -187,8 +186,8 @@ def pruning_pull_hooks(
     """
     from .sparsity import sparsity_importance
 
-    if importance not in PULL_IMPORTANCE:
-        raise ValueError(f"rank pull importance must be one of {PULL_IMPORTANCE}, got {importance!r}")
+    if importance not in RANK_PULL_IMPORTANCE:
+        raise ValueError(f"rank pull importance must be one of {RANK_PULL_IMPORTANCE}, got {importance!r}")
     names = list(ranks)
     if importance == "none":
         hooks, target_importance = [pruner], None
