@@ -262,7 +262,7 @@ class PruneConfig:
         _check(self.rank_pull >= 0, "prune.rank_pull", f"must be >= 0 (0: off), got {self.rank_pull}")
         _check(self.rank_pull_every >= 1, "prune.rank_pull_every", f"must be >= 1, got {self.rank_pull_every}")
         _check(self.rank_pull_importance in RANK_PULL_IMPORTANCE, "prune.rank_pull_importance",
-               f"must be fisher, scores or none, got {self.rank_pull_importance!r}")
+               f"must be one of {', '.join(RANK_PULL_IMPORTANCE)}, got {self.rank_pull_importance!r}")
         _check(self.rank_pull_pruned_weight >= 0, "prune.rank_pull_pruned_weight", f"must be >= 0, got {self.rank_pull_pruned_weight}")
         _check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")
 
