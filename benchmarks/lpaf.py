@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
 
 from lowrank.config import load_params
 from lowrank.io import read_json
@@ -39,7 +38,7 @@ from lowrank.lpaf import run_factorize_pruned, run_mrft, run_prune
 from lowrank.stages import run_evaluate
 
 from quality import DEFAULT_TRAIN, runs_folder, summary_file, train_phrase, train_suffix
-from report import table, write_section
+from report import add_threads_option, apply_threads, table, write_section
 
 # factorize.pruned_weight of every run before the flag existed (the default then): their sections and
 # summaries carry no -pw suffix, so a run at this weight keeps their names and any other weight gets its own.
@@ -90,13 +89,13 @@ def main() -> None:
     parser.add_argument("--rank-pull-importance", default=None, choices=list(PULL_LABELS),
                         help="element weights of the pull's rank-r target (prune.rank_pull_importance; default: params.yaml's)")
     parser.add_argument("--seed", type=int, default=None, help="seed of pruning and mixed-rank fine-tuning, and of its path draws (default: params.yaml's)")
+    parser.add_argument("--mrft-distill", default=None, choices=["on", "off"],
+                        help="distil the dense model's logits in mixed-rank fine-tuning (mrft.distill.enabled; default: params.yaml's); the kd ablation runs the other way")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
     parser.add_argument("--runs", default=None, help="the quality benchmark's folder (default benchmarks/runs/TASK, or TASK-trainN for another --train)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op CPU threads of this process (default: torch's); divide the cores among runs side by side")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     chosen = {"all": list(ABLATIONS), "none": []}.get(args.ablations, args.ablations.split(","))
     unknown = sorted(set(chosen) - set(ABLATIONS))
     if unknown:
@@ -117,6 +116,8 @@ def main() -> None:
         overrides.append(f"prune.rank_pull={args.rank_pull}")
     if args.rank_pull_importance is not None:
         overrides.append(f"prune.rank_pull_importance={args.rank_pull_importance}")
+    if args.mrft_distill is not None:
+        overrides.append(f"mrft.distill.enabled={args.mrft_distill == 'on'}")
     base = load_params("params.yaml", overrides)  # a bad --density-factor, --pruned-weight or --rank-pull fails here, naming its key
     # the Fisher pull weighs pruned entries as the factorization will
     base = dataclasses.replace(base, prune=dataclasses.replace(base.prune, rank_pull_pruned_weight=base.factorize.pruned_weight))
@@ -161,7 +162,7 @@ def main() -> None:
         weights = "" if method == "svd" else f"-{sparse_importance}-pw{pruned_weight:g}"
         from_density = "" if density == ratio else f"-d{density}"
         factorized = out / f"factorize-{prune_method}-{method}{weights}-{ratio}{from_density}"
-        tag = f"{prune_method}-{method}{weights}-{ratio}{from_density}-p0{mrft_cfg.p0}" + ("" if mrft_distill == base.mrft.distill.enabled else f"-kd{int(mrft_distill)}") + lr
+        tag = f"{prune_method}-{method}{weights}-{ratio}{from_density}-p0{mrft_cfg.p0}" + ("" if mrft_distill else "-kd0") + lr  # the cache names the state, whatever the default
         final = out / f"mrft-{tag}"
         prune = stage("prune", f"prune-{prune_method}-{density}", lambda m: run_prune(prune_cfg, factorize_cfg, base.model, dense, data, pruned, m))
         stage("factorize_pruned", factorized.name, lambda m: run_factorize_pruned(factorize_cfg, base.fisher, pruned, data, factorized, m))
@@ -247,15 +248,19 @@ def main() -> None:
         + (" --start-from pretrained" if start else "")
         + f" --density-factor {density_factor:g}" + f" --pruned-weight {base.factorize.pruned_weight:g}"
         + (f" --rank-pull {base.prune.rank_pull:g} --rank-pull-importance {pull_importance}" if pull else "")
+        + (f" --mrft-distill {args.mrft_distill}" if args.mrft_distill else "")
         + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
     )
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
     weight = "" if base.factorize.pruned_weight == LEGACY_PRUNED_WEIGHT else f"-pw{base.factorize.pruned_weight:g}"
     name = f"lpaf{start}-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{pull}{seed}{lr}"
     pull_title = f", {PULL_LABELS[pull_importance]} rank pull {base.prune.rank_pull:g}" if pull else ""
+    if args.mrft_distill is not None:
+        name += f"-mrftkd-{args.mrft_distill}"
+        pull_title += f", mixed-rank distillation {args.mrft_distill}"
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
         "task": args.task, "train": args.train, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
-        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "start_from": args.start_from, "rank_pull": base.prune.rank_pull, "rank_pull_importance": pull_importance, "seed": prune_train.seed, "lr": mrft_train.lr, "pairs": pairs,
+        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "start_from": args.start_from, "rank_pull": base.prune.rank_pull, "rank_pull_importance": pull_importance, "seed": prune_train.seed, "lr": mrft_train.lr, "mrft_distill": base.mrft.distill.enabled, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
     write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs{', from the pretrained model' if start else ''}{pull_title} (issue 4)", command, body)

@@ -19,7 +19,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from datasets import load_from_disk
 
 from lowrank.config import load_params
@@ -27,7 +26,7 @@ from lowrank.io import read_json
 from lowrank.risk import rank_agreement
 from lowrank.stages import run_evaluate, run_factorize, run_finetune, run_finetune_compressed, run_fisher, run_prepare
 
-from report import table, write_section
+from report import add_threads_option, apply_threads, table, write_section
 
 TYPES = {
     "query": r".*\.attention\.self\.query",
@@ -96,11 +95,9 @@ def main() -> None:
     parser.add_argument("--type-ratio", type=float, default=0.15, help="keep ratio for the one-type-at-a-time runs")
     parser.add_argument("--out", default=None)
     parser.add_argument("--seed-from", default=None, help="reuse data/finetune/fisher artifacts from this folder")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op CPU threads of this process (default: torch's); divide the cores among runs side by side")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
     out = Path(args.out) if args.out else runs_folder(args.task, args.train)
     base = load_params("params.yaml", [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false"])

@@ -7,6 +7,7 @@ produced it, the machine and the date.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import fcntl
 import os
@@ -44,6 +45,21 @@ def machine() -> str:
     device = default_device()
     gpu = f"stages on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "no GPU"
     return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, {gpu}"
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Runs side by side must split the cores, or each takes them all and they thrash."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op CPU threads of this process (default: torch's); divide the cores among runs side by side")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set the count before any work, so the section's machine line reports what the run used."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise SystemExit(f"--threads: at least 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
