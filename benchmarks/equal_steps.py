@@ -43,17 +43,19 @@ def main() -> None:
                 continue
             weight = summary.get("pruned_weight", LEGACY_PRUNED_WEIGHT)  # summaries from before the key
             key = (summary["prune_method"], summary["prune_epochs"], summary["mrft_epochs"], summary["density_factor"], weight,
-                   summary["prune_distill"], summary.get("rank_pull", 0.0), summary.get("rank_pull_importance", "none"), summary.get("start_from", "finetuned"), summary["lr"])
+                   summary["prune_distill"], summary.get("rank_pull", 0.0), summary.get("rank_pull_importance", "none"), summary.get("start_from", "finetuned"), summary["lr"],
+                   summary.get("mrft_distill", True))  # summaries from before the key distilled, params.yaml's default
             groups[key].append((summary["seed"], lpaf, tfwsvd))
     if not groups:
         raise SystemExit(f"{runs}: no lpaf.py summary at keep ratio {args.ratio} with a + ft run of as many epochs (see --help)")
 
     rows, means = [], []
-    for (method, prune, mrft, factor, weight, distill, pull, importance, start, lr), seeds in sorted(groups.items()):
+    for (method, prune, mrft, factor, weight, distill, pull, importance, start, lr, mrft_distill), seeds in sorted(groups.items()):
         extras = [
             "distillation while pruning" if distill else "",
             f"{PULL_LABELS[importance]} rank pull {pull:g}" if pull else "",
             "from the pretrained model" if start == "pretrained" else "",
+            "" if mrft_distill else "mixed-rank fine-tuning without distillation",
         ]
         setting = (
             f"{method}, {prune:g} + {mrft:g} epochs, density {factor:g} x keep ratio, pruned entries at weight {weight:g}, "
