@@ -254,16 +254,16 @@ def main() -> None:
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
     weight = "" if base.factorize.pruned_weight == LEGACY_PRUNED_WEIGHT else f"-pw{base.factorize.pruned_weight:g}"
     name = f"lpaf{start}-{args.task}{train_suffix(args.train)}-{args.prune_method}-{args.ratios}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{pull}{seed}{lr}"
-    pull_title = f", {PULL_LABELS[pull_importance]} rank pull {base.prune.rank_pull:g}" if pull else ""
+    title_extras = f", {PULL_LABELS[pull_importance]} rank pull {base.prune.rank_pull:g}" if pull else ""
     if args.mrft_distill is not None:
         name += f"-mrftkd-{args.mrft_distill}"
-        pull_title += f", mixed-rank distillation {args.mrft_distill}"
+        title_extras += f", mixed-rank distillation {args.mrft_distill}"
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
         "task": args.task, "train": args.train, "prune_method": args.prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
         "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "start_from": args.start_from, "rank_pull": base.prune.rank_pull, "rank_pull_importance": pull_importance, "seed": prune_train.seed, "lr": mrft_train.lr, "mrft_distill": base.mrft.distill.enabled, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
-    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs{', from the pretrained model' if start else ''}{pull_title} (issue 4)", command, body)
+    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs{', from the pretrained model' if start else ''}{title_extras} (issue 4)", command, body)
 
 
 if __name__ == "__main__":
