@@ -79,6 +79,17 @@ def summary_file(out: Path, epochs: float, ft, default) -> Path:
     return out / ("summary.json" if name == "ft" else f"summary-{name}.json")
 
 
+def merged_rows(summary: Path, key: str, new: list[list], width: int) -> list[list]:
+    """The new rows, then the earlier summary's rows for what this run did not cover.
+
+    The rows are keyed by their first `width` cells (method, ratio...), so a run over fewer
+    methods or ratios updates its own rows and keeps the wider run's others for lpaf.py to pair with.
+    """
+    covered = {tuple(r[:width]) for r in new}
+    earlier = json.loads(summary.read_text()).get(key, []) if summary.is_file() else []
+    return new + [r for r in earlier if tuple(r[:width]) not in covered]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
@@ -187,14 +198,23 @@ def main() -> None:
         + table(["method", "allocation", "keep ratio", "reached", "score"], allocation_rows)
     )
     suffix = "" if ft_tag == "ft" else f"-{ft_tag}"  # another fine-tuning budget reports beside the 1-epoch one, not over it
-    summary_file(out, args.ft_epochs, ft, default_ft).write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_rows}, indent=1))
+    summary = summary_file(out, args.ft_epochs, ft, default_ft)
+    rows_kept, allocation_kept = merged_rows(summary, "rows", rows, 2), merged_rows(summary, "allocation", allocation_rows, 3)
+    summary.write_text(json.dumps({"rows": rows_kept, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_kept}, indent=1))
     command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --methods {args.methods} --ratios {args.ratios} --ft-epochs {args.ft_epochs:g}" + (
         f" --ft-ratios {args.ft_ratios}" if args.ft_ratios else ""
     ) + (f" --ft-methods {args.ft_methods}" if args.ft_methods else "") + (
         f" --ft-seed {ft.seed}" if args.ft_seed is not None else ""
     ) + (f" --ft-lr {ft.lr:g}" if args.ft_lr is not None else "") + f" --allocation-methods {args.allocation_methods} --min-rank-shares {args.min_rank_shares}"
     budget = "" if ft_tag == "ft" else f", + ft for {args.ft_epochs:g} epochs, seed {ft.seed}, lr {ft.lr:g}"
-    write_section(f"quality-{args.task}{train_suffix(args.train)}{suffix}", f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d){train_phrase(args.train)}{budget}", command, body)
+    # a run over fewer methods or ratios than the default reports beside the full run's section, not over it
+    narrowed = (args.methods, args.ratios) != (parser.get_default("methods"), parser.get_default("ratios"))
+    scope = f"-{args.methods}-{args.ratios}" if narrowed else ""
+    scope_title = f", {args.methods.replace(',', ', ')} at keep ratio {args.ratios.replace(',', ', ')} only" if narrowed else ""
+    write_section(
+        f"quality-{args.task}{train_suffix(args.train)}{suffix}{scope}",
+        f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d){train_phrase(args.train)}{budget}{scope_title}", command, body,
+    )
 
 
 if __name__ == "__main__":
