@@ -101,6 +101,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     eval_every_epoch: bool = True
+    # GLUE's dev set is both the one evaluated after each epoch and the one reported, so keeping
+    # the best epoch selects on the reported score; false ends on the last epoch. Pruning always does.
+    keep_best: bool = True
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
@@ -216,7 +219,8 @@ class PruneConfig:
         keep it at `factorize.pruned_weight` (a key of its own, so that sweeping that one does
         not invalidate the pruned model).
     rank_energies: spectrum shares for the effective ranks of the rank analysis; [] skips it.
-    train: the fine-tuning run that prunes (its `warmup_ratio` is the learning rate's).
+    train: the fine-tuning run that prunes (its `warmup_ratio` is the learning rate's; it always
+        ends on its last epoch, whatever `keep_best` says, since an earlier one has another density).
     distill: distillation from the dense fine-tuned model during pruning.
     """
 

@@ -94,15 +94,16 @@ def train(
     hooks: Sequence[TrainHook] = (),
     teacher: nn.Module | None = None,
     distill: DistillConfig | None = None,
-    keep_best: bool = True,
+    keep_best: bool | None = None,
     progress: bool = True,
     description: str = "train",
 ) -> TrainResult:
-    """Fine-tune `model` in place; with `keep_best`, end on the weights of the best evaluation.
+    """Fine-tune `model` in place; with `keep_best` (default: `cfg.keep_best`), end on the weights of the best evaluation.
 
     `evaluate(model)` must return a dict holding `score` (higher is better).
     Pruning runs pass `keep_best=False`: an early epoch would have the wrong density.
     """
+    keep_best = cfg.keep_best if keep_best is None else keep_best
     if (teacher is None) != (distill is None):
         raise ValueError("distillation needs both a teacher model and a DistillConfig")
     torch.manual_seed(cfg.seed)
