@@ -88,5 +88,7 @@ def write_section(name: str, title: str, command: str, body: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         text = REPORT.read_text() if REPORT.exists() else HEADER
         text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-        REPORT.write_text(text)
+        partial = REPORT.with_name(".BENCHMARKS.md.partial")  # a crash mid-write leaves the old report whole
+        partial.write_text(text)
+        os.replace(partial, REPORT)
     return REPORT
