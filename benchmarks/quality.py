@@ -79,14 +79,13 @@ def summary_file(out: Path, epochs: float, ft, default) -> Path:
     return out / ("summary.json" if name == "ft" else f"summary-{name}.json")
 
 
-def merged_rows(summary: Path, key: str, new: list[list], width: int) -> list[list]:
+def merged_rows(new: list[list], earlier: list[list], width: int) -> list[list]:
     """The new rows, then the earlier summary's rows for what this run did not cover.
 
     The rows are keyed by their first `width` cells (method, ratio...), so a run over fewer
     methods or ratios updates its own rows and keeps the wider run's others for lpaf.py to pair with.
     """
     covered = {tuple(r[:width]) for r in new}
-    earlier = json.loads(summary.read_text()).get(key, []) if summary.is_file() else []
     return new + [r for r in earlier if tuple(r[:width]) not in covered]
 
 
@@ -199,7 +198,9 @@ def main() -> None:
     )
     suffix = "" if ft_tag == "ft" else f"-{ft_tag}"  # another fine-tuning budget reports beside the 1-epoch one, not over it
     summary = summary_file(out, args.ft_epochs, ft, default_ft)
-    rows_kept, allocation_kept = merged_rows(summary, "rows", rows, 2), merged_rows(summary, "allocation", allocation_rows, 3)
+    earlier = json.loads(summary.read_text()) if summary.is_file() else {}
+    rows_kept = merged_rows(rows, earlier.get("rows", []), 2)
+    allocation_kept = merged_rows(allocation_rows, earlier.get("allocation", []), 3)
     summary.write_text(json.dumps({"rows": rows_kept, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_kept}, indent=1))
     command = f"python benchmarks/quality.py --task {args.task} --train {args.train} --methods {args.methods} --ratios {args.ratios} --ft-epochs {args.ft_epochs:g}" + (
         f" --ft-ratios {args.ft_ratios}" if args.ft_ratios else ""
