@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lpaf import LEGACY_PRUNED_WEIGHT, PULL_LABELS
 from quality import DEFAULT_TRAIN, runs_folder, train_phrase, train_suffix
-from report import table, write_section
+from report import results_file, table, write_section
 
 
 def main() -> None:
@@ -69,16 +69,27 @@ def main() -> None:
             setting, len(seeds), statistics.mean(lpaf_scores), statistics.mean(tfwsvd_scores),
             statistics.mean(lpaf_scores) - statistics.mean(tfwsvd_scores), f"{ahead} of {len(seeds)}",
         ])
+    means_table = table(["LPAF setting", "seeds", "LPAF", "TFWSVD + ft", "difference", "seeds with LPAF at or above"], means)
     body = (
         f"Task {args.task}, {args.train} training examples, keep ratio {args.ratio}: LPAF (prune + mixed-rank epochs) beside TFWSVD + ft for as many epochs (from the pretrained model: as many as LPAF less the dense model's fine-tuning), "
         "both at the same training seed and learning rate (the LPAF seed also drives pruning and the mixed-rank path draws). "
         "Dev scores after fine-tuning, read from the lpaf.py runs' summaries.\n\n"
         + table(["LPAF setting", "seed", "LPAF", "TFWSVD + ft", "LPAF - TFWSVD + ft"], rows)
         + "\n\n### Mean over seeds\n\n"
-        + table(["LPAF setting", "seeds", "LPAF", "TFWSVD + ft", "difference", "seeds with LPAF at or above"], means)
+        + means_table
+    )
+    pooled = [row for row in means if row[1] > 1] or means  # the headline: settings run on several seeds; the others in the detail
+    headline = (
+        f"Dev score after fine-tuning, mean over seeds; TFWSVD + ft trained for as many epochs at the same seed and learning rate "
+        f"({args.task.upper()}, {args.train} training examples, keep ratio {args.ratio:g})."
+        + (" Settings run on one seed only are in the detail.\n\n" if len(pooled) < len(means) else "\n\n")
+        + table(["LPAF setting", "seeds", "LPAF", "TFWSVD + ft", "difference", "seeds with LPAF at or above"], pooled)
     )
     command = f"python benchmarks/equal_steps.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratio {args.ratio:g}"
-    write_section(f"equal-steps-{args.task}{train_suffix(args.train)}-{args.ratio:g}", f"LPAF vs TFWSVD + ft at equal steps over seeds, {args.task.upper()} at {args.ratio:g}{train_phrase(args.train)} (issue 4)", command, body)
+    write_section(
+        f"equal-steps-{args.task}{train_suffix(args.train)}-{args.ratio:g}", f"LPAF vs TFWSVD + ft at equal steps over seeds, {args.task.upper()} at {args.ratio:g}{train_phrase(args.train)} (issue 4)",
+        command, body, results=results_file("lpaf", args.task, train_suffix(args.train)), headline=headline,
+    )
 
 
 if __name__ == "__main__":
