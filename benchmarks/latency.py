@@ -29,14 +29,14 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from lowrank.compressed import load_compressed
-from lowrank.export import export_onnx, onnx_node_kind, onnx_session
-from lowrank.layers import FactorizedLinear
-from lowrank.matching import find_targets
-from lowrank.models import packaged_model_dir
-from lowrank.ranks import uniform_ranks
-from lowrank.solvers import get_solver
-from lowrank.surgery import dense_weights, factorize_model
+from lowrank.io.checkpoints import load_compressed
+from lowrank.io.export import export_onnx, onnx_node_kind, onnx_session
+from lowrank.modules.layers import FactorizedLinear
+from lowrank.modules.matching import find_targets
+from lowrank.io.models import packaged_model_dir
+from lowrank.linalg.ranks import uniform_ranks
+from lowrank.linalg.solvers import get_solver
+from lowrank.modules.surgery import dense_weights, factorize_model
 
 from report import table, write_section
 
@@ -325,7 +325,15 @@ def main() -> None:
     title = {"torch": "", "onnxruntime": " in onnxruntime", "compile": " in torch.compile", "compile-max": " in torch.compile, max-autotune"}[args.runtime]
     title += {"eager": "", "sdpa": ", attention exported as SDPA", "both": ", eager vs SDPA attention export"}[args.onnx_attention]
     title += f", {args.threads} intra-op thread{'s' if args.threads > 1 else ''}" if args.threads is not None else ""
-    write_section(name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body)
+    runtime_short = {"torch": "eager PyTorch", "onnxruntime": "onnxruntime", "compile": "torch.compile", "compile-max": "torch.compile max-autotune"}[args.runtime]
+    headline = (
+        f"{model_name}, {runtime_short}, sequence length {args.seq_len}, median of {args.rounds * args.repeats} runs. "
+        "Share of ideal: the measured speed-up over the multiply-add ratio.\n\n" + table(header, rows)
+    )
+    write_section(
+        name, f"Latency of compressed vs dense{title}{', ' + args.shape + ' shapes' if args.shape else ''} (issue 3e)", command, body,
+        results="latency.md", headline=headline,
+    )
 
 
 if __name__ == "__main__":

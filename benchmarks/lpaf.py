@@ -33,12 +33,12 @@ from pathlib import Path
 import psutil
 
 from lowrank.config import load_params
-from lowrank.io import read_json
-from lowrank.lpaf import run_factorize_pruned, run_mrft, run_prune
-from lowrank.stages import run_evaluate
+from lowrank.io.files import read_json
+from lowrank.pipeline.lpaf import run_factorize_pruned, run_mrft, run_prune
+from lowrank.pipeline import run_evaluate
 
 from quality import DEFAULT_TRAIN, runs_folder, summary_file, train_phrase, train_suffix
-from report import add_threads_option, apply_threads, table, write_section
+from report import add_threads_option, apply_threads, results_file, table, write_section
 
 # factorize.pruned_weight of every run before the flag existed (the default then): their sections and
 # summaries carry no -pw suffix, so a run at this weight keeps their names and any other weight gets its own.
@@ -224,6 +224,8 @@ def main() -> None:
     )
     rank_rows = [[label, *(values.get(k) for k in ("effective_rank_0.9_ratio", "effective_rank_0.99_ratio", "stable_rank_ratio"))] for label, values in ranks.items()]
     cost_rows = [[key, len(v), sum(s for s, _ in v) / len(v), max(m for _, m in v)] for key, v in costs.items()]
+    methods_table = table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
+    pruned_line = f"Score of the {args.prune_method}-pruned model itself (before factorizing): " + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
     body = (
         f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
         f"LPAF: {args.prune_method} pruning for {args.prune_epochs:g} epoch(s) from the {args.start_from} model to density = {'keep ratio' if density_factor == 1 else f'{density_factor:g} x keep ratio'}"
@@ -234,9 +236,8 @@ def main() -> None:
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
         f"The factorize-path rows had 1 epoch of + ft unless they say otherwise; LPAF trained for {args.prune_epochs + args.mrft_epochs:g}"
         + (f" from the pretrained model, the factorize path for {base.finetune.epochs:g} (the dense model) + the + ft epochs" if start else "") + ".\n\n"
-        + table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
-        + f"\n\nScore of the {args.prune_method}-pruned model itself (before factorizing): "
-        + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
+        + methods_table
+        + "\n\n" + pruned_line
         + f"\n\n### Effective rank of the pruned matrices at density {base.prune.density(ablation)} (mean over matrices, share of full rank)\n\n"
         + table(["model", "energy 90%", "energy 99%", "stable rank"], rank_rows)
         + "\n\n### Cost per stage (mean over the runs of each stage, all invocations of this setting)\n\n"
@@ -263,7 +264,10 @@ def main() -> None:
         "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "start_from": args.start_from, "rank_pull": base.prune.rank_pull, "rank_pull_importance": pull_importance, "seed": prune_train.seed, "lr": mrft_train.lr, "mrft_distill": base.mrft.distill.enabled, "pairs": pairs,
     }
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
-    write_section(name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs{', from the pretrained model' if start else ''}{title_extras} (issue 4)", command, body)
+    write_section(
+        name, f"LPAF ({args.prune_method} pruning) on {args.task.upper()}{train_phrase(args.train)}, keep ratio {args.ratios}, {args.prune_epochs:g} + {args.mrft_epochs:g} epochs{', from the pretrained model' if start else ''}{title_extras} (issue 4)",
+        command, body, results=results_file("lpaf", args.task, train_suffix(args.train)), headline=methods_table + "\n\n" + pruned_line,
+    )
 
 
 if __name__ == "__main__":

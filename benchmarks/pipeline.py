@@ -56,8 +56,8 @@ def padding(steps: int) -> str:
     from transformers import DataCollatorWithPadding
 
     from lowrank.config import load_params
-    from lowrank.data import get_task, load_raw, tokenize
-    from lowrank.models import load_classifier, load_tokenizer
+    from lowrank.data.loading import get_task, load_raw, tokenize
+    from lowrank.io.models import load_classifier, load_tokenizer
 
     params = load_params(ROOT / "params.yaml")
     spec = get_task("sst2")
@@ -122,7 +122,7 @@ def overhead() -> str:
     from conftest import save_tiny_model, tiny_params
 
     from lowrank.config import load_params
-    from lowrank.stages import Layout, get_stage, pipeline, preflight
+    from lowrank.pipeline import Layout, get_stage, pipeline, preflight
 
     glue = Path(os.environ.get("GLUE_DIR", ROOT.parent / "shared" / "data" / "glue"))
     work = Path(tempfile.mkdtemp(prefix="lowrank-overhead-"))
@@ -186,14 +186,16 @@ def main() -> None:
             "params.yaml (MiniLM-L6, 2,000 SST-2 sentences, 3 epochs, FWSVD at keep ratio 0.5, 3 epochs + ft), "
             "read from Prefect's records after `lowrank run --no-cache` and a second `lowrank run`.\n\n" + from_prefect_history()
         )
-        write_section("pipeline-history", "Pipeline: the default run per stage (issue 2)", "python benchmarks/pipeline.py --history", body)
+        write_section("pipeline-history", "Pipeline: the default run per stage (issue 2)", "python benchmarks/pipeline.py --history", body,
+                      results="pipeline.md", headline=body)
         return
     if args.rerun_only:
         summary, total = lowrank_run()
         rows = [[name, summary[name]["seconds"], summary[name]["cached"]] for name in summary]
         rows.append(["whole command (with imports, Prefect start)", total, ""])
         body = "`lowrank run` on params.yaml after a complete run with the same code and params.\n\n" + table(["stage", "seconds", "cached"], rows)
-        write_section("pipeline-rerun", "Pipeline: a cached rerun (issue 2)", "python benchmarks/pipeline.py --rerun-only", body)
+        write_section("pipeline-rerun", "Pipeline: a cached rerun (issue 2)", "python benchmarks/pipeline.py --rerun-only", body,
+                      results="pipeline.md", headline=body)
         return
     parts = []
     if not args.skip_default:
@@ -201,7 +203,8 @@ def main() -> None:
     parts.append("### Padding\n\n" + padding(args.padding_steps))
     parts.append("### Orchestration overhead\n\n" + overhead())
     command = "python benchmarks/pipeline.py" + (" --skip-default" if args.skip_default else "")
-    write_section("pipeline", "Pipeline: stages, cache, padding, overhead (issue 2)", command, "\n\n".join(parts))
+    write_section("pipeline", "Pipeline: stages, cache, padding, overhead (issue 2)", command, "\n\n".join(parts),
+                  results="pipeline.md", headline="\n\n".join(parts))
 
 
 if __name__ == "__main__":

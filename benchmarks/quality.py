@@ -22,11 +22,11 @@ from pathlib import Path
 from datasets import load_from_disk
 
 from lowrank.config import load_params
-from lowrank.io import read_json
-from lowrank.risk import rank_agreement
-from lowrank.stages import run_evaluate, run_factorize, run_finetune, run_finetune_compressed, run_fisher, run_prepare
+from lowrank.io.files import read_json
+from lowrank.linalg.risk import rank_agreement
+from lowrank.pipeline import run_evaluate, run_factorize, run_finetune, run_finetune_compressed, run_fisher, run_prepare
 
-from report import add_threads_option, apply_threads, table, write_section
+from report import add_threads_option, apply_threads, results_file, table, write_section
 
 TYPES = {
     "query": r".*\.attention\.self\.query",
@@ -180,6 +180,7 @@ def main() -> None:
                 label = f"fisher, floor {share:g} (ranks {min(ranks)}-{max(ranks)}, {dense_layers} dense)"
                 allocation_rows.append([method, label, ratio, info["keep_ratio_reached"], before])
 
+    methods_table = table(["method", "keep ratio", "reached", "score", "score + ft"], [[*r[:4], "not run" if r[4] is None else r[4]] for r in rows])
     sizes = {split: {"rows": len(rows)} for split, rows in load_from_disk(str(data / "dataset")).items()}
     body = (
         f"Task {args.task}: all-MiniLM-L6-v2 fine-tuned on {sizes['train']['rows']} training examples "
@@ -188,7 +189,7 @@ def main() -> None:
         f"\"+ ft\": {args.ft_epochs:g} epoch(s) of fine-tuning after factorizing, same examples, "
         f"lr {ft.lr:g}. tfwsvd and tvd use the default solver (`factorize.solver: {base.factorize.solver}`, "
         f"{base.factorize.solver_steps} steps).\n\n### Methods (b)\n\n"
-        + table(["method", "keep ratio", "reached", "score", "score + ft"], [[*r[:4], "not run" if r[4] is None else r[4]] for r in rows])
+        + methods_table
         + f"\n\n### phi vs the drop of plain SVD, one matrix type at a time at keep ratio {args.type_ratio} (c)\n\n"
         + table(["type", "mean phi", "mean phi x N (size-invariant)", "score drop"], [[k, phis[k], scaled[k], drops[k]] for k in TYPES])
         + f"\n\nSpearman correlation with the drop: phi {agreement:.3f}, size-invariant phi {agreement_scaled:.3f} "
@@ -215,6 +216,8 @@ def main() -> None:
     write_section(
         f"quality-{args.task}{train_suffix(args.train)}{suffix}{scope}",
         f"Quality on {args.task.upper()}: methods, phi, allocation (issue 3b-d){train_phrase(args.train)}{budget}{scope_title}", command, body,
+        results=results_file("quality", args.task, train_suffix(args.train)),
+        headline=f"Dense score: {dense_score:.4f}. \"+ ft\": {args.ft_epochs:g} epoch(s) of fine-tuning after factorizing, lr {ft.lr:g}.\n\n" + methods_table,
     )
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from lowrank.compressed import load_compressed
-from lowrank.importance import load_importance
-from lowrank.matching import find_targets, matrix_type
-from lowrank.solvers import get_solver, weighted_error
+from lowrank.io.checkpoints import load_compressed
+from lowrank.train.importance import load_importance
+from lowrank.modules.matching import find_targets, matrix_type
+from lowrank.linalg.solvers import get_solver, weighted_error
 
 from report import table, write_section
 
@@ -101,7 +101,15 @@ def main() -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("model", "fisher")
     )
     title = f"Solvers, Adam_SGD at {args.adam_steps} steps: weighted objective and time (issue 3a)"
-    write_section(f"solvers-{args.adam_steps}", title, command, body)
+    headline = (
+        f"J: the Fisher-weighted squared error relative to plain SVD's (lower is better); s: seconds. adam_sgd: {args.adam_steps} "
+        f"steps from plain SVD; als: {args.als_steps} sweeps from FWSVD.\n\n"
+        + table(
+            ["matrix", "keep", "J fwsvd / svd", "J adam_sgd / svd", "J als / svd", "s adam_sgd", "s als", "ALS reaches adam_sgd's final J at"],
+            [[row[0], row[1], row[3], row[4], row[5], row[8], row[9], row[10]] for row in rows],
+        )
+    )
+    write_section(f"solvers-{args.adam_steps}", title, command, body, results="solvers.md", headline=headline)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,12 @@ def run(params: Path = PARAMS, set_param: Optional[List[str]] = SET, no_cache: b
 def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
     """Run one stage (what `dvc repro` calls); DVC decides whether it needs to run."""
     from lowrank.config import load_params
-    from lowrank.stages import Layout, get_stage, preflight_stage
+    from lowrank.pipeline import get_stage, preflight_stage
     from tasks import tracking
 
     config = load_params(params, list(set_param or []))
     preflight_stage(name, config)
-    result = get_stage(name).run(config, Layout.from_params(config))
+    result = get_stage(name).run(config)
     if tracking.configure(config.tracking):
         with tracking.flow_run(config, name, {"driver": "dvc"}):
             tracking.log_stage(name, config, result, cached=False, nested=True)
@@ -56,7 +56,7 @@ def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET
 def check(params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
     """Validate params.yaml and every input it names, without running anything."""
     from lowrank.config import flatten, load_params
-    from lowrank.stages import preflight
+    from lowrank.pipeline import preflight
 
     config = load_params(params, list(set_param or []))
     preflight(config)
@@ -67,22 +67,46 @@ def check(params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
 def stages(params: Path = PARAMS) -> None:
     """List the stages of the configured pipeline with their params sections and artifacts."""
     from lowrank.config import load_params
-    from lowrank.stages import Layout, get_stage, pipeline
+    from lowrank.pipeline import Layout, get_stage, pipeline
 
     config = load_params(params)
     layout = Layout.from_params(config)
     rows = []
     for name in pipeline(config):
         st = get_stage(name)
-        rows.append({"stage": name, "params": st.sections, "deps": [str(p) for p in st.inputs(layout).values()], "outs": [str(p) for p in st.outputs(layout).values()]})
+        rows.append({"stage": name, "params": st.params, "deps": [str(p) for p in st.input_paths(layout).values()], "outs": [str(p) for p in st.written_paths(layout).values()]})
     _print(rows)
+
+
+@app.command()
+def methods() -> None:
+    """List the method table: each factorization method, its importance, solver, masks and path."""
+    from lowrank.methods import METHODS
+
+    _print([method.row() for method in METHODS.values()])
+
+
+@app.command(name="dvc-yaml")
+def dvc_yaml() -> None:
+    """Print the dvc.yaml the stage declarations imply (the committed one is this output)."""
+    from lowrank.pipeline.dvc import dvc_yaml as render
+
+    typer.echo(render(), nl=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of params.yaml."""
+    from lowrank.config import params_schema
+
+    _print(params_schema())
 
 
 @app.command()
 def export(model_dir: Path, out: Path = typer.Option(None, help="ONNX file (default: MODEL_DIR/model.onnx).")) -> None:
     """Export a (compressed) model folder to ONNX and check its outputs against PyTorch."""
-    from lowrank.compressed import load_compressed
-    from lowrank.export import export_onnx
+    from lowrank import load_compressed
+    from lowrank.io.export import export_onnx
 
     _print(export_onnx(load_compressed(model_dir), out or model_dir / "model.onnx"))
 

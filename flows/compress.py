@@ -8,7 +8,7 @@ from typing import Sequence
 from prefect import flow
 
 from lowrank.config import load_params
-from lowrank.stages import pipeline, preflight
+from lowrank.pipeline import pipeline, preflight
 from tasks import tracking
 
 from .steps import execute

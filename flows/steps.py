@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from lowrank.config import Params
-from lowrank.stages import StageResult
+from lowrank.pipeline import StageResult
 from tasks import tracking
 from tasks.stages import output_digests, run_stage
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import LATENCY_RUNTIMES
-from .devices import model_device, to_device
-from .layers import FactorizedLinear
+from lowrank.config import LATENCY_RUNTIMES
+from lowrank.devices import model_device, to_device
+from lowrank.modules.layers import FactorizedLinear
 
 
 @torch.inference_mode()
@@ -98,7 +98,7 @@ def _time_batches(
 
 
 def _onnx_latency(model: nn.Module, batch_sizes: Sequence[int], seq_len: int, warmup: int, repeats: int) -> dict[str, Any]:
-    from .export import export_onnx, onnx_session
+    from lowrank.io.export import export_onnx, onnx_session
 
     with tempfile.TemporaryDirectory(prefix="lowrank-onnx-") as folder:  # the session holds the graph in memory
         path = Path(folder) / "model.onnx"

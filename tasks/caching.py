@@ -15,8 +15,8 @@ from typing import Any
 
 import lowrank
 from lowrank.config import Params, select, to_dict
-from lowrank.io import digest
-from lowrank.stages import Layout, get_stage
+from lowrank.io.files import digest
+from lowrank.pipeline import Layout, get_stage
 
 
 @lru_cache(maxsize=1)
@@ -36,9 +36,9 @@ def stage_fingerprint(name: str, params: Params) -> dict[str, Any]:
     layout = Layout.from_params(params)
     return {
         "stage": name,
-        "params": {key: to_dict(select(params, key)) for key in stage.sections},
-        "inputs": {key: digest(path) for key, path in stage.inputs(layout).items()},
-        "outputs": {key: str(path) for key, path in stage.outputs(layout).items()},
+        "params": {key: to_dict(select(params, key)) for key in stage.params},
+        "inputs": {key: digest(path) for key, path in stage.input_paths(layout).items()},
+        "outputs": {key: str(path) for key, path in stage.written_paths(layout).items()},
         "code": code_digest(),
     }
 

@@ -7,15 +7,15 @@ from pathlib import Path
 from prefect import task
 
 from lowrank.config import Params
-from lowrank.io import digest
-from lowrank.stages import Layout, StageResult, get_stage
+from lowrank.io.files import digest
+from lowrank.pipeline import Layout, StageResult, get_stage
 
 from .caching import stage_cache_key
 
 
 def output_digests(name: str, params: Params) -> dict[str, str | None]:
     """Current content hashes of a stage's outputs (None where missing)."""
-    outputs = get_stage(name).outputs(Layout.from_params(params))
+    outputs = get_stage(name).written_paths(Layout.from_params(params))
     return {key: digest(path) if Path(path).exists() else None for key, path in outputs.items()}
 
 

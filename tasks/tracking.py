@@ -17,7 +17,8 @@ import mlflow
 import lowrank
 
 from lowrank.config import Params, TrackingConfig, flatten, select
-from lowrank.stages import Layout, StageResult, get_stage
+from lowrank.methods import get_method
+from lowrank.pipeline import Layout, StageResult, get_stage
 
 from .lineage import dvc_md5
 
@@ -55,11 +56,15 @@ def git_commit() -> dict[str, str]:
 
 
 def run_tags(params: Params) -> dict[str, str]:
-    """Tags to filter and compare runs by in the UI."""
+    """Tags to filter and compare runs by in the UI; what the method table says of the method among them."""
+    method = get_method(params.factorize.method)
     return {
         "task": params.data.task,
         "model": params.model.name,
-        "method": params.factorize.method,
+        "path": params.orchestration.path,
+        "method": method.name,
+        "method.importance": method.importance,
+        "method.solver": method.solver_name(params.factorize.solver),
         "keep_ratio": str(params.factorize.keep_ratio),
         **git_commit(),
     }
@@ -86,7 +91,7 @@ def lineage(name: str, params: Params) -> dict[str, str]:
     stage = get_stage(name)
     layout = Layout.from_params(params)
     tags = {}
-    for kind, paths in (("input", stage.inputs(layout)), ("output", stage.outputs(layout))):
+    for kind, paths in (("input", stage.input_paths(layout)), ("output", stage.output_paths(layout))):
         for key, path in paths.items():
             tags[f"lineage.{kind}.{key}"] = f"{path}@{dvc_md5(path)}"
     return tags
@@ -97,14 +102,14 @@ def log_stage(name: str, params: Params, result: StageResult, cached: bool, nest
     layout = Layout.from_params(params)
     tags = {"stage": name, "cached": str(cached).lower(), **lineage(name, params)}
     with mlflow.start_run(run_name=name, nested=nested, tags=tags):
-        section = {key: select(params, key) for key in get_stage(name).sections}
+        section = {key: select(params, key) for key in get_stage(name).params}
         mlflow.log_params({k: _param_value(v) for k, v in flatten(section).items()})
         if result.metrics:
             mlflow.log_metrics(result.metrics)
         for row in result.info.get("history", []):
             step = int(row.get("step", 0))
             mlflow.log_metrics({f"eval.{k}": v for k, v in row.items() if k not in ("step",)}, step=step)
-        metrics_file = layout.metrics_file(name)
+        metrics_file = get_stage(name).metrics_path(layout)
         if metrics_file.is_file():
             mlflow.log_artifact(str(metrics_file))
         for plot in result.info.get("plots", []):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank.data import DataError, check_files, custom_task, get_task, load_raw, read_split, subsample_indices
-from lowrank.metrics import compute_metrics
+from lowrank.data.loading import DataError, check_files, custom_task, get_task, load_raw, read_split, subsample_indices
+from lowrank.data.metrics import compute_metrics
 
 ROWS = {"sst2": (67349, 872), "mrpc": (3668, 408), "rte": (2490, 277), "stsb": (5749, 1500)}
 
@@ -96,7 +96,7 @@ def test_custom_csv_and_jsonl(tmp_path: Path) -> None:
 def test_tokenized_batches_pad_to_their_longest_row(glue_dir: Path, tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from lowrank.data import make_loader, tokenize
+    from lowrank.data.loading import make_loader, tokenize
 
     spec = get_task("sst2")
     raw = load_raw(spec, glue_dir, max_train_samples=32, max_eval_samples=8)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import GLUE_DIR, tiny_params
-from lowrank.compressed import load_compressed
+from lowrank.io.checkpoints import load_compressed
 from lowrank.config import load_params
 from lowrank.devices import DEVICE_ENV, default_device, model_device, to_device
-from lowrank.stages import Layout, PreparedData, get_stage, pipeline, preflight
+from lowrank.pipeline import Layout, PreparedData, get_stage, pipeline, preflight
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -64,7 +64,7 @@ def _run_path(root: Path, model_dir: Path, device: str, monkeypatch, **sections)
 
 
 def _logits(folder: Path, layout: Layout) -> torch.Tensor:
-    batch = next(iter(PreparedData.open(layout.data).loader("validation", 24)))
+    batch = next(iter(PreparedData.open(layout.output("prepare", "data")).loader("validation", 24)))
     with torch.no_grad():
         return load_compressed(folder)(**batch).logits
 
@@ -87,7 +87,7 @@ def test_a_path_on_cuda_matches_the_cpu(tmp_path: Path, tiny_model_dir: Path, mo
     gpu_layout, gpu = _run_path(tmp_path / "cuda", tiny_model_dir, "cuda", monkeypatch, **sections)
     final = pipeline(load_params(tmp_path / "cuda" / "params.yaml"))[-2]  # the stage before evaluate
     torch.testing.assert_close(
-        _logits(gpu_layout.model(final), gpu_layout), _logits(cpu_layout.model(final), cpu_layout), atol=2e-3, rtol=1e-3
+        _logits(gpu_layout.output(final), gpu_layout), _logits(cpu_layout.output(final), cpu_layout), atol=2e-3, rtol=1e-3
     )
     evaluate = pipeline(load_params(tmp_path / "cuda" / "params.yaml"))[-1]
     assert gpu[evaluate].metrics["task.score"] == pytest.approx(cpu[evaluate].metrics["task.score"], abs=1 / 24 + 1e-9)

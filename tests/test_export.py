@@ -11,12 +11,12 @@ import onnx
 import pytest
 
 from conftest import save_tiny_model
-from lowrank.compressed import load_compressed
+from lowrank.io.checkpoints import load_compressed
 from lowrank.evaluation import measure_latency
-from lowrank.export import export_onnx, onnx_node_kind, onnx_session
-from lowrank.matching import find_targets
-from lowrank.solvers import get_solver
-from lowrank.surgery import dense_weights, factorize_model
+from lowrank.io.export import export_onnx, onnx_node_kind, onnx_session
+from lowrank.modules.matching import find_targets
+from lowrank.linalg.solvers import get_solver
+from lowrank.modules.surgery import dense_weights, factorize_model
 
 
 def test_compressed_model_exports_with_parity(tmp_path: Path) -> None:

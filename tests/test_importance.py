@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank.importance import collect_importance, load_importance, save_importance
+from lowrank.train.importance import collect_importance, load_importance, save_importance
 from test_pruning import target_names, tiny_bert
 
 

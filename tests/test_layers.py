@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from conftest import save_tiny_model
-from lowrank.compressed import load_compressed, recipe, save_compressed
+from lowrank.io.checkpoints import load_compressed, recipe, save_compressed
 from lowrank.evaluation import count_parameters
-from lowrank.layers import FactorizedLinear
-from lowrank.matching import find_targets, matches, matrix_type
-from lowrank.surgery import dense_weights, factorize_model, replace_modules
+from lowrank.modules.layers import FactorizedLinear
+from lowrank.modules.matching import find_targets, matches, matrix_type
+from lowrank.modules.surgery import dense_weights, factorize_model, replace_modules
 
 
 def test_full_rank_factorized_linear_matches_the_dense_layer() -> None:
@@ -63,7 +63,7 @@ def test_factorized_linear_rejects_bad_shapes() -> None:
     ],
 )
 def test_matches_table(name: str, targets, exclude, expected: bool) -> None:
-    from lowrank.matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS
+    from lowrank.modules.matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS
 
     assert matches(name, targets or DEFAULT_TARGETS, exclude or DEFAULT_EXCLUDE) is expected
 
@@ -97,7 +97,7 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path: Path) -> None
     model, folder = _tiny(tmp_path)
     names = find_targets(model)
     weights = dense_weights(model, names)
-    from lowrank.solvers import get_solver
+    from lowrank.linalg.solvers import get_solver
 
     factors = {n: get_solver("svd")(weights[n], 8) for n in names[:-1]}  # the last target stays dense
     factorize_model(model, factors)

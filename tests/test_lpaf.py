@@ -11,16 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import GLUE_DIR, REPO, tiny_params
-from lowrank.compressed import layer_ranks, load_compressed, save_compressed
+from lowrank.io.checkpoints import layer_ranks, load_compressed, save_compressed
 from lowrank.config import ConfigError, load_params
-from lowrank.lpaf import (
-    MASKS_FILE, factorize_pruned_dir, factorize_pruned_weight, prune_dir, run_factorize_pruned, run_prune,
-)
-from lowrank.mixed_rank import MixedRankLinear
-from lowrank.pruning import kept_count, load_pruning_state
-from lowrank.ranks import allocate_ranks
-from lowrank.stages import STAGES, Layout, PreparedData, get_stage, pipeline, preflight
-from lowrank.surgery import dense_weights
+from lowrank.methods import get_method
+from lowrank.modules.mixed_rank import MixedRankLinear
+from lowrank.train.pruning import kept_count, load_pruning_state
+from lowrank.linalg.ranks import allocate_ranks
+from lowrank.pipeline import STAGES, Layout, PreparedData, StageResult, get_stage, pipeline, preflight
+from lowrank.modules.surgery import dense_weights
 
 KEEP_RATIO = 0.4
 LPAF_SECTIONS = {
@@ -35,6 +33,16 @@ LPAF_SECTIONS = {
     "mrft": {"p0": 0.3, "ramp_share": 0.5, "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3}},
     "evaluate": {"latency": False},  # latency is test_pipeline's
 }
+
+
+def run_prune_into(params, layout: Layout, cfg, out: Path) -> StageResult:
+    """The prune stage with section `cfg`, reading the run's inputs and writing under `out`."""
+    st = get_stage("prune")
+    io = dataclasses.replace(
+        st.io(layout), outputs={"model": out / "model", "masks": out / "masks.safetensors"},
+        plots={"ranks": out / "ranks.png"}, reports={"ranks": out / "ranks.json"}, metrics=out.with_suffix(".json"),
+    )
+    return st.fn(dataclasses.replace(params, prune=cfg), io)
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +67,15 @@ def test_lpaf_path_is_registered_and_ordered(lpaf_run) -> None:
     ]
     for position, name in enumerate(names):
         assert all(names.index(before) < position for before in STAGES[name].after), name
-        for path in STAGES[name].outputs(layout).values():
+        for path in STAGES[name].written_paths(layout).values():
             assert Path(path).exists(), f"{name} did not write {path}"
     assert not list(layout.artifacts.rglob("*.tmp-*")), "a temporary artifact was left behind"
 
 
 def test_pruned_model_has_exact_density_on_every_target(lpaf_run) -> None:
     params, layout, results = lpaf_run
-    model = load_compressed(layout.model("prune"))
-    masks, scores = load_pruning_state(prune_dir(layout) / MASKS_FILE)
+    model = load_compressed(layout.output("prune"))
+    masks, scores = load_pruning_state(layout.output("prune", "masks"))
     assert len(masks) == 12  # 2 blocks x (Q, K, V, attention output, FFN in, FFN out)
     for name, weight in dense_weights(model, list(masks)).items():
         expected = kept_count(weight.numel(), KEEP_RATIO)  # final_density null: factorize.keep_ratio
@@ -87,31 +95,31 @@ def test_pruned_model_has_exact_density_on_every_target(lpaf_run) -> None:
 
 def test_factorize_pruned_ranks_match_allocation(lpaf_run) -> None:
     params, layout, results = lpaf_run
-    pruned = load_compressed(layout.model("prune"))
-    masks, _ = load_pruning_state(prune_dir(layout) / MASKS_FILE)
+    pruned = load_compressed(layout.output("prune"))
+    masks, _ = load_pruning_state(layout.output("prune", "masks"))
     shapes = {name: tuple(w.shape) for name, w in dense_weights(pruned, list(masks)).items()}
     expected = {n: r for n, r in allocate_ranks(shapes, KEEP_RATIO, "uniform").items() if r is not None}
-    model = load_compressed(layout.model("factorize_pruned"))
+    model = load_compressed(layout.output("factorize_pruned"))
     assert expected and layer_ranks(model) == expected
     assert model.config.lowrank["method"] == "sparse_tfwsvd"
-    copied, _ = load_pruning_state(factorize_pruned_dir(layout) / MASKS_FILE)
+    copied, _ = load_pruning_state(layout.output("factorize_pruned", "masks"))
     assert all(torch.equal(copied[n], masks[n]) for n in masks)
     assert results["factorize_pruned"].metrics["keep_ratio_reached"] <= KEEP_RATIO
 
 
 def test_mrft_output_holds_only_factors_and_reloads_exactly(lpaf_run, tmp_path: Path) -> None:
     params, layout, results = lpaf_run
-    folder = layout.model("mrft")
+    folder = layout.output("mrft")
     model = load_compressed(folder)
     assert not any(isinstance(m, MixedRankLinear) for m in model.modules())
     keys = set(load_file(str(folder / "model.safetensors")))
     assert not any("mask" in k for k in keys)
     ranks = layer_ranks(model)
-    assert ranks == layer_ranks(load_compressed(layout.model("factorize_pruned")))
+    assert ranks == layer_ranks(load_compressed(layout.output("factorize_pruned")))
     assert all(f"{name}.weight" not in keys for name in ranks)  # no sparse matrix left beside the factors
     assert model.config.lowrank["method"] == "lpaf"
 
-    batch = next(iter(PreparedData.open(layout.data).loader("validation", 8)))
+    batch = next(iter(PreparedData.open(layout.output("prepare", "data")).loader("validation", 8)))
     with torch.no_grad():
         logits = model(**batch).logits
         save_compressed(model, tmp_path / "again", method="lpaf", targets=list(model.config.lowrank["ranks"]))
@@ -128,9 +136,8 @@ def test_prune_variants_magnitude_global_from_pretrained(lpaf_run, tmp_path: Pat
         rank_energies=[], distill=dataclasses.replace(params.prune.distill, enabled=False),
         train=dataclasses.replace(params.prune.train, epochs=1.0, eval_every_epoch=False),
     )
-    result = run_prune(cfg, params.factorize, params.model, layout.model("finetune"), layout.data,
-                       tmp_path / "prune", tmp_path / "prune.json")
-    masks, _ = load_pruning_state(tmp_path / "prune" / MASKS_FILE)
+    result = run_prune_into(params, layout, cfg, tmp_path / "prune")
+    masks, _ = load_pruning_state(tmp_path / "prune" / "masks.safetensors")
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == kept_count(total, 0.25)
     assert "rank_ratio.dense.stable_rank_ratio" not in result.metrics
@@ -146,10 +153,9 @@ def test_rank_pull_leaves_less_beyond_the_factor_rank(lpaf_run, tmp_path: Path) 
     tails = {}
     for pull in (0.0, 3.0):
         out = tmp_path / f"prune-{pull}"
-        result = run_prune(dataclasses.replace(base, rank_pull=pull, rank_pull_every=2), params.factorize, params.model,
-                           layout.model("finetune"), layout.data, out, tmp_path / f"prune-{pull}.json")
+        result = run_prune_into(params, layout, dataclasses.replace(base, rank_pull=pull, rank_pull_every=2), out)
         tails[pull] = result.metrics["tail_share"]
-        masks, _ = load_pruning_state(out / MASKS_FILE)
+        masks, _ = load_pruning_state(out / "masks.safetensors")
         assert sum(int(m.sum()) for m in masks.values()) == kept_count(sum(m.numel() for m in masks.values()), 0.5)
     assert result.metrics["tail_share_dense"] > 0
     assert tails[3.0] < 0.6 * tails[0.0]
@@ -159,15 +165,14 @@ def test_prune_schedule_longer_than_training_names_the_key(lpaf_run, tmp_path: P
     params, layout, _ = lpaf_run
     cfg = dataclasses.replace(params.prune, warmup_steps=5, cooldown_steps=2)  # 6 steps in 2 epochs
     with pytest.raises(ConfigError, match=r"prune\.warmup_steps \+ prune\.cooldown_steps"):
-        run_prune(cfg, params.factorize, params.model, layout.model("finetune"), layout.data,
-                  tmp_path / "prune", tmp_path / "prune.json")
+        run_prune_into(params, layout, cfg, tmp_path / "prune")
     assert not (tmp_path / "prune").exists()
 
 
 def test_factorize_pruned_refuses_dense_methods(tmp_path: Path) -> None:
-    cfg = load_params(REPO / "params.yaml").factorize  # fwsvd
+    params = load_params(REPO / "params.yaml", [f"paths.artifacts={tmp_path}", f"paths.metrics={tmp_path}"])  # fwsvd
     with pytest.raises(ConfigError, match=r"factorize\.method"):
-        run_factorize_pruned(cfg, load_params(REPO / "params.yaml").fisher, tmp_path, tmp_path, tmp_path / "out", tmp_path / "m.json")
+        get_stage("factorize_pruned").run(params)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +218,7 @@ def test_sparse_tfwsvd_recovers_low_rank_kept_entries_better_than_svd() -> None:
     weight = low_rank * mask  # exactly rank 4 on its kept entries, not as a whole
 
     def kept_error(method: str) -> float:
-        a, b = factorize_pruned_weight(method, weight, mask, rank, pruned_weight=0.0, steps=200)
+        a, b = get_method(method).fn(weight * mask, rank, importance=None, mask=mask, pruned_weight=0.0, solver_steps=200)
         return float(((a @ b - low_rank)[mask]).square().mean() / low_rank[mask].square().mean())
 
     element_wise, plain = kept_error("sparse_tfwsvd"), kept_error("svd")

@@ -7,18 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.layers import FactorizedLinear
-from lowrank.mixed_rank import (
-    MixedRankLinear,
-    MixedRankOptions,
-    MixedRankScheduler,
-    finalize,
-    low_rank_probability,
-    mixed_rank_layers,
-    to_mixed_rank,
-)
-from lowrank.pruning import prune_once
-from lowrank.sparsity import rowwise_sparse_svd
+from lowrank.modules.layers import FactorizedLinear
+from lowrank.modules.mixed_rank import MixedRankLinear, finalize, mixed_rank_layers, to_mixed_rank
+from lowrank.train.mixed_rank import MixedRankScheduler, low_rank_probability
+from lowrank.train.pruning import prune_once
+from lowrank.linalg.sparsity import rowwise_sparse_svd
 from test_pruning import run_loop, target_names, tiny_bert
 
 
@@ -43,7 +36,7 @@ def test_probability_edges_and_options() -> None:
     assert low_rank_probability(0, 100, p0=0.0, ramp_share=1.0) == 0.0
     for kwargs, field in (({"p0": 1.5}, "p0"), ({"ramp_share": -0.1}, "ramp_share")):
         with pytest.raises(ValueError, match=field):
-            MixedRankOptions(**kwargs)
+            MixedRankScheduler(**kwargs)
 
 
 def test_paths_are_exactly_low_rank_or_sparse() -> None:
@@ -64,7 +57,7 @@ def test_scheduler_draws_are_seeded_and_follow_probability() -> None:
     model = nn.Sequential(*[mixed_layer(seed) for seed in range(40)])
 
     def shares(p0: float, seed: int) -> list[float]:
-        scheduler = MixedRankScheduler(MixedRankOptions(p0=p0, ramp_share=0.5, seed=seed))
+        scheduler = MixedRankScheduler(p0=p0, ramp_share=0.5, seed=seed)
         scheduler.on_train_begin(model, 10)
         out = []
         for step in range(10):
@@ -93,7 +86,7 @@ def test_mixed_rank_training_keeps_pruned_entries_zero_and_finalizes() -> None:
     model, names = compressed_tiny_bert(train_sparse=True)
     layers = mixed_rank_layers(model)
     before = {n: layer.weight.detach().clone() for n, layer in layers.items()}
-    scheduler = MixedRankScheduler(MixedRankOptions(p0=0.3, ramp_share=0.5, seed=0))
+    scheduler = MixedRankScheduler(p0=0.3, ramp_share=0.5, seed=0)
     losses = run_loop(model, [scheduler], 8)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(layer.use_low_rank for layer in layers.values())
@@ -117,5 +110,5 @@ def test_sparse_weights_frozen_by_default() -> None:
     model, _ = compressed_tiny_bert()
     layers = mixed_rank_layers(model)
     before = {n: layer.weight.detach().clone() for n, layer in layers.items()}
-    run_loop(model, [MixedRankScheduler(MixedRankOptions(p0=0.0, ramp_share=1.0))], 3)
+    run_loop(model, [MixedRankScheduler(p0=0.0, ramp_share=1.0)], 3)
     assert all(torch.equal(before[n], layer.weight) for n, layer in layers.items())

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, tiny_params
 from lowrank.config import load_params
-from lowrank.stages import Layout, get_stage, pipeline, preflight
+from lowrank.pipeline import Layout, get_stage, pipeline, preflight
 
 pytestmark = pytest.mark.slow
 

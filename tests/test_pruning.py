@@ -9,9 +9,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from lowrank.hooks import TrainHook
-from lowrank.pruning import (
-    PruneOptions,
+from lowrank.train.hooks import TrainHook
+from lowrank.train.pruning import (
     Pruner,
     cubic_sparsity,
     kept_count,
@@ -92,17 +91,17 @@ def test_cubic_schedule_from_initial_density_and_without_ramp() -> None:
      ({"method": "random"}, "method"), ({"scope": "layer"}, "scope"), ({"update_every": 0}, "update_every"),
      ({"warmup_steps": -1}, "warmup_steps"), ({"cooldown_steps": -2}, "cooldown_steps")],
 )
-def test_prune_options_reject_bad_values(kwargs: dict, field: str) -> None:
+def test_pruner_rejects_bad_settings(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        PruneOptions(**kwargs)
+        Pruner(["lin"], **kwargs)
 
 
 def test_warmup_plus_cooldown_longer_than_training_fails() -> None:
     with pytest.raises(ValueError, match="warmup_steps \\+ cooldown_steps"):
         cubic_sparsity(0, 10, 0.5, 6, 5)
-    options = PruneOptions(warmup_steps=6, cooldown_steps=5)
+    options = {"warmup_steps": 6, "cooldown_steps": 5}
     with pytest.raises(ValueError, match="warmup_steps \\+ cooldown_steps"):
-        Pruner(["lin"], options).on_train_begin(nn.Sequential(), 10)
+        Pruner(["lin"], **options).on_train_begin(nn.Sequential(), 10)
 
 
 # --------------------------------------------------------------------------- masks
@@ -147,7 +146,7 @@ def test_prune_once_keeps_largest_magnitudes() -> None:
 def test_movement_score_is_minus_grad_times_weight() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
-    pruner = Pruner(["0"], PruneOptions(method="movement", final_density=0.5, warmup_steps=2))
+    pruner = Pruner(["0"], method="movement", final_density=0.5, warmup_steps=2)
     pruner.on_train_begin(model, 4)
     total = torch.zeros(3, 4)
     for step in range(2):
@@ -161,7 +160,7 @@ def test_movement_score_is_minus_grad_times_weight() -> None:
 def test_taylor_score_is_smoothed_abs_grad_times_weight() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
-    pruner = Pruner(["0"], PruneOptions(method="taylor", final_density=0.5, warmup_steps=3, taylor_beta=0.6))
+    pruner = Pruner(["0"], method="taylor", final_density=0.5, warmup_steps=3, taylor_beta=0.6)
     pruner.on_train_begin(model, 4)
     expected = torch.zeros(3, 4)
     for step in range(3):
@@ -175,7 +174,7 @@ def test_taylor_score_is_smoothed_abs_grad_times_weight() -> None:
 
 def test_taylor_beta_out_of_range_is_rejected() -> None:
     with pytest.raises(ValueError, match="taylor_beta"):
-        PruneOptions(method="taylor", taylor_beta=1.0)
+        Pruner(["0"], method="taylor", taylor_beta=1.0)
 
 
 @pytest.mark.parametrize(
@@ -186,8 +185,8 @@ def test_pruning_tiny_bert_follows_schedule(method: str, scope: str) -> None:
     model = tiny_bert()
     names = target_names(model)
     assert len(names) == 12
-    steps, options = 20, PruneOptions(method=method, final_density=0.2, warmup_steps=4, cooldown_steps=4, scope=scope)
-    pruner = Pruner(names, options)
+    steps, options = 20, dict(method=method, final_density=0.2, warmup_steps=4, cooldown_steps=4, scope=scope)
+    pruner = Pruner(names, **options)
     modules = dict(model.named_modules())
     previous = {n: torch.ones_like(modules[n].weight, dtype=torch.bool) for n in names}
     checked = []
@@ -217,7 +216,7 @@ def test_pruning_tiny_bert_follows_schedule(method: str, scope: str) -> None:
 def test_update_every_holds_masks_between_updates() -> None:
     model = tiny_bert()
     names = target_names(model)[:2]
-    pruner = Pruner(names, PruneOptions(method="magnitude", final_density=0.3, warmup_steps=0, cooldown_steps=3, update_every=4))
+    pruner = Pruner(names, method="magnitude", final_density=0.3, warmup_steps=0, cooldown_steps=3, update_every=4)
     seen = []
     run_loop(model, [pruner], 12, lambda step: seen.append(pruner.metrics()["target_density"]))
     # Updates after steps 3 and 7 (every 4) and 8 (the ramp's end, forced so the final density is exact).
@@ -229,8 +228,8 @@ def test_update_every_holds_masks_between_updates() -> None:
 def test_selection_runs_only_when_the_density_changes_and_changes_nothing_when_skipped() -> None:
     model = tiny_bert()
     names = target_names(model)[:3]
-    steps, options = 16, PruneOptions(method="taylor", final_density=0.25, warmup_steps=4, cooldown_steps=5)
-    pruner = Pruner(names, options)
+    steps, options = 16, dict(method="taylor", final_density=0.25, warmup_steps=4, cooldown_steps=5)
+    pruner = Pruner(names, **options)
     selected: list[float] = []
     update = pruner._update_masks
     pruner._update_masks = lambda density: (selected.append(density), update(density))  # type: ignore[method-assign]
@@ -246,7 +245,7 @@ def test_selection_runs_only_when_the_density_changes_and_changes_nothing_when_s
 def test_save_load_round_trip(tmp_path) -> None:
     model = tiny_bert()
     names = target_names(model)
-    pruner = Pruner(names, PruneOptions(final_density=0.5, warmup_steps=1, cooldown_steps=1))
+    pruner = Pruner(names, final_density=0.5, warmup_steps=1, cooldown_steps=1)
     run_loop(model, [pruner], 6)
     path = pruner.save(tmp_path / "pruning.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["pruning.safetensors"]
@@ -254,7 +253,7 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert all(torch.equal(masks[n], pruner.masks()[n]) for n in names)
     assert all(torch.equal(scores[n], pruner.scores()[n]) for n in names)
 
-    resumed = Pruner(names, pruner.options)
+    resumed = Pruner(names, final_density=0.5, warmup_steps=1, cooldown_steps=1)
     resumed.load(path)
     fresh = tiny_bert()  # dense weights: loading must prune them at on_train_begin
     resumed.on_train_begin(fresh, 6)

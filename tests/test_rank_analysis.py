@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank.rank_analysis import effective_rank, plot_rank_report, rank_report, stable_rank, tail_share
+from lowrank.linalg.spectra import effective_rank, rank_report, stable_rank, tail_share
+from lowrank.pipeline.plots import plot_rank_report
 
 
 def with_singular_values(values: list[float], rows: int = 9, cols: int = 7, seed: int = 0) -> torch.Tensor:

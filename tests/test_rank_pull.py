@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank.rank_analysis import tail_share
-from lowrank.rank_pull import RankPull, RunningFisher
+from lowrank.linalg.spectra import tail_share
+from lowrank.train.rank_pull import RankPull, RunningFisher
 
 
 def _model(seed: int = 0) -> nn.Sequential:

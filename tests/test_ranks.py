@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lowrank.ranks import allocate_ranks, break_even_rank, count_params, fisher_ranks, kept_ratio, uniform_ranks, weighted_spectrum
-from lowrank.risk import rank_agreement, svd_risk
+from lowrank.linalg.ranks import allocate_ranks, break_even_rank, count_params, fisher_ranks, kept_ratio, uniform_ranks, weighted_spectrum
+from lowrank.linalg.risk import rank_agreement, svd_risk
 
 BERT_BASE_BLOCK = {"q": (768, 768), "k": (768, 768), "v": (768, 768), "o": (768, 768), "i": (3072, 768), "f": (768, 3072)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank.solvers import SOLVERS, column_weights, get_solver, register_solver, weighted_error
+from lowrank.linalg.solvers import SOLVERS, column_weights, get_solver, register_solver, weighted_error
 
 
 def _matrix(out_features: int = 24, in_features: int = 16, seed: int = 0) -> torch.Tensor:

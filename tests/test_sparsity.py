@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank.sparsity import DEFAULT_PRUNED_WEIGHT, rowwise_sparse_svd, sparsity_importance
+from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT, rowwise_sparse_svd, sparsity_importance
 
 
 def low_rank_matrix(rows: int, cols: int, rank: int, seed: int = 0) -> torch.Tensor:

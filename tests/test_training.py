@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification
 
 from lowrank.config import TrainConfig
-from lowrank.training import train
+from lowrank.train.loop import train
 from conftest import tiny_bert_config
 
 

@@ -6,21 +6,20 @@ keeps its sparse full-rank (pruned) matrix for a while and, at every step,
 takes its low-rank path only with probability p(t), rising from p0 to 1 (in
 the spirit of progressive module replacing): the factors learn while their
 neighbours still behave like the pruned network. After the ramp only the
-factors are used; `finalize` then drops the sparse matrices.
+factors are used; `finalize` then drops the sparse matrices. The draws are
+made by `lowrank.train.mixed_rank.MixedRankScheduler`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import TrainHook
-from .layers import FactorizedLinear
-from .surgery import replace_modules
+from lowrank.modules.layers import FactorizedLinear
+from lowrank.modules.surgery import replace_modules
 
 
 class MixedRankLinear(nn.Module):
@@ -62,81 +61,9 @@ class MixedRankLinear(nn.Module):
         return f"in_features={in_features}, out_features={out_features}, density={density:.3f}, use_low_rank={self.use_low_rank}"
 
 
-def low_rank_probability(step: int, total_steps: int, p0: float, ramp_share: float) -> float:
-    """Probability that a layer takes its low-rank path at `step`.
-
-    Linear from `p0` at step 0 to 1 at `ramp_share * total_steps`, then 1.
-    """
-    if not 0 <= p0 <= 1:
-        raise ValueError(f"p0 must be in [0, 1], got {p0}")
-    if not 0 <= ramp_share <= 1:
-        raise ValueError(f"ramp_share must be in [0, 1], got {ramp_share}")
-    ramp_steps = ramp_share * total_steps
-    if ramp_steps <= 0 or step >= ramp_steps:
-        return 1.0
-    return p0 + (1.0 - p0) * max(step, 0) / ramp_steps
-
-
-@dataclass(frozen=True)
-class MixedRankOptions:
-    """The ramp of mixed-rank fine-tuning.
-
-    p0: low-rank probability at the first step, in [0, 1].
-    ramp_share: share of the training steps over which it rises to 1, in [0, 1].
-    seed: seeds the path draws, so that a rerun takes the same paths.
-    """
-
-    p0: float = 0.5
-    ramp_share: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.p0 <= 1:
-            raise ValueError(f"p0 must be in [0, 1], got {self.p0}")
-        if not 0 <= self.ramp_share <= 1:
-            raise ValueError(f"ramp_share must be in [0, 1], got {self.ramp_share}")
-
-
 def mixed_rank_layers(model: nn.Module) -> dict[str, MixedRankLinear]:
     """The model's MixedRankLinear layers by name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MixedRankLinear)}
-
-
-class MixedRankScheduler(TrainHook):
-    """Before each forward, draws for every MixedRankLinear whether it takes the low-rank path.
-
-    Draws come from a private CPU generator, so they neither consume nor
-    depend on the global RNG that dropout and data shuffling use.
-    """
-
-    def __init__(self, options: MixedRankOptions) -> None:
-        self.options = options
-        self.total_steps = 0
-        self.probability = options.p0
-        self.low_rank_share = 1.0
-        self._generator = torch.Generator().manual_seed(options.seed)
-        self._layers: list[MixedRankLinear] = []
-
-    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
-        self.total_steps = total_steps
-        self._layers = list(mixed_rank_layers(model).values())
-        if not self._layers:
-            raise ValueError("MixedRankScheduler found no MixedRankLinear in the model: call to_mixed_rank first")
-
-    def before_forward(self, model: nn.Module, step: int) -> None:
-        o = self.options
-        self.probability = low_rank_probability(step, self.total_steps, o.p0, o.ramp_share)
-        draws = torch.rand(len(self._layers), generator=self._generator)
-        for layer, draw in zip(self._layers, draws.tolist()):
-            layer.use_low_rank = self.probability >= 1.0 or draw < self.probability
-        self.low_rank_share = sum(layer.use_low_rank for layer in self._layers) / len(self._layers)
-
-    def on_train_end(self, model: nn.Module) -> None:
-        for layer in self._layers:
-            layer.use_low_rank = True
-
-    def metrics(self) -> dict[str, float]:
-        return {"p_low_rank": self.probability, "low_rank_share": self.low_rank_share}
 
 
 def to_mixed_rank(

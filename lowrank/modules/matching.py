@@ -58,7 +58,7 @@ def find_targets(model: nn.Module, targets: Targets | None = None, exclude: Targ
     `None` means the defaults; a layer that is already factorized is found
     through the name it had before (see `lowrank.layers.FactorizedLinear`).
     """
-    from .layers import FactorizedLinear
+    from lowrank.modules.layers import FactorizedLinear
 
     targets = DEFAULT_TARGETS if targets is None else targets
     exclude = DEFAULT_EXCLUDE if exclude is None else exclude

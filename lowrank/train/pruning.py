@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
@@ -32,9 +31,9 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .hooks import TrainHook
-from .io import atomic_write_bytes
-from .surgery import linear_weights
+from lowrank.train.hooks import TrainHook
+from lowrank.io.files import atomic_write_bytes
+from lowrank.modules.surgery import linear_weights
 
 PruneMethod = Literal["movement", "taylor", "magnitude"]
 PruneScope = Literal["per_matrix", "global"]
@@ -84,51 +83,6 @@ def cubic_sparsity(
         return initial_density if step < warmup_steps else final_density
     progress = min(max((step - warmup_steps) / ramp, 0.0), 1.0)
     return final_density + (initial_density - final_density) * (1.0 - progress) ** 3
-
-
-@dataclass(frozen=True)
-class PruneOptions:
-    """How to prune during fine-tuning.
-
-    method: "movement" (scores S -= grad * W, Sanh et al. 2020), "taylor"
-        (S <- beta * S + (1 - beta) * |grad * W|) or "magnitude" (|W|).
-    final_density: share of each target's weights kept at the end, in (0, 1].
-    warmup_steps / cooldown_steps: steps at density 1 before, and at the final density after, the cubic ramp.
-    scope: "per_matrix" keeps the same share of every matrix; "global" ranks all targets together.
-    update_every: recompute the masks every this many optimizer steps.
-    taylor_beta: the smoothing of the Taylor scores over steps, in [0, 1).
-    """
-
-    method: PruneMethod = "movement"
-    final_density: float = 0.1
-    warmup_steps: int = 0
-    cooldown_steps: int = 0
-    scope: PruneScope = "per_matrix"
-    update_every: int = 1
-    taylor_beta: float = 0.85
-
-    def __post_init__(self) -> None:
-        if self.method not in ("movement", "taylor", "magnitude"):
-            raise ValueError(f"method must be 'movement', 'taylor' or 'magnitude', got {self.method!r}")
-        if not 0 <= self.taylor_beta < 1:
-            raise ValueError(f"taylor_beta must be in [0, 1), got {self.taylor_beta}")
-        if self.scope not in ("per_matrix", "global"):
-            raise ValueError(f"scope must be 'per_matrix' or 'global', got {self.scope!r}")
-        _check_density(self.final_density, "final_density")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.cooldown_steps < 0:
-            raise ValueError(f"cooldown_steps must be >= 0, got {self.cooldown_steps}")
-        if self.update_every < 1:
-            raise ValueError(f"update_every must be >= 1, got {self.update_every}")
-
-    def check_steps(self, total_steps: int) -> None:
-        """Fail before training if warm-up and cool-down leave no room to prune."""
-        if self.warmup_steps + self.cooldown_steps > total_steps:
-            raise ValueError(
-                f"warmup_steps + cooldown_steps ({self.warmup_steps} + {self.cooldown_steps}) "
-                f"exceed the {total_steps} training steps"
-            )
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -209,11 +163,44 @@ class Pruner(TrainHook):
     movement score is frozen and reviving it would bring back a zero.
     """
 
-    def __init__(self, names: Sequence[str], options: PruneOptions) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        method: PruneMethod = "movement",
+        final_density: float = 0.1,
+        warmup_steps: int = 0,
+        cooldown_steps: int = 0,
+        scope: PruneScope = "per_matrix",
+        update_every: int = 1,
+        taylor_beta: float = 0.85,
+    ) -> None:
+        """Args (the `prune` params section's keys, with the schedule in steps):
+            method: "movement" (scores S -= grad * W, Sanh et al. 2020), "taylor"
+                (S <- beta * S + (1 - beta) * |grad * W|) or "magnitude" (|W|).
+            final_density: share of each target's weights kept at the end, in (0, 1].
+            warmup_steps / cooldown_steps: steps at density 1 before, and at the final density after, the cubic ramp.
+            scope: "per_matrix" keeps the same share of every matrix; "global" ranks all targets together.
+            update_every: recompute the masks every this many optimizer steps.
+            taylor_beta: the smoothing of the Taylor scores over steps, in [0, 1).
+        """
         if not names:
             raise ValueError("Pruner needs at least one target name")
+        if method not in ("movement", "taylor", "magnitude"):
+            raise ValueError(f"method must be 'movement', 'taylor' or 'magnitude', got {method!r}")
+        if not 0 <= taylor_beta < 1:
+            raise ValueError(f"taylor_beta must be in [0, 1), got {taylor_beta}")
+        if scope not in ("per_matrix", "global"):
+            raise ValueError(f"scope must be 'per_matrix' or 'global', got {scope!r}")
+        _check_density(final_density, "final_density")
+        for key, value in (("warmup_steps", warmup_steps), ("cooldown_steps", cooldown_steps)):
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        if update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {update_every}")
         self.names = list(names)
-        self.options = options
+        self.method, self.final_density, self.scope, self.update_every = method, final_density, scope, update_every
+        self.warmup_steps, self.cooldown_steps, self.taylor_beta = warmup_steps, cooldown_steps, taylor_beta
         self.total_steps = 0
         self.target_density = 1.0
         self._density = 1.0
@@ -224,12 +211,15 @@ class Pruner(TrainHook):
 
     def density_at(self, step: int) -> float:
         """Scheduled density of the weights during `step`'s forward pass."""
-        o = self.options
-        return cubic_sparsity(step, self.total_steps, o.final_density, o.warmup_steps, o.cooldown_steps)
+        return cubic_sparsity(step, self.total_steps, self.final_density, self.warmup_steps, self.cooldown_steps)
 
     @torch.no_grad()
     def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
-        self.options.check_steps(total_steps)
+        if self.warmup_steps + self.cooldown_steps > total_steps:  # fail before training, not at the end
+            raise ValueError(
+                f"warmup_steps + cooldown_steps ({self.warmup_steps} + {self.cooldown_steps}) "
+                f"exceed the {total_steps} training steps"
+            )
         self.total_steps = total_steps
         self._weights = linear_weights(model, self.names, "pruning target")
         for name, weight in self._weights.items():
@@ -248,22 +238,22 @@ class Pruner(TrainHook):
             if weight.grad is None:
                 continue
             # Weights are already masked, so these are the scores of the masked weights.
-            if self.options.method == "movement":
+            if self.method == "movement":
                 self._scores[name].sub_(weight.grad.float() * weight.float())
-            elif self.options.method == "taylor":
-                beta = self.options.taylor_beta
+            elif self.method == "taylor":
+                beta = self.taylor_beta
                 self._scores[name].mul_(beta).add_((weight.grad.float() * weight.float()).abs(), alpha=1 - beta)
             weight.grad.mul_(self._masks[name])
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int) -> None:
         next_step = step + 1
-        ramp_end = self.total_steps - self.options.cooldown_steps
+        ramp_end = self.total_steps - self.cooldown_steps
         # Always update when the ramp ends so that the final density is hit exactly.
         density = self.density_at(next_step)
         # At an unchanged density the kept entries are exactly the live ones (pruned rank last):
         # warm-up and cool-down need no selection.
-        due = next_step % self.options.update_every == 0 or next_step == ramp_end
+        due = next_step % self.update_every == 0 or next_step == ramp_end
         if due and density != self._selected_density:
             self._update_masks(density)
         self._apply_masks()
@@ -295,12 +285,12 @@ class Pruner(TrainHook):
         return dict(self._scores)
 
     def _update_masks(self, density: float) -> None:
-        if self.options.method == "magnitude":
+        if self.method == "magnitude":
             for name, weight in self._weights.items():
                 self._scores[name] = weight.detach().abs().float()
         # Pruned entries rank last, so a new mask is always a subset of the old one.
         ranked = {n: s.masked_fill(~self._masks[n], float("-inf")) for n, s in self._scores.items()}
-        self._masks = _select(ranked, density, self.options.scope)
+        self._masks = _select(ranked, density, self.scope)
         self.target_density = self._selected_density = density
         self._density = self._count_density()
 
@@ -314,7 +304,12 @@ class Pruner(TrainHook):
         for name in self._masks:
             tensors[f"mask.{name}"] = self._masks[name].detach().cpu().contiguous()
             tensors[f"score.{name}"] = self._scores[name].detach().cpu().contiguous()
-        metadata = {"options": json.dumps(asdict(self.options)), "target_density": repr(self.target_density)}
+        options = {
+            "method": self.method, "final_density": self.final_density, "warmup_steps": self.warmup_steps,
+            "cooldown_steps": self.cooldown_steps, "scope": self.scope, "update_every": self.update_every,
+            "taylor_beta": self.taylor_beta,
+        }
+        metadata = {"options": json.dumps(options), "target_density": repr(self.target_density)}
         return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
     def load(self, path: str | Path) -> None:

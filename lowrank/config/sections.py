@@ -8,15 +8,14 @@ crash an hour into fine-tuning.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
-import yaml
+from lowrank.linalg.solvers import SOLVERS
+from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT
+from lowrank.methods import METHODS, get_method, method_names
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -25,7 +24,8 @@ class ConfigError(ValueError):
     """A bad key or value in params.yaml or in a `-S key=value` override."""
 
 
-def _check(condition: bool, key: str, message: str) -> None:
+def check(condition: bool, key: str, message: str) -> None:
+    """ConfigError naming `key` unless `condition` holds."""
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
@@ -66,9 +66,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         for key in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
-            _check(value is None or value > 0, f"data.{key}", f"must be positive or null, got {value}")
-        _check(self.max_length >= 8, "data.max_length", f"must be at least 8, got {self.max_length}")
-        _check(
+            check(value is None or value > 0, f"data.{key}", f"must be positive or null, got {value}")
+        check(self.max_length >= 8, "data.max_length", f"must be at least 8, got {self.max_length}")
+        check(
             (self.task == "custom") == (self.custom is not None),
             "data.custom",
             "is required when data.task is 'custom' and only then",
@@ -107,13 +107,13 @@ class TrainConfig:
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
-        _check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
-        _check(self.eval_batch_size > 0, "eval_batch_size", "must be positive")
-        _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
-        _check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive or null")
+        check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
+        check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        check(self.eval_batch_size > 0, "eval_batch_size", "must be positive")
+        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
+        check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive or null")
 
 
 @dataclass(frozen=True)
@@ -126,14 +126,10 @@ class FisherConfig:
     only_misclassified: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.max_samples is None or self.max_samples > 0, "fisher.max_samples", "must be positive or null")
-        _check(self.batch_size > 0, "fisher.batch_size", "must be positive")
+        check(self.max_samples is None or self.max_samples > 0, "fisher.max_samples", "must be positive or null")
+        check(self.batch_size > 0, "fisher.batch_size", "must be positive")
 
 
-FactorizeMethod = Literal["svd", "fwsvd", "tfwsvd", "tvd", "sparse_svd", "sparse_tfwsvd"]
-# Methods that need pruning masks (the lpaf path), and those that path accepts.
-SPARSE_METHODS = ("sparse_svd", "sparse_tfwsvd")
-LPAF_METHODS = ("svd", *SPARSE_METHODS)
 RANK_PULL_IMPORTANCE = ("fisher", "scores", "none")  # what weighs the pull's rank-r target
 
 
@@ -141,11 +137,11 @@ RANK_PULL_IMPORTANCE = ("fisher", "scores", "none")  # what weighs the pull's ra
 class FactorizeConfig:
     """Which factorizer, how much to keep and how ranks are spread over layers.
 
-    `svd`, `fwsvd`, `tfwsvd` and `tvd` factorize the dense fine-tuned model
-    (the factorize path). `sparse_svd` (row-wise closed form) and
-    `sparse_tfwsvd` (element-wise, on `solver`) factorize the pruned model with
-    sparsity-aware weights (the lpaf path); `svd` there is the ablation: plain
-    SVD of the pruned matrices.
+    method: a name from the method table (`lowrank methods`, lowrank/methods/),
+        which says the path that accepts it: svd, fwsvd, tfwsvd and tvd factorize
+        the dense fine-tuned model (the factorize path); sparse_svd and
+        sparse_tfwsvd the pruned model (the lpaf path, where svd is the ablation).
+    solver: the element-wise solver of the methods that take one (tfwsvd, tvd, sparse_tfwsvd).
 
     min_rank_share: under `allocation: fisher`, every layer keeps at least this
         share of the uniform rank (0: no floor).
@@ -156,7 +152,7 @@ class FactorizeConfig:
         sparse methods (0: fit the kept entries only).
     """
 
-    method: FactorizeMethod = "fwsvd"
+    method: str = "fwsvd"
     keep_ratio: float = 0.5
     allocation: Literal["uniform", "fisher"] = "uniform"
     rank_multiple: int = 1
@@ -167,14 +163,16 @@ class FactorizeConfig:
     solver_options: dict[str, Any] = field(default_factory=dict)
     min_rank_share: float = 0.5
     sparse_importance: Literal["fisher", "scores"] = "fisher"
-    pruned_weight: float = 0.6
+    pruned_weight: float = DEFAULT_PRUNED_WEIGHT
 
     def __post_init__(self) -> None:
-        _check(0 < self.keep_ratio <= 1, "factorize.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
-        _check(0 <= self.min_rank_share <= 1, "factorize.min_rank_share", f"must be in [0, 1], got {self.min_rank_share}")
-        _check(self.pruned_weight >= 0, "factorize.pruned_weight", f"must be >= 0, got {self.pruned_weight}")
-        _check(self.rank_multiple >= 1, "factorize.rank_multiple", "must be >= 1")
-        _check(self.solver_steps >= 1, "factorize.solver_steps", "must be >= 1")
+        check(self.method in METHODS, "factorize.method", f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        check(self.solver in SOLVERS, "factorize.solver", f"unknown solver {self.solver!r} (known: {', '.join(SOLVERS)})")
+        check(0 < self.keep_ratio <= 1, "factorize.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
+        check(0 <= self.min_rank_share <= 1, "factorize.min_rank_share", f"must be in [0, 1], got {self.min_rank_share}")
+        check(self.pruned_weight >= 0, "factorize.pruned_weight", f"must be >= 0, got {self.pruned_weight}")
+        check(self.rank_multiple >= 1, "factorize.rank_multiple", "must be >= 1")
+        check(self.solver_steps >= 1, "factorize.solver_steps", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -186,8 +184,8 @@ class DistillationConfig:
     weight: float = 0.5
 
     def __post_init__(self) -> None:
-        _check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
-        _check(0 <= self.weight <= 1, "weight", f"must be in [0, 1], got {self.weight}")
+        check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+        check(0 <= self.weight <= 1, "weight", f"must be in [0, 1], got {self.weight}")
 
 
 @dataclass(frozen=True)
@@ -245,30 +243,30 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         density = self.final_density
-        _check(density is None or 0 < density <= 1, "prune.final_density", f"must be in (0, 1] or null, got {density}")
-        _check(self.density_factor >= 1, "prune.density_factor", f"must be >= 1 (the pruned model keeps at least the factors' share), got {self.density_factor}")
+        check(density is None or 0 < density <= 1, "prune.final_density", f"must be in (0, 1] or null, got {density}")
+        check(self.density_factor >= 1, "prune.density_factor", f"must be >= 1 (the pruned model keeps at least the factors' share), got {self.density_factor}")
         for key in ("warmup_ratio", "cooldown_ratio"):
             value = getattr(self, key)
-            _check(0 <= value < 1, f"prune.{key}", f"must be in [0, 1), got {value}")
+            check(0 <= value < 1, f"prune.{key}", f"must be in [0, 1), got {value}")
         for key in ("warmup_steps", "cooldown_steps"):
             value = getattr(self, key)
-            _check(value is None or value >= 0, f"prune.{key}", f"must be >= 0 or null, got {value}")
+            check(value is None or value >= 0, f"prune.{key}", f"must be >= 0 or null, got {value}")
         if self.warmup_steps is None and self.cooldown_steps is None:
-            _check(
+            check(
                 self.warmup_ratio + self.cooldown_ratio <= 1,
                 "prune.warmup_ratio + prune.cooldown_ratio",
                 f"warm-up + cool-down ({self.warmup_ratio} + {self.cooldown_ratio}) exceed the whole training",
             )
         if self.train.max_steps is not None:  # the step count is known now; otherwise at the stage
             self.schedule_steps(self.train.max_steps)
-        _check(0 <= self.taylor_beta < 1, "prune.taylor_beta", f"must be in [0, 1), got {self.taylor_beta}")
-        _check(self.update_every >= 1, "prune.update_every", f"must be >= 1, got {self.update_every}")
-        _check(self.rank_pull >= 0, "prune.rank_pull", f"must be >= 0 (0: off), got {self.rank_pull}")
-        _check(self.rank_pull_every >= 1, "prune.rank_pull_every", f"must be >= 1, got {self.rank_pull_every}")
-        _check(self.rank_pull_importance in RANK_PULL_IMPORTANCE, "prune.rank_pull_importance",
+        check(0 <= self.taylor_beta < 1, "prune.taylor_beta", f"must be in [0, 1), got {self.taylor_beta}")
+        check(self.update_every >= 1, "prune.update_every", f"must be >= 1, got {self.update_every}")
+        check(self.rank_pull >= 0, "prune.rank_pull", f"must be >= 0 (0: off), got {self.rank_pull}")
+        check(self.rank_pull_every >= 1, "prune.rank_pull_every", f"must be >= 1, got {self.rank_pull_every}")
+        check(self.rank_pull_importance in RANK_PULL_IMPORTANCE, "prune.rank_pull_importance",
                f"must be one of {', '.join(RANK_PULL_IMPORTANCE)}, got {self.rank_pull_importance!r}")
-        _check(self.rank_pull_pruned_weight >= 0, "prune.rank_pull_pruned_weight", f"must be >= 0, got {self.rank_pull_pruned_weight}")
-        _check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")
+        check(self.rank_pull_pruned_weight >= 0, "prune.rank_pull_pruned_weight", f"must be >= 0, got {self.rank_pull_pruned_weight}")
+        check(all(0 < e <= 1 for e in self.rank_energies), "prune.rank_energies", "must each be in (0, 1]")
 
     def density(self, keep_ratio: float) -> float:
         """The final density: `final_density`, or `density_factor` x the factorization's keep ratio when null."""
@@ -289,7 +287,7 @@ class PruneConfig:
             f"prune.{kind}_steps" if getattr(self, f"{kind}_steps") is not None else f"prune.{kind}_ratio"
             for kind in ("warmup", "cooldown")
         )
-        _check(
+        check(
             warmup + cooldown <= total_steps and cooldown < total_steps,
             keys,
             f"warm-up + cool-down ({warmup} + {cooldown} steps) exceed the {total_steps} training steps",
@@ -317,8 +315,8 @@ class MrftConfig:
     distill: DistillationConfig = field(default_factory=lambda: DistillationConfig(enabled=True))
 
     def __post_init__(self) -> None:
-        _check(0 <= self.p0 <= 1, "mrft.p0", f"must be in [0, 1], got {self.p0}")
-        _check(0 <= self.ramp_share <= 1, "mrft.ramp_share", f"must be in [0, 1], got {self.ramp_share}")
+        check(0 <= self.p0 <= 1, "mrft.p0", f"must be in [0, 1], got {self.p0}")
+        check(0 <= self.ramp_share <= 1, "mrft.ramp_share", f"must be in [0, 1], got {self.ramp_share}")
 
 
 LATENCY_RUNTIMES = ("torch", "onnxruntime")  # eager PyTorch; the checked ONNX export in onnxruntime
@@ -338,13 +336,13 @@ class EvaluateConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.batch_size > 0, "evaluate.batch_size", "must be positive")
-        _check(
+        check(self.batch_size > 0, "evaluate.batch_size", "must be positive")
+        check(
             bool(self.latency_runtimes) and set(self.latency_runtimes) <= set(LATENCY_RUNTIMES),
             "evaluate.latency_runtimes", f"must be a non-empty list of {', '.join(LATENCY_RUNTIMES)}",
         )
-        _check(all(b > 0 for b in self.latency_batch_sizes), "evaluate.latency_batch_sizes", "must be positive")
-        _check(self.latency_repeats >= 1, "evaluate.latency_repeats", "must be >= 1")
+        check(all(b > 0 for b in self.latency_batch_sizes), "evaluate.latency_batch_sizes", "must be positive")
+        check(self.latency_repeats >= 1, "evaluate.latency_repeats", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -373,6 +371,7 @@ class Params:
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the defaults of the four train sections below
     finetune: TrainConfig = field(default_factory=TrainConfig)
     fisher: FisherConfig = field(default_factory=FisherConfig)
     factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
@@ -384,13 +383,13 @@ class Params:
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
 
     def __post_init__(self) -> None:
-        # Checks across sections: which factorizers suit the configured path.
+        # Checks across sections: which factorizers suit the configured path (the method table says).
         path, method = self.orchestration.path, self.factorize.method
         if path == "lpaf":
             check_lpaf_factorize(self.factorize)
         else:
-            _check(
-                method not in SPARSE_METHODS,
+            check(
+                get_method(method).accepts("factorize"),
                 "factorize.method",
                 f"{method} factorizes pruned matrices: it needs orchestration.path lpaf (path is {path})",
             )
@@ -398,163 +397,13 @@ class Params:
 
 def check_lpaf_factorize(cfg: FactorizeConfig) -> None:
     """ConfigError unless `cfg` can factorize pruned matrices (the lpaf path has no Fisher stage)."""
-    _check(
-        cfg.method in LPAF_METHODS,
+    check(
+        get_method(cfg.method).accepts("lpaf"),
         "factorize.method",
-        f"the lpaf path factorizes pruned matrices with {', '.join(LPAF_METHODS)}, got {cfg.method}",
+        f"the lpaf path factorizes pruned matrices with {', '.join(method_names('lpaf'))}, got {cfg.method}",
     )
-    _check(
+    check(
         cfg.allocation == "uniform",
         "factorize.allocation",
         f"the lpaf path has no Fisher stage: use uniform, got {cfg.allocation}",
     )
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where it is lossless."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own error is the precise one
-            return _convert(value, options[0], key)
-        for option in options:
-            try:
-                return _convert(value, option, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is Literal:
-        _check(value in args, key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin in (list, Sequence):
-        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
-        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, Mapping):
-        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
-        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
-        return build(tp, value, key)
-    if tp is bool:
-        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `3e-5` as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{key}: unsupported annotation {tp!r}")
-
-
-def build(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
-    """Build the dataclass `cls` from a mapping, rejecting unknown keys by name."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    where = f"{prefix}." if prefix else ""
-    if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {name: _convert(value, hints[name], f"{where}{name}") for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        message = str(err)
-        raise ConfigError(message if message.startswith(where) or not prefix else f"{where}{message}") from None
-    except TypeError as err:  # a required field is missing
-        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply DVC-style `section.key=value` overrides; values are parsed as YAML."""
-    raw = _deep_copy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        dotted, text = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {dotted}: {part} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(text)
-    return raw
-
-
-def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read params.yaml, naming the file in every error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return raw
-
-
-def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
-    """Read, override and validate params.yaml."""
-    return build(Params, apply_overrides(read_yaml(path), overrides))
-
-
-def select(params: Params, dotted: str) -> Any:
-    """`select(p, "factorize.targets")`: a section or a single key, as stages declare them."""
-    value: Any = params
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain-data form of a config (for hashing, JSON and MLflow)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: the key form MLflow and `-S` use."""
-    data = to_dict(obj)
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out

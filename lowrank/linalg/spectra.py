@@ -8,13 +8,9 @@ movement-pruned models before any factorization is attempted.
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-
-from .io import atomic_write_bytes
 
 
 def _singular_values(weight: torch.Tensor) -> torch.Tensor:
@@ -115,39 +111,3 @@ def rank_report(
             row["tail_share"] = _tail_share_from(values, ranks[name])
         rows.append(row)
     return rows
-
-
-def plot_rank_report(reports: Mapping[str, list[dict]], path: str | Path) -> Path:
-    """Plot each model's effective-rank ratios per matrix, one panel per energy (atomic write).
-
-    Args:
-        reports: `rank_report` rows by model label, e.g. dense / magnitude / movement.
-        path: image file; the format follows its suffix (png, pdf, svg).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on the pipeline machines
-    import matplotlib.pyplot as plt
-
-    if not reports:
-        raise ValueError("plot_rank_report needs at least one report")
-    path = Path(path)
-    first = next(iter(reports.values()))
-    keys = [k for k in first[0] if k.startswith("effective_rank_") and k.endswith("_ratio")] + ["stable_rank_ratio"]
-    names = [row["name"] for row in first]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(max(6.0, 0.25 * len(names)), 2.8 * len(keys)), squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        for label, rows in reports.items():
-            by_name = {row["name"]: row[key] for row in rows}
-            ax.plot(range(len(names)), [by_name.get(n, float("nan")) for n in names], marker="o", ms=3, label=label)
-        ax.set_ylabel(key.replace("_ratio", "\n/ min(m, n)"), fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    axes[-1, 0].set_xticks(range(len(names)))
-    axes[-1, 0].set_xticklabels(names, rotation=90, fontsize=6)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())

@@ -19,25 +19,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .config import TrainConfig
-from .devices import model_device, to_device
-from .hooks import TrainHook
+from lowrank.config import DistillationConfig, TrainConfig
+from lowrank.devices import model_device, to_device
+from lowrank.train.hooks import TrainHook
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Logit distillation from the dense teacher: loss = (1 - weight) * task + weight * KD."""
-
-    temperature: float = 2.0
-    weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"distill temperature must be positive, got {self.temperature}")
-        if not 0 <= self.weight <= 1:
-            raise ValueError(f"distill weight must be in [0, 1], got {self.weight}")
 
 
 @dataclass
@@ -93,7 +79,7 @@ def train(
     evaluate: EvaluateFn | None = None,
     hooks: Sequence[TrainHook] = (),
     teacher: nn.Module | None = None,
-    distill: DistillConfig | None = None,
+    distill: DistillationConfig | None = None,
     keep_best: bool | None = None,
     progress: bool = True,
     description: str = "train",
@@ -104,8 +90,10 @@ def train(
     Pruning runs pass `keep_best=False`: an early epoch would have the wrong density.
     """
     keep_best = cfg.keep_best if keep_best is None else keep_best
+    if distill is not None and not distill.enabled:
+        distill = None
     if (teacher is None) != (distill is None):
-        raise ValueError("distillation needs both a teacher model and a DistillConfig")
+        raise ValueError("distillation needs both a teacher model and an enabled DistillationConfig")
     torch.manual_seed(cfg.seed)
     batches_per_epoch = len(train_loader)
     if batches_per_epoch == 0:

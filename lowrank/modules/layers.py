@@ -63,7 +63,7 @@ class FactorizedLinear(nn.Module):
         cls, linear: nn.Linear, rank: int, solver: str = "svd", importance: Tensor | None = None, **options: object
     ) -> "FactorizedLinear":
         """Factorize a dense layer with a registered solver, keeping its bias, device and dtype."""
-        from .solvers import get_solver
+        from lowrank.linalg.solvers import get_solver
 
         a, b = get_solver(solver)(linear.weight.detach(), rank, importance=importance, **options)
         bias = None if linear.bias is None else linear.bias.detach()

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from .io import atomic_dir
-from .layers import FactorizedLinear
-from .surgery import replace_modules
+from lowrank.io.files import atomic_dir
+from lowrank.modules.layers import FactorizedLinear
+from lowrank.modules.surgery import replace_modules
 
 SCHEMA_VERSION = 1
 CONFIG_KEY = "lowrank"

@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .devices import model_device, to_device
-from .io import atomic_write_bytes
-from .surgery import linear_weights
+from lowrank.devices import model_device, to_device
+from lowrank.io.files import atomic_write_bytes
+from lowrank.modules.surgery import linear_weights
 
 KINDS = ("fisher", "taylor")
 

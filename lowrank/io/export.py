@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_write_bytes
+from lowrank.io.files import atomic_write_bytes
 
 INPUTS = ("input_ids", "attention_mask")
 

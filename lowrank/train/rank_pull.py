@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import torch
 from torch import nn
 
-from .config import RANK_PULL_IMPORTANCE
-from .hooks import TrainHook
-from .surgery import linear_weights
+from lowrank.config import RANK_PULL_IMPORTANCE
+from lowrank.train.hooks import TrainHook
+from lowrank.modules.surgery import linear_weights
 
 if TYPE_CHECKING:
-    from .pruning import Pruner
+    from lowrank.train.pruning import Pruner
 
 
 class RunningFisher(TrainHook):
@@ -160,7 +160,7 @@ class RankPull(TrainHook):
 
     def _refresh(self) -> None:
         if self.importance_fn is not None:
-            from .solvers import get_solver
+            from lowrank.linalg.solvers import get_solver
 
             importance = self.importance_fn()
             for name, weight in self._weights.items():
@@ -184,7 +184,7 @@ def pruning_pull_hooks(
     (as the factorization after pruning will weigh them); "scores", the
     pruner's own scores; "none", the plain rank-r part.
     """
-    from .sparsity import sparsity_importance
+    from lowrank.linalg.sparsity import sparsity_importance
 
     if importance not in RANK_PULL_IMPORTANCE:
         raise ValueError(f"rank pull importance must be one of {RANK_PULL_IMPORTANCE}, got {importance!r}")

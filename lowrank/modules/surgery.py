@@ -6,7 +6,7 @@ from typing import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from .layers import FactorizedLinear
+from lowrank.modules.layers import FactorizedLinear
 
 
 def replace_modules(model: nn.Module, names: Sequence[str], make: Callable[[str, nn.Module], nn.Module]) -> list[str]:

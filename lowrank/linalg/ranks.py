@@ -29,7 +29,7 @@ from typing import Literal, Mapping
 import torch
 from torch import Tensor
 
-from .solvers import column_weights
+from lowrank.linalg.solvers import column_weights
 
 Shape = tuple[int, int]  # (out, in), as in nn.Linear.weight
 Allocation = Literal["uniform", "fisher"]

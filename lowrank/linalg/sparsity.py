@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from .config import FactorizeConfig
-from .solvers import balance
+from lowrank.linalg.solvers import balance
 
-DEFAULT_PRUNED_WEIGHT = FactorizeConfig.pruned_weight  # one default, the config's
+# The share of its importance a pruned entry keeps; `factorize.pruned_weight` defaults to it.
+DEFAULT_PRUNED_WEIGHT = 0.6
 
 
 def sparsity_importance(

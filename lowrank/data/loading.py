@@ -17,8 +17,8 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Value
 from torch.utils.data import DataLoader
 
-from .config import DataConfig
-from .glue import (
+from lowrank.config import DataConfig
+from lowrank.data.tasks import (
     TASKS,
     DataError,
     SplitFile,

@@ -1,0 +1,187 @@
+"""The public calls: `compress_` factorizes a model in place, `fisher_importance` gives what it weighs by.
+
+Shaped like torchao's `quantize_(model, config, filter_fn)`: the model is
+changed in place and a report comes back. The pipeline's factorize stages
+call these same functions, so a notebook and `lowrank run` compute the same
+factors.
+
+    importance = lowrank.fisher_importance(model, loader)
+    report = lowrank.compress_(model, method="tfwsvd", keep_ratio=0.3, importance=importance)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lowrank.config import FactorizeConfig, build
+from lowrank.linalg.ranks import allocate_ranks, kept_ratio, weighted_spectrum
+from lowrank.linalg.solvers import weighted_error
+from lowrank.methods import get_method
+from lowrank.modules.matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, Targets, find_targets, matrix_type
+from lowrank.modules.surgery import dense_weights, factorize_model
+from lowrank.train.importance import Importance, collect_importance
+
+Scores = Mapping[str, Tensor] | Importance
+
+
+@dataclass
+class CompressReport:
+    """What `compress_` did: the method, the ranks, the share of parameters kept, one row per targeted layer.
+
+    Each row holds `layer`, `type`, `shape`, `rank` (None: left dense, a rank
+    that would not save parameters) and, for factorized layers, `seconds` and
+    `error` (mean squared error of `A B` against the weight, or against `W * M`
+    under masks); `fisher_error` when a Fisher was given, `density` and
+    `kept_error` (over kept entries) under masks.
+    """
+
+    method: str
+    keep_ratio_target: float
+    keep_ratio_reached: float
+    ranks: dict[str, int | None]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    solve_seconds: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        """The stage metrics of a factorization: the ratio reached, layer counts, mean errors, the rows."""
+        factorized = [row for row in self.layers if row["rank"] is not None]
+        metrics: dict[str, Any] = {
+            "keep_ratio_target": self.keep_ratio_target,
+            "keep_ratio_reached": self.keep_ratio_reached,
+            "layers_factorized": len(factorized),
+            "layers_dense": len(self.layers) - len(factorized),
+            "solve_seconds": self.solve_seconds,
+        }
+        for key in ("fisher_error", "error", "kept_error"):
+            if factorized and key in factorized[0]:
+                metrics[f"mean_{key}"] = sum(row[key] for row in factorized) / len(factorized)
+        metrics["layers"] = self.layers
+        return metrics
+
+
+def _scores(importance: Scores | None) -> Mapping[str, Tensor] | None:
+    return importance.scores if isinstance(importance, Importance) else importance
+
+
+def compress_(
+    model: nn.Module,
+    method: str = "tfwsvd",
+    keep_ratio: float = 0.3,
+    importance: Scores | None = None,
+    targets: Targets | None = None,
+    exclude: Targets | None = None,
+    rank_multiple: int = 1,
+    *,
+    masks: Mapping[str, Tensor] | None = None,
+    fisher: Scores | None = None,
+    **settings: Any,
+) -> CompressReport:
+    """Factorize the targeted Linear layers of `model` in place; returns what was done.
+
+    Args:
+        method: a name from the method table (`lowrank methods`).
+        keep_ratio: the share of the targeted layers' parameters to keep.
+        importance: per-entry scores by layer name, the kind the method weighs by
+            (`fisher_importance` for fwsvd and tfwsvd; Taylor scores for tvd; the
+            pruned model's Fisher or pruning scores for the sparse methods).
+        targets, exclude: which Linear layers (peft's rules); default: every
+            Linear inside the Transformer blocks, never embeddings or heads.
+        rank_multiple: round ranks to a multiple of this.
+        masks: pruning masks by layer name; the layers factorized are the masked
+            ones, each as `W * M` (the sparse methods need them).
+        fisher: Fisher scores for `allocation="fisher"` and the `fisher_error`
+            column; defaults to `importance` when the method weighs by Fisher.
+        settings: the other keys of the `factorize` params section (solver,
+            solver_steps, allocation, min_rank_share, pruned_weight, ...).
+
+    Raises:
+        ConfigError: an unknown method or setting, or an impossible value.
+        ValueError: no layer matches, or the method's importance or masks are missing.
+    """
+    cfg: FactorizeConfig = build(FactorizeConfig, {
+        "method": method, "keep_ratio": keep_ratio, "targets": targets, "exclude": exclude,
+        "rank_multiple": rank_multiple, **settings,
+    }, "factorize")
+    spec = get_method(cfg.method)
+    scores, fisher_scores = _scores(importance), _scores(fisher)
+    if fisher_scores is None and spec.importance == "fisher":
+        fisher_scores = scores
+    if masks is not None:
+        names = [name for name, _ in model.named_modules() if name in masks]  # model order
+    else:
+        names = find_targets(model, cfg.targets or DEFAULT_TARGETS, cfg.exclude or DEFAULT_EXCLUDE)
+    if not names:
+        raise ValueError(f"factorize.targets: no Linear layer of the model matches {cfg.targets or DEFAULT_TARGETS!r}")
+    if spec.needs_masks and masks is None:
+        raise ValueError(f"method {spec.name!r} factorizes pruned matrices: pass their masks")
+    if spec.importance in ("fisher", "taylor"):
+        _check_covers(scores, names, f"method {spec.name!r} weighs entries by {spec.importance} importance")
+    if cfg.allocation == "fisher":
+        _check_covers(fisher_scores, names, "allocation 'fisher' spreads ranks by Fisher-weighted spectra")
+
+    weights = dense_weights(model, names)
+    device = next(iter(weights.values())).device
+    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
+    spectra = None
+    if cfg.allocation == "fisher":
+        spectra = {name: weighted_spectrum(weights[name], fisher_scores[name].to(device)) for name in names}
+    ranks = allocate_ranks(shapes, cfg.keep_ratio, cfg.allocation, cfg.rank_multiple, spectra, cfg.min_rank_share)
+
+    options = asdict(cfg)
+    factors, rows = {}, []
+    started = time.perf_counter()
+    for name in names:
+        mask = None if masks is None else masks[name].to(device)
+        target = weights[name] if mask is None else weights[name] * mask.to(weights[name].dtype)  # (out, in)
+        row: dict[str, Any] = {"layer": name, "type": matrix_type(name), "shape": list(shapes[name]), "rank": ranks[name]}
+        if mask is not None:
+            row["density"] = float(mask.float().mean())
+        if ranks[name] is not None:
+            entry_scores = None if scores is None or spec.importance == "none" else scores[name].to(device)
+            layer_started = time.perf_counter()
+            a, b = spec.fn(target, ranks[name], importance=entry_scores, mask=mask, **options)  # (out, rank), (rank, in)
+            factors[name] = (a, b)
+            row["seconds"] = time.perf_counter() - layer_started
+            if fisher_scores is not None:
+                row["fisher_error"] = weighted_error(target, a, b, fisher_scores[name].to(device))
+            row["error"] = weighted_error(target, a, b)
+            if mask is not None:
+                row["kept_error"] = weighted_error(weights[name], a, b, mask) / max(row["density"], 1e-12)
+        rows.append(row)
+    solve_seconds = time.perf_counter() - started
+    factorize_model(model, factors)
+    return CompressReport(cfg.method, cfg.keep_ratio, kept_ratio(shapes, ranks), ranks, rows, solve_seconds)
+
+
+def _check_covers(scores: Mapping[str, Tensor] | None, names: list[str], why: str) -> None:
+    if scores is None:
+        raise ValueError(f"{why}: pass it (lowrank.fisher_importance gives the Fisher)")
+    missing = [name for name in names if name not in scores]
+    if missing:
+        raise ValueError(f"{why}, and it lacks {missing[0]}: collect it for these targets")
+
+
+def fisher_importance(
+    model: nn.Module,
+    dataloader: Iterable[dict[str, Tensor]],
+    targets: Targets | None = None,
+    exclude: Targets | None = None,
+    *,
+    max_samples: int | None = None,
+    kind: str = "fisher",
+) -> dict[str, Tensor]:
+    """Per-entry importance of the targeted Linear weights over batches with labels: what `compress_` takes.
+
+    Args:
+        dataloader: batches of `input_ids`, `attention_mask`, `labels` (as a
+            transformers data collator gives them).
+        kind: "fisher" (mean squared gradient) or "taylor" (|gradient * weight|, for tvd).
+    """
+    names = find_targets(model, targets or DEFAULT_TARGETS, exclude or DEFAULT_EXCLUDE)
+    with torch.enable_grad():
+        return collect_importance(model, dataloader, names, max_samples=max_samples)[kind].scores

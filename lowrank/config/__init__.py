@@ -1,0 +1,24 @@
+"""Typed view of `params.yaml`: one frozen dataclass per stage section (`sections`), and how the file becomes one (`loading`).
+
+Every knob of the pipeline lives in `params.yaml`; DVC reads the same file for
+its `params:`. Validating it here, before any work starts, turns a typo in a
+key or an impossible value into an error that names the key, instead of a
+crash an hour into fine-tuning.
+"""
+
+from lowrank.config.loading import (
+    TRAIN_SECTIONS, apply_overrides, build, flatten, load_params, params_schema, read_yaml, select, to_dict,
+)
+from lowrank.config.sections import (
+    DEFAULT_MODEL, LATENCY_RUNTIMES, RANK_PULL_IMPORTANCE, ConfigError, CustomDataConfig, DataConfig,
+    DistillationConfig, EvaluateConfig, FactorizeConfig, FisherConfig, ModelConfig, MrftConfig, OrchestrationConfig,
+    Params, PathsConfig, PruneConfig, TrackingConfig, TrainConfig, check, check_lpaf_factorize,
+)
+
+__all__ = [
+    "DEFAULT_MODEL", "LATENCY_RUNTIMES", "RANK_PULL_IMPORTANCE", "TRAIN_SECTIONS", "ConfigError", "CustomDataConfig",
+    "DataConfig", "DistillationConfig", "EvaluateConfig", "FactorizeConfig", "FisherConfig", "ModelConfig",
+    "MrftConfig", "OrchestrationConfig", "Params", "PathsConfig", "PruneConfig", "TrackingConfig", "TrainConfig",
+    "apply_overrides", "build", "check", "check_lpaf_factorize", "flatten", "load_params", "params_schema",
+    "read_yaml", "select", "to_dict",
+]

@@ -1,0 +1,193 @@
+"""params.yaml to `Params`: read, apply `-S` overrides, share the training defaults, convert and check.
+
+The converter checks every value against its dataclass annotation and names
+the dotted key in each error, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from lowrank.config.sections import ConfigError, Params, TrainConfig, check
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error is the precise one
+            return _convert(value, options[0], key)
+        for option in options:
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        check(value in args, key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, Sequence):
+        check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Mapping):
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return build(tp, value, key)
+    if tp is bool:
+        check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-5` as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")
+
+
+def build(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """Build the dataclass `cls` from a mapping, rejecting unknown keys by name."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    where = f"{prefix}." if prefix else ""
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {name: _convert(value, hints[name], f"{where}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(where) or not prefix else f"{where}{message}") from None
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply DVC-style `section.key=value` overrides; values are parsed as YAML."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read params.yaml, naming the file in every error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+# The training runs of the pipeline: each starts from the `train` section and overrides what differs.
+TRAIN_SECTIONS = ("finetune", "finetune_compressed", "prune.train", "mrft.train")
+
+
+def share_train_defaults(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill each train section from `train:`, its own keys winning (so `-S prune.train.lr=...` still works)."""
+    raw = _deep_copy(raw)
+    defaults = raw.get("train")
+    if defaults is None:
+        return raw
+    build(TrainConfig, defaults, "train")  # its own errors name `train.*`, not the first section using it
+    for dotted in TRAIN_SECTIONS:
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(node, dict) and isinstance(node.get(leaf) or {}, dict):
+            node[leaf] = {**defaults, **(node.get(leaf) or {})}
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
+    """Read, override and validate params.yaml."""
+    return build(Params, share_train_defaults(apply_overrides(read_yaml(path), overrides)))
+
+
+def params_schema() -> dict[str, Any]:
+    """The JSON Schema of params.yaml, from the same dataclasses (`lowrank schema`)."""
+    from pydantic import TypeAdapter
+
+    schema = TypeAdapter(Params).json_schema()
+    schema["title"] = "lowrank params.yaml"
+    return schema
+
+
+def select(params: Params, dotted: str) -> Any:
+    """`select(p, "factorize.targets")`: a section or a single key, as stages declare them."""
+    value: Any = params
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a config (for hashing, JSON and MLflow)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: the key form MLflow and `-S` use."""
+    data = to_dict(obj)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

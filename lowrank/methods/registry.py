@@ -1,0 +1,104 @@
+"""The method table: every factorization method declared once, beside its code.
+
+A method turns one weight matrix and a rank into two factors `A (out, rank)`,
+`B (rank, in)`. Its entry says what the rest of the system needs to know
+without reading its code: which importance it weighs entries by (the stage
+loads that artifact), which solver it runs (`None`: the configured
+`factorize.solver`), whether it needs pruning masks, and which path of the
+pipeline accepts it. Config validation, the factorize stages, the MLflow tags
+and `lowrank methods` all read this table, so a new method is one function
+plus one `@register_method(...)` line (peft's `register_peft_method`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from torch import Tensor
+
+# What a method weighs entries by: nothing; the dense model's Fisher or Taylor scores (the fisher
+# stage's artifacts); or, on the lpaf path, the pruned model's (`factorize.sparse_importance`).
+IMPORTANCE_KINDS = ("none", "fisher", "taylor", "sparse")
+PATHS = ("factorize", "lpaf")  # the dense fine-tuned model, or the pruned one
+
+
+class MethodFn(Protocol):
+    def __call__(
+        self, weight: Tensor, rank: int, *, importance: Tensor | None, mask: Tensor | None, **settings: Any
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table. `fn(weight, rank, *, importance, mask, **settings)` gets the
+    `factorize` section's keys as `settings` and takes what it needs by name."""
+
+    name: str
+    fn: MethodFn
+    importance: str
+    solver: str | None
+    needs_masks: bool
+    paths: tuple[str, ...]
+    summary: str
+
+    def accepts(self, path: str) -> bool:
+        return path in self.paths
+
+    def solver_name(self, configured: str) -> str:
+        """The solver this method runs, given `factorize.solver`."""
+        return self.solver or configured
+
+    def row(self) -> dict[str, Any]:
+        """The entry as plain data, for `lowrank methods` and MLflow tags."""
+        return {
+            "method": self.name, "importance": self.importance, "solver": self.solver or "factorize.solver",
+            "needs_masks": self.needs_masks, "paths": list(self.paths), "summary": self.summary,
+        }
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    importance: str,
+    solver: str | None,
+    paths: tuple[str, ...],
+    needs_masks: bool = False,
+    summary: str = "",
+) -> Callable[[MethodFn], MethodFn]:
+    """Add `fn` to the table under `name`; returns it unchanged, so one function may serve two names."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"method name must be letters, digits and underscores, got {name!r}")
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    if importance not in IMPORTANCE_KINDS:
+        raise ValueError(f"method {name!r}: importance must be one of {', '.join(IMPORTANCE_KINDS)}, got {importance!r}")
+    if not paths or not set(paths) <= set(PATHS):
+        raise ValueError(f"method {name!r}: paths must be a non-empty subset of {', '.join(PATHS)}, got {paths!r}")
+
+    def decorate(fn: MethodFn) -> MethodFn:
+        METHODS[name] = Method(name, fn, importance, solver, needs_masks, tuple(paths), summary)
+        return fn
+
+    return decorate
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method (tests register toy ones and take them out again)."""
+    METHODS.pop(name, None)
+
+
+def get_method(name: str) -> Method:
+    """The entry called `name`; unknown names list the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r} (known: {', '.join(METHODS)})") from None
+
+
+def method_names(path: str | None = None) -> list[str]:
+    """The registered names, in registration order; only those `path` accepts when given."""
+    return [m.name for m in METHODS.values() if path is None or m.accepts(path)]

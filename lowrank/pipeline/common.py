@@ -1,0 +1,121 @@
+"""Stages every path shares: prepare the data, fine-tune the dense teacher, evaluate a model folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lowrank.config import Params, TrainConfig
+from lowrank.data import loading as data_lib
+from lowrank.devices import place
+from lowrank.io.files import atomic_dir, write_json
+from lowrank.pipeline.prepared import PreparedData
+from lowrank.pipeline.stage import StageIO, StageResult, stage
+from lowrank.train.loop import TrainResult
+
+
+@stage("prepare", params=("data", "model"), outputs={"data": "data"})
+def prepare(p: Params, io: StageIO) -> StageResult:
+    """Read the task's files, subsample, tokenize once, and save with the tokenizer."""
+    from lowrank.io.models import load_tokenizer
+
+    spec = data_lib.resolve_task(p.data)
+    raw = data_lib.load_raw_from_config(p.data, spec)
+    tokenizer = load_tokenizer(p.model)
+    tokenized = data_lib.tokenize(raw, spec, tokenizer, p.data.max_length)
+    with atomic_dir(io.outputs["data"]) as tmp:
+        tokenized.save_to_disk(str(tmp / "dataset"))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        write_json(tmp / "task.json", data_lib.task_to_dict(spec))
+    metrics: dict[str, Any] = {split: {"rows": len(ds)} for split, ds in tokenized.items()}
+    for split, ds in tokenized.items():
+        lengths = [len(ids) for ids in ds["input_ids"]]
+        metrics[split]["mean_tokens"] = sum(lengths) / max(len(lengths), 1)
+        metrics[split]["max_tokens"] = max(lengths, default=0)
+    return io.finish(metrics)
+
+
+def train_metrics(result: TrainResult, score_key: str = "best_score") -> dict[str, Any]:
+    """What every training stage reports about its run."""
+    return {
+        score_key: result.best_score,
+        "best_epoch": result.best_epoch,
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "train_samples_per_s": result.train_samples_per_s,
+        "history": result.history,
+    }
+
+
+def train_and_save(
+    model: torch.nn.Module,
+    prepared: PreparedData,
+    cfg: TrainConfig,
+    io: StageIO,
+    description: str,
+    save: Callable[[torch.nn.Module, Path], None],
+) -> StageResult:
+    """Fine-tune `model` on the task, save it (with the tokenizer) as the stage's `model`, report the run."""
+    from lowrank.train.loop import train
+
+    loader = prepared.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+    result = train(model, loader, cfg, evaluate=prepared.evaluate_fn(cfg.eval_batch_size), description=description)
+    with atomic_dir(io.outputs["model"]) as tmp:
+        save(model, tmp)
+        prepared.tokenizer.save_pretrained(str(tmp))
+    return io.finish(train_metrics(result), {"history": result.history})
+
+
+@stage("finetune", params=("model", "train", "finetune"), inputs={"data": "prepare.data"}, outputs={"model": "finetune/model"})
+def finetune(p: Params, io: StageIO) -> StageResult:
+    """Fine-tune the pretrained encoder on the task: the dense teacher."""
+    from lowrank.io.models import load_classifier
+
+    prepared = PreparedData.open(io.inputs["data"])
+    torch.manual_seed(p.finetune.seed)
+    model = place(load_classifier(p.model, prepared.label_names))
+
+    def save(m: torch.nn.Module, path: Path) -> None:
+        m.save_pretrained(str(path), safe_serialization=True)
+
+    return train_and_save(model, prepared, p.finetune, io, "finetune", save)
+
+
+def evaluate(p: Params, io: StageIO) -> StageResult:
+    """Task score, parameter counts, size on disk and CPU latency of one model folder."""
+    from lowrank.evaluation import count_parameters, dir_size_bytes, measure_latency
+    from lowrank.io.checkpoints import load_compressed, recipe
+    from lowrank.modules.matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_targets
+
+    cfg, model_dir = p.evaluate, io.inputs["model"]
+    prepared = PreparedData.open(io.inputs["data"])
+    model = place(load_compressed(model_dir))
+    started = time.perf_counter()
+    scores = prepared.evaluate_fn(cfg.batch_size)(model)
+    eval_seconds = time.perf_counter() - started
+    model.cpu()  # latency is a CPU figure: the compressed models are meant to serve there
+    targets = list(recipe(model).get("ranks", {})) or find_targets(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE)
+    metrics: dict[str, Any] = {
+        "task": scores,
+        "eval_seconds": eval_seconds,
+        "params": count_parameters(model, targets),
+        "size_bytes": dir_size_bytes(model_dir),
+    }
+    timing = {
+        "batch_sizes": tuple(cfg.latency_batch_sizes), "seq_len": cfg.latency_seq_len,
+        "warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats, "threads": cfg.threads,
+    }
+    for runtime in cfg.latency_runtimes if cfg.latency else ():
+        metrics["latency" if runtime == "torch" else f"latency_{runtime}"] = measure_latency(model, runtime=runtime, **timing)
+    return io.finish(metrics)
+
+
+def register_evaluation(name: str, model: str) -> None:
+    """An evaluate stage for the model folder `model` ("<stage>.<output>")."""
+    stage(name, params=("evaluate",), inputs={"model": model, "data": "prepare.data"})(evaluate)
+
+
+register_evaluation("evaluate_dense", "finetune.model")

@@ -1,0 +1,137 @@
+"""The factorize path's stages: Fisher of the dense model, factorize it, fine-tune the factors ("+ ft").
+
+    finetune -> fisher -> factorize -> finetune_compressed, each model evaluated
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lowrank.config import FactorizeConfig, Params
+from lowrank.devices import place
+from lowrank.io.files import atomic_dir
+from lowrank.methods import get_method, method_names
+from lowrank.pipeline.common import register_evaluation, train_and_save
+from lowrank.pipeline.prepared import PreparedData
+from lowrank.pipeline.stage import StageIO, StageResult, stage
+
+
+def target_names(model: torch.nn.Module, cfg: FactorizeConfig) -> list[str]:
+    """The Linear layers `factorize.targets` / `exclude` select; an error when none does."""
+    from lowrank.modules.matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_targets
+
+    names = find_targets(model, cfg.targets or DEFAULT_TARGETS, cfg.exclude or DEFAULT_EXCLUDE)
+    if not names:
+        raise ValueError(f"factorize.targets: no Linear layer of the model matches {cfg.targets or DEFAULT_TARGETS!r}")
+    return names
+
+
+@stage(
+    "fisher",
+    params=("fisher", "factorize.targets", "factorize.exclude"),
+    inputs={"model": "finetune.model", "data": "prepare.data"},
+    outputs={"importance": "fisher"},
+)
+def fisher(p: Params, io: StageIO) -> StageResult:
+    """Fisher and Taylor importance of every targeted weight (`<kind>.safetensors`), computed once for all methods."""
+    from lowrank.io.checkpoints import load_compressed
+    from lowrank.train.importance import collect_importance, save_importance
+
+    cfg = p.fisher
+    prepared = PreparedData.open(io.inputs["data"])
+    model = place(load_compressed(io.inputs["model"]))
+    names = target_names(model, p.factorize)
+    started = time.perf_counter()
+    scores = collect_importance(
+        model, prepared.loader("train", cfg.batch_size), names, max_samples=cfg.max_samples,
+        per_example=cfg.per_example, only_misclassified=cfg.only_misclassified,
+    )
+    with atomic_dir(io.outputs["importance"]) as tmp:
+        for kind, importance in scores.items():
+            save_importance(importance, tmp / f"{kind}.safetensors")
+    metrics = {"layers": len(names), "samples": scores["fisher"].num_samples, "seconds": time.perf_counter() - started}
+    return io.finish(metrics)
+
+
+def _mean_by_type(rows: list[dict], key: str) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        groups.setdefault(row["type"], []).append(row[key])
+    return {kind: sum(values) / len(values) for kind, values in groups.items()}
+
+
+@stage(
+    "factorize",
+    params=("factorize",),
+    inputs={"model": "finetune.model", "importance": "fisher.importance"},
+    outputs={"model": "factorize/model"},
+    plots={"phi": "factorize_phi.png"},
+)
+def factorize(p: Params, io: StageIO) -> StageResult:
+    """Replace each targeted Linear by two low-rank ones (`lowrank.compress_`), and report phi per matrix."""
+    from transformers import AutoTokenizer
+
+    from lowrank.api import compress_
+    from lowrank.io.checkpoints import load_compressed, save_compressed
+    from lowrank.linalg.risk import svd_risks
+    from lowrank.pipeline.plots import plot_phi
+    from lowrank.train.importance import load_importance
+
+    cfg, model_dir, importance_dir = p.factorize, io.inputs["model"], io.inputs["importance"]
+    spec = get_method(cfg.method)
+    if not spec.accepts("factorize"):
+        raise ValueError(f"factorize.method: {cfg.method} factorizes pruned matrices; the factorize stage takes {', '.join(method_names('factorize'))}")
+    model = place(load_compressed(model_dir))
+    fisher_scores = load_importance(importance_dir / "fisher.safetensors").scores
+    importance = None
+    if spec.importance != "none":
+        importance = fisher_scores if spec.importance == "fisher" else load_importance(importance_dir / f"{spec.importance}.safetensors").scores
+    names = target_names(model, cfg)
+    missing = [n for n in names if n not in fisher_scores]
+    if missing:
+        raise ValueError(f"importance at {importance_dir} lacks {missing[0]}: rerun the fisher stage for these targets")
+    report = compress_(model, importance=importance, fisher=fisher_scores, **asdict(cfg))
+    phi = svd_risks({n: fisher_scores[n] for n in names})
+    # The paper's phi shrinks as 1/N; times N it compares matrices of different shapes.
+    phi_scaled = svd_risks({n: fisher_scores[n] for n in names}, size_invariant=True)
+    for row in report.layers:
+        row["phi"], row["phi_size_invariant"] = phi[row["layer"]], phi_scaled[row["layer"]]
+    extra = {"keep_ratio": cfg.keep_ratio, "allocation": cfg.allocation, "solver": spec.solver_name(cfg.solver)}
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    save_compressed(model, io.outputs["model"], method=cfg.method, targets=names, tokenizer=tokenizer, extra=extra)
+    plot_phi(report.layers, io.plots["phi"])
+    metrics = report.metrics()
+    metrics["phi_by_type"] = _mean_by_type(report.layers, "phi")
+    metrics["phi_size_invariant_by_type"] = _mean_by_type(report.layers, "phi_size_invariant")
+    return io.finish(metrics)
+
+
+register_evaluation("evaluate_factorized", "factorize.model")
+
+
+@stage(
+    "finetune_compressed",
+    params=("train", "finetune_compressed"),
+    inputs={"model": "factorize.model", "data": "prepare.data"},
+    outputs={"model": "finetune_compressed/model"},
+)
+def finetune_compressed(p: Params, io: StageIO) -> StageResult:
+    """Fine-tune a compressed model again ("+ ft" in the papers), keeping its ranks."""
+    from lowrank.io.checkpoints import load_compressed, recipe, recipe_extra, write_compressed
+
+    prepared = PreparedData.open(io.inputs["data"])
+    model = place(load_compressed(io.inputs["model"]))
+    entry = recipe(model)
+    extra = recipe_extra(entry)
+
+    def save(m: torch.nn.Module, path: Path) -> None:
+        write_compressed(m, path, method=entry.get("method", "dense"), targets=list(entry.get("ranks", {})), extra={**extra, "finetuned": True})
+
+    return train_and_save(model, prepared, p.finetune_compressed, io, "finetune_compressed", save)
+
+
+register_evaluation("evaluate_compressed", "finetune_compressed.model")

@@ -1,0 +1,65 @@
+"""Which stages a run takes, and the checks that run before any of them.
+
+A path is named by its last stage; it runs that stage's upstream stages and
+every evaluation of a model they make, in registration order (which is run
+order: a stage may only read what an earlier one wrote).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowrank.config import Params
+from lowrank.pipeline.stage import STAGES, Layout, get_stage
+
+# The last stage of each `orchestration.path`.
+PATH_ENDS = {"dense": "evaluate_dense", "factorize": "evaluate_compressed", "lpaf": "evaluate_lpaf"}
+
+
+def upstream(name: str) -> set[str]:
+    """`name` and every stage it depends on, directly or not."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(get_stage(current).after)
+    return seen
+
+
+def path_stages(path: str) -> list[str]:
+    """The stages of a path, in run order: the end's upstream, plus the evaluations of what they make."""
+    chosen = upstream(PATH_ENDS[path])
+    for name, st in STAGES.items():
+        if not st.outputs and set(st.after) <= chosen:
+            chosen.add(name)
+    return [name for name in STAGES if name in chosen]
+
+
+def pipeline(params: Params) -> list[str]:
+    """The stages of the configured path, in the order they run."""
+    return path_stages(params.orchestration.path)
+
+
+def preflight(params: Params) -> None:
+    """Check every input the run names (data files, model, output folders) before any work."""
+    from lowrank.data.loading import check_sources
+    from lowrank.devices import default_device
+    from lowrank.io.files import check_writable
+    from lowrank.io.models import check_model
+
+    check_writable(params.paths.artifacts)
+    check_writable(params.paths.metrics)
+    check_model(params.model)
+    check_sources(params.data)
+    default_device()  # a bad LOWRANK_DEVICE fails here, not at the first stage that trains
+
+
+def preflight_stage(name: str, params: Params) -> None:
+    """For one stage: its upstream artifacts must exist (else say which stage makes them)."""
+    st = get_stage(name)
+    if name == "prepare":
+        preflight(params)
+    for key, path in st.input_paths(Layout.from_params(params)).items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"stage {name}: input {key} not found at {path}; run {', '.join(st.after)} first")

@@ -1,0 +1,166 @@
+"""Stages declared once: the params sections each reads, the artifacts it reads and writes.
+
+A stage is a plain function `(params, io) -> StageResult` registered with
+`@stage(...)`. Its declaration is the one place its paths are written: outputs
+as paths under `paths.artifacts`, inputs as `"<stage>.<output>"` of an upstream
+stage, plots and reports as files under `paths.metrics`, and always
+`metrics/<stage>.json`. The Prefect cache key, the cache's check of what is on
+disk, MLflow's lineage tags and `dvc.yaml` (`lowrank dvc-yaml`) are all read
+from these declarations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from lowrank.config import Params
+from lowrank.io.files import write_json
+
+
+@dataclass
+class StageResult:
+    """Paths a stage wrote and the numbers it measured (flat, for MLflow)."""
+
+    outputs: dict[str, str]
+    metrics: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The two roots every path hangs from; derived from `paths` in params.yaml only."""
+
+    artifacts: Path
+    metrics: Path
+
+    @classmethod
+    def from_params(cls, params: Params) -> "Layout":
+        return cls(Path(params.paths.artifacts), Path(params.paths.metrics))
+
+    def output(self, stage: str, key: str = "model") -> Path:
+        """Where `stage` writes its output `key`, as its declaration says."""
+        return get_stage(stage).output_paths(self)[key]
+
+
+def numeric(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Keep the numbers of a nested dict, flattening keys with dots."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(numeric(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """A stage's resolved paths: what it reads, what it writes, where its metrics go."""
+
+    inputs: dict[str, Path]
+    outputs: dict[str, Path]
+    plots: dict[str, Path]
+    reports: dict[str, Path]
+    metrics: Path
+
+    def finish(self, metrics: dict[str, Any], info: dict[str, Any] | None = None) -> StageResult:
+        """Write `metrics/<stage>.json` and return the result the drivers log."""
+        write_json(self.metrics, metrics)
+        info = dict(info or {})
+        written = [path for path in (*self.plots.values(), *self.reports.values()) if path.is_file()]
+        if written:
+            info["plots"] = [str(path) for path in written]
+        return StageResult({k: str(v) for k, v in self.outputs.items()}, numeric(metrics), info)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's declaration and function."""
+
+    name: str
+    fn: Callable[[Params, StageIO], StageResult]
+    params: tuple[str, ...]  # params sections, or single dotted keys, that it reads
+    inputs: dict[str, str]  # key -> "<stage>.<output>"
+    outputs: dict[str, str]  # key -> path under paths.artifacts
+    plots: dict[str, str]  # key -> file under paths.metrics
+    reports: dict[str, str]  # key -> JSON file under paths.metrics, beside the stage's metrics
+
+    @property
+    def after(self) -> tuple[str, ...]:
+        """The stages whose outputs it reads, in declaration order."""
+        return tuple(dict.fromkeys(ref.split(".", 1)[0] for ref in self.inputs.values()))
+
+    def input_refs(self) -> dict[str, tuple[str, str]]:
+        return {key: tuple(ref.split(".", 1)) for key, ref in self.inputs.items()}  # type: ignore[misc]
+
+    def input_paths(self, layout: Layout) -> dict[str, Path]:
+        return {key: get_stage(up).output_paths(layout)[out] for key, (up, out) in self.input_refs().items()}
+
+    def output_paths(self, layout: Layout) -> dict[str, Path]:
+        return {key: layout.artifacts / rel for key, rel in self.outputs.items()}
+
+    def metrics_path(self, layout: Layout) -> Path:
+        return layout.metrics / f"{self.name}.json"
+
+    def written_paths(self, layout: Layout) -> dict[str, Path]:
+        """Every file it writes besides its metrics: what a cache hit must still find on disk."""
+        return {
+            **self.output_paths(layout),
+            **{f"plot.{k}": layout.metrics / rel for k, rel in self.plots.items()},
+            **{f"report.{k}": layout.metrics / rel for k, rel in self.reports.items()},
+        }
+
+    def io(self, layout: Layout) -> StageIO:
+        return StageIO(
+            self.input_paths(layout), self.output_paths(layout),
+            {k: layout.metrics / rel for k, rel in self.plots.items()},
+            {k: layout.metrics / rel for k, rel in self.reports.items()},
+            self.metrics_path(layout),
+        )
+
+    def run(self, params: Params, layout: Layout | None = None) -> StageResult:
+        """Run the stage on the paths `params` gives (or `layout`)."""
+        return self.fn(params, self.io(layout or Layout.from_params(params)))
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(
+    name: str,
+    *,
+    params: tuple[str, ...],
+    inputs: Mapping[str, str] | None = None,
+    outputs: Mapping[str, str] | None = None,
+    plots: Mapping[str, str] | None = None,
+    reports: Mapping[str, str] | None = None,
+) -> Callable[[Callable[[Params, StageIO], StageResult]], Callable[[Params, StageIO], StageResult]]:
+    """Declare and register a stage; the function is returned unchanged, so one function may serve several stages.
+
+    Names are unique (dvc.yaml and the flow refer to them) and inputs must name
+    an output of a stage registered before, so the registry is in run order.
+    """
+    if name in STAGES:
+        raise ValueError(f"stage {name!r} is registered twice")
+    for key, ref in (inputs or {}).items():
+        upstream, _, output = ref.partition(".")
+        if upstream not in STAGES or output not in STAGES[upstream].outputs:
+            raise ValueError(f"stage {name!r}: input {key} = {ref!r} is not an output of a stage registered before it")
+
+    def register(fn: Callable[[Params, StageIO], StageResult]) -> Callable[[Params, StageIO], StageResult]:
+        STAGES[name] = Stage(
+            name, fn, tuple(params), dict(inputs or {}), dict(outputs or {}), dict(plots or {}), dict(reports or {})
+        )
+        return fn
+
+    return register
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called `name`; the error lists the known ones."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
+    return STAGES[name]
