@@ -34,8 +34,7 @@ import psutil
 
 from lowrank.config import load_params
 from lowrank.io.files import read_json
-from lowrank.pipeline.lpaf import run_factorize_pruned, run_mrft, run_prune
-from lowrank.pipeline import run_evaluate
+from product import call_stage
 
 from quality import DEFAULT_TRAIN, runs_folder, summary_file, train_phrase, train_suffix
 from report import add_threads_option, apply_threads, results_file, table, write_section
@@ -134,6 +133,10 @@ def main() -> None:
     costs_file = out / "metrics" / "costs.json"  # kept across invocations, so a resumed run still reports every stage
     costs: dict[str, list] = read_json(costs_file) if costs_file.is_file() else {}
 
+    def folder(path: Path) -> dict[str, Path]:
+        """A pruned or factorized model's folder: the model and its masks, as prune and factorize_pruned write them."""
+        return {"model": path / "model", "masks": path / "masks.safetensors"}
+
     def stage(key: str, tag: str, run) -> dict:
         path = out / "metrics" / f"{tag}.json"
         if not path.is_file():
@@ -164,11 +167,16 @@ def main() -> None:
         factorized = out / f"factorize-{prune_method}-{method}{weights}-{ratio}{from_density}"
         tag = f"{prune_method}-{method}{weights}-{ratio}{from_density}-p0{mrft_cfg.p0}" + ("" if mrft_distill else "-kd0") + lr  # the cache names the state, whatever the default
         final = out / f"mrft-{tag}"
-        prune = stage("prune", f"prune-{prune_method}-{density}", lambda m: run_prune(prune_cfg, factorize_cfg, base.model, dense, data, pruned, m))
-        stage("factorize_pruned", factorized.name, lambda m: run_factorize_pruned(factorize_cfg, base.fisher, pruned, data, factorized, m))
-        before = stage("evaluate", f"eval-{factorized.name}", lambda m: run_evaluate(base.evaluate, factorized / "model", data, m))
-        stage("mrft", f"mrft-{tag}", lambda m: run_mrft(mrft_cfg, pruned, factorized, dense, data, final, m))
-        after = stage("evaluate", f"eval-mrft-{tag}", lambda m: run_evaluate(base.evaluate, final, data, m))
+        prune = stage("prune", f"prune-{prune_method}-{density}", lambda m: call_stage(
+            "prune", dataclasses.replace(base, prune=prune_cfg, factorize=factorize_cfg), m, {"model": dense, "data": data}, folder(pruned)))
+        stage("factorize_pruned", factorized.name, lambda m: call_stage(
+            "factorize_pruned", dataclasses.replace(base, factorize=factorize_cfg), m, {**folder(pruned), "data": data}, folder(factorized)))
+        before = stage("evaluate", f"eval-{factorized.name}", lambda m: call_stage("evaluate_dense", base, m, {"model": factorized / "model", "data": data}))
+        stage("mrft", f"mrft-{tag}", lambda m: call_stage(
+            "mrft", dataclasses.replace(base, mrft=mrft_cfg), m,
+            {"pruned": pruned / "model", "factorized": factorized / "model", "masks": factorized / "masks.safetensors", "teacher": dense, "data": data},
+            {"model": final}))
+        after = stage("evaluate", f"eval-mrft-{tag}", lambda m: call_stage("evaluate_dense", base, m, {"model": final, "data": data}))
         shutil.rmtree(final, ignore_errors=True)
         return {"prune": prune, "before": before["task"]["score"], "after": after["task"]["score"], "params": after["params"]}
 

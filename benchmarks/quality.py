@@ -24,7 +24,7 @@ from datasets import load_from_disk
 from lowrank.config import load_params
 from lowrank.io.files import read_json
 from lowrank.linalg.risk import rank_agreement
-from lowrank.pipeline import run_evaluate, run_factorize, run_finetune, run_finetune_compressed, run_fisher, run_prepare
+from product import call_stage
 
 from report import add_threads_option, apply_threads, results_file, table, write_section
 
@@ -116,13 +116,17 @@ def main() -> None:
             shutil.copytree(Path(args.seed_from) / part, out / part)
     data, dense, fisher = out / "data", out / "finetune" / "model", out / "fisher"
     metrics = out / "metrics"
+
+    def evaluate(model: Path, path: Path) -> dict:
+        return call_stage("evaluate_dense", base, path, {"model": model, "data": data})
+
     if not data.exists():
-        run_prepare(base.data, base.model, data, metrics / "prepare.json")
+        call_stage("prepare", base, metrics / "prepare.json", outputs={"data": data})
     if not dense.exists():
-        run_finetune(base.finetune, base.model, data, dense, metrics / "finetune.json")
+        call_stage("finetune", base, metrics / "finetune.json", {"data": data}, {"model": dense})
     if not fisher.exists():
-        run_fisher(base.fisher, base.factorize, dense, data, fisher, metrics / "fisher.json")
-    dense_score = cached(metrics / "evaluate_dense.json", lambda: run_evaluate(base.evaluate, dense, data, metrics / "evaluate_dense.json"))["task"]["score"]
+        call_stage("fisher", base, metrics / "fisher.json", {"model": dense, "data": data}, {"importance": fisher})
+    dense_score = cached(metrics / "evaluate_dense.json", lambda: evaluate(dense, metrics / "evaluate_dense.json"))["task"]["score"]
     default_ft = base.finetune_compressed
     ft = dataclasses.replace(
         default_ft, epochs=args.ft_epochs, seed=default_ft.seed if args.ft_seed is None else args.ft_seed,
@@ -137,12 +141,15 @@ def main() -> None:
         factorize_metrics = metrics / f"{tag}.factorize.json"
         if finetune and not (metrics / f"{tag}.{ft_tag}.json").is_file() and not (model / "config.json").is_file():
             factorize_metrics.unlink(missing_ok=True)  # an earlier run kept only metrics; + ft needs the model again
-        info = cached(factorize_metrics, lambda: run_factorize(cfg, dense, fisher, model, factorize_metrics))
-        before = cached(metrics / f"{tag}.eval.json", lambda: run_evaluate(base.evaluate, model, data, metrics / f"{tag}.eval.json"))
+        info = cached(factorize_metrics, lambda: call_stage(
+            "factorize", dataclasses.replace(base, factorize=cfg), factorize_metrics, {"model": dense, "importance": fisher}, {"model": model}))
+        before = cached(metrics / f"{tag}.eval.json", lambda: evaluate(model, metrics / f"{tag}.eval.json"))
         after = None
         if finetune:
-            cached(metrics / f"{tag}.{ft_tag}.json", lambda: run_finetune_compressed(ft, model, data, tuned, metrics / f"{tag}.{ft_tag}.json"))
-            after = cached(metrics / f"{tag}.{ft_tag}.eval.json", lambda: run_evaluate(base.evaluate, tuned, data, metrics / f"{tag}.{ft_tag}.eval.json"))["task"]["score"]
+            cached(metrics / f"{tag}.{ft_tag}.json", lambda: call_stage(
+                "finetune_compressed", dataclasses.replace(base, finetune_compressed=ft), metrics / f"{tag}.{ft_tag}.json",
+                {"model": model, "data": data}, {"model": tuned}))
+            after = cached(metrics / f"{tag}.{ft_tag}.eval.json", lambda: evaluate(tuned, metrics / f"{tag}.{ft_tag}.eval.json"))["task"]["score"]
             shutil.rmtree(out / tag / "ft", ignore_errors=True)  # keep only metrics: models are large
         shutil.rmtree(out / tag / "model", ignore_errors=True)
         return before["task"]["score"], after, info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,26 @@ def test_flatten_gives_dotted_keys() -> None:
     flat = flatten(build(Params, {}))
     assert flat["finetune.lr"] == pytest.approx(2e-5)
     assert flat["factorize.keep_ratio"] == 0.5
+
+
+def test_the_train_section_is_every_training_run_s_default() -> None:
+    params = load_params(REPO / "params.yaml", ["train.lr=1e-4", "finetune.lr=3e-5", "prune.train.seed=7"])
+    assert params.finetune.lr == 3e-5  # a section's own key wins
+    assert params.finetune_compressed.lr == params.prune.train.lr == params.mrft.train.lr == 1e-4
+    assert params.prune.train.seed == 7 and params.mrft.train.seed == 42
+    assert params.mrft.train.epochs == 2 and params.finetune.epochs == 3  # mrft overrides epochs in params.yaml
+
+
+def test_a_bad_train_key_is_named_as_written() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key train\.lrr"):
+        load_params(REPO / "params.yaml", ["train.lrr=1e-4"])
+    with pytest.raises(ConfigError, match=r"train\.lr: must be positive"):
+        load_params(REPO / "params.yaml", ["train.lr=0"])
+
+
+def test_the_json_schema_covers_every_section() -> None:
+    from lowrank.config import params_schema
+
+    schema = params_schema()
+    assert set(schema["properties"]) == {f.name for f in dataclasses.fields(Params)}
+    assert "lr" in schema["$defs"]["TrainConfig"]["properties"]

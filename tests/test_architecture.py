@@ -1,0 +1,126 @@
+"""The layout holds: imports point one way, modules stay small, dvc.yaml is what the stages declare."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "lowrank"
+MAX_LINES = 420  # "no module past ~400 lines"
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    base = base[: len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph() -> tuple[dict[str, set[str]], list[str]]:
+    """Every import inside the package, function-level ones included; and private names taken across modules."""
+    modules = _modules()
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    private = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [known(alias.name) for alias in node.names if alias.name.startswith("lowrank")]
+            elif isinstance(node, ast.ImportFrom):
+                source = _resolve(module, path, node)
+                if not source.startswith("lowrank"):
+                    continue
+                targets = [known(f"{source}.{alias.name}") for alias in node.names]
+                private += [f"{module} takes {alias.name} from {source}" for alias in node.names
+                            if alias.name.startswith("_") and not alias.name.startswith("__")]
+            else:
+                continue
+            graph[module].update(t for t in targets if t and t != module)
+    return graph, private
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state, stack = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_cycle_finder_finds_a_planted_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_and_no_private_name_across_modules() -> None:
+    graph, private = import_graph()
+    assert cycles(graph) == []
+    assert private == []
+
+
+def test_the_library_never_imports_orchestration() -> None:
+    banned = re.compile(r"^\s*(from|import)\s+(prefect|mlflow|dvc|tasks|flows)\b", re.M)
+    offenders = [str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py") if banned.search(p.read_text())]
+    assert offenders == []
+
+
+def test_no_module_past_400_lines() -> None:
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_committed_dvc_yaml_is_what_the_stages_declare() -> None:
+    from lowrank.pipeline.dvc import dvc_yaml
+
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), "run `lowrank dvc-yaml > dvc.yaml`"
+
+
+def test_every_declared_stage_is_in_dvc_yaml_with_its_files() -> None:
+    import yaml
+
+    from lowrank.pipeline import STAGES
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGES)
+    assert stages["factorize"]["plots"] == [{"${paths.metrics}/factorize_phi.png": {"cache": False}}]
+    assert {"${paths.metrics}/prune_ranks.json": {"cache": False}} in stages["prune"]["outs"]
+    assert "${paths.artifacts}/prune/masks.safetensors" in stages["mrft"]["deps"] or \
+        "${paths.artifacts}/factorize_pruned/masks.safetensors" in stages["mrft"]["deps"]
+
+
+def test_readme_layout_names_every_folder() -> None:
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[: layout.index("\n## ", 4)]
+    folders = sorted(p.relative_to(REPO).as_posix() + "/" for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
+    listed = sorted(set(re.findall(r"^\s*(lowrank/\w+/)", layout, re.M)))
+    assert listed == folders

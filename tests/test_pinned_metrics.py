@@ -1,0 +1,68 @@
+"""The tiny pipeline's numbers, pinned: both paths give what they gave before the code moved.
+
+`tests/data/tiny_pipeline_metrics.json` holds every stage's metrics (timings
+left out) of the tiny factorize path (TFWSVD) and lpaf path (sparse TFWSVD),
+recorded at b3a81df, before the layout changed. A refactor that moves code
+must leave every number where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import GLUE_DIR, save_tiny_model, tiny_params
+from lowrank.config import load_params
+from lowrank.pipeline import get_stage, pipeline
+
+PINNED = Path(__file__).parent / "data" / "tiny_pipeline_metrics.json"
+TIMING = re.compile(r"(seconds|_s$|latency|_ms|samples_per_s|size_bytes)")
+RUNS = {
+    "factorize": {"factorize": {"method": "tfwsvd", "keep_ratio": 0.5, "solver_steps": 3}},
+    "lpaf": {
+        "orchestration": {"path": "lpaf"},
+        "factorize": {"method": "sparse_tfwsvd", "keep_ratio": 0.5, "solver_steps": 3},
+        "prune": {"train": {"epochs": 1, "batch_size": 16, "lr": 1e-3}},
+        "mrft": {"train": {"epochs": 1, "batch_size": 16, "lr": 1e-3}},
+    },
+}
+
+
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if not TIMING.search(k)}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def _close(got, want, where: str) -> None:
+    if isinstance(want, dict):
+        assert set(got) == set(want), f"{where}: keys {sorted(set(got) ^ set(want))}"
+        for key in want:
+            _close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-12), where
+    else:
+        assert got == want, where
+
+
+@pytest.mark.parametrize("path", list(RUNS))
+def test_the_tiny_pipeline_gives_the_pinned_metrics(tmp_path: Path, path: str) -> None:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    model_dir = save_tiny_model(tmp_path / "model")
+    sections = {**RUNS[path], "evaluate": {"latency": False}}
+    params = load_params(tiny_params(tmp_path, model_dir, GLUE_DIR, **sections))
+    pinned = json.loads(PINNED.read_text())
+    for name in pipeline(params):
+        get_stage(name).run(params)
+        got = _without_timings(json.loads((tmp_path / "metrics" / f"{name}.json").read_text()))
+        _close(got, pinned[f"{path}/{name}"], f"{path}/{name}")
