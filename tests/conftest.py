@@ -67,6 +67,7 @@ def tiny_params(root: Path, model_dir: Path, glue_dir: Path, **sections: dict) -
         "paths": {"artifacts": str(root / "artifacts"), "metrics": str(root / "metrics")},
         "data": {"task": "sst2", "glue_dir": str(glue_dir), "max_train_samples": 48, "max_eval_samples": 24, "max_length": 24},
         "model": {"name": str(model_dir)},
+        "train": {},  # dvc.yaml names the section: DVC needs it present
         "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3},
         "fisher": {"max_samples": 32, "batch_size": 16},
         "factorize": {"method": "fwsvd", "keep_ratio": 0.5},
