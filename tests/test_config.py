@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,5 @@ def test_the_json_schema_covers_every_section() -> None:
     schema = params_schema()
     assert set(schema["properties"]) == {f.name for f in dataclasses.fields(Params)}
     assert "lr" in schema["$defs"]["TrainConfig"]["properties"]
+    committed = json.loads((REPO / "params.schema.json").read_text())
+    assert committed == schema, "run `lowrank schema > params.schema.json`"

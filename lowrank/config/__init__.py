@@ -1,4 +1,4 @@
-"""Typed view of `params.yaml`: one frozen dataclass per stage section (`sections`), and how the file becomes one (`loading`).
+"""Typed view of `params.yaml`: one frozen dataclass per section (`base`, `sections`, `lpaf`), and how the file becomes one (`loading`).
 
 Every knob of the pipeline lives in `params.yaml`; DVC reads the same file for
 its `params:`. Validating it here, before any work starts, turns a typo in a
@@ -9,10 +9,11 @@ crash an hour into fine-tuning.
 from lowrank.config.loading import (
     TRAIN_SECTIONS, apply_overrides, build, flatten, load_params, params_schema, read_yaml, select, to_dict,
 )
+from lowrank.config.base import ConfigError, TrainConfig, check
+from lowrank.config.lpaf import RANK_PULL_IMPORTANCE, DistillationConfig, MrftConfig, PruneConfig
 from lowrank.config.sections import (
-    DEFAULT_MODEL, LATENCY_RUNTIMES, RANK_PULL_IMPORTANCE, ConfigError, CustomDataConfig, DataConfig,
-    DistillationConfig, EvaluateConfig, FactorizeConfig, FisherConfig, ModelConfig, MrftConfig, OrchestrationConfig,
-    Params, PathsConfig, PruneConfig, TrackingConfig, TrainConfig, check, check_lpaf_factorize,
+    DEFAULT_MODEL, LATENCY_RUNTIMES, CustomDataConfig, DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig,
+    ModelConfig, OrchestrationConfig, Params, PathsConfig, TrackingConfig, check_lpaf_factorize,
 )
 
 __all__ = [

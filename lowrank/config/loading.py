@@ -14,7 +14,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from lowrank.config.sections import ConfigError, Params, TrainConfig, check
+from lowrank.config.base import ConfigError, TrainConfig, check
+from lowrank.config.sections import Params
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -1,0 +1,43 @@
+"""What every params section shares: the error that names a key, and one training run's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A bad key or value in params.yaml or in a `-S key=value` override."""
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """ConfigError naming `key` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One fine-tuning run: the dense teacher, or a compressed model afterwards ("+ ft")."""
+
+    epochs: float = 3.0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    eval_every_epoch: bool = True
+    # GLUE's dev set is both the one evaluated after each epoch and the one reported, so keeping
+    # the best epoch selects on the reported score; false ends on the last epoch. Pruning always does.
+    keep_best: bool = True
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
+        check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        check(self.eval_batch_size > 0, "eval_batch_size", "must be positive")
+        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
+        check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive or null")
