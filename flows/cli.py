@@ -11,18 +11,39 @@ from typing import List, Optional
 
 import typer
 
+from . import lifecycle
 from .environment import configure as configure_environment
 
 configure_environment()
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
 PARAMS = typer.Option("params.yaml", "--params", "-p", help="The params file.")
 SET = typer.Option(None, "--set-param", "-S", help="Override a param, DVC style: -S finetune.lr=3e-5.")
 
 
 def _print(obj: object) -> None:
+    """The command's result, alone on stdout (progress and logs go to stderr): `lowrank run | jq .` works."""
     typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of a bad input too (or LOWRANK_DEBUG=1)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Hide progress bars."),
+) -> None:
+    """Compress fine-tuned Transformer encoders by importance-weighted low-rank factorization."""
+    lifecycle.configure(debug, quiet)
+
+
+def _checked(params: Path, overrides: list[str]):
+    """The validated params, with every input they name checked: before Prefect starts or a model loads."""
+    from lowrank.config import load_params
+    from lowrank.pipeline import preflight
+
+    config = load_params(params, overrides)
+    preflight(config)
+    return config
 
 
 @app.command()
@@ -31,35 +52,37 @@ def run(params: Path = PARAMS, set_param: Optional[List[str]] = SET, no_cache: b
     overrides = list(set_param or [])
     if no_cache:
         overrides.append("orchestration.cache=false")
-    from .compress import compress
+    with lifecycle.user_errors():
+        _checked(params, overrides)
+        from .compress import compress
 
-    _print(compress(str(params), overrides))
+        _print(compress(str(params), overrides))
 
 
 @app.command()
 def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
     """Run one stage (what `dvc repro` calls); DVC decides whether it needs to run."""
-    from lowrank.config import load_params
-    from lowrank.pipeline import get_stage, preflight_stage
-    from tasks import tracking
+    with lifecycle.user_errors():
+        from lowrank.config import load_params
+        from lowrank.pipeline import get_stage, preflight_stage
+        from tasks import tracking
 
-    config = load_params(params, list(set_param or []))
-    preflight_stage(name, config)
-    result = get_stage(name).run(config)
-    if tracking.configure(config.tracking):
-        with tracking.flow_run(config, name, {"driver": "dvc"}):
-            tracking.log_stage(name, config, result, cached=False, nested=True)
+        config = load_params(params, list(set_param or []))
+        preflight_stage(name, config)
+        result = get_stage(name).run(config)
+        if tracking.configure(config.tracking):
+            with tracking.flow_run(config, name, {"driver": "dvc"}):
+                tracking.log_stage(name, config, result, cached=False, nested=True)
     _print({"stage": name, "outputs": result.outputs, "metrics": result.metrics})
 
 
 @app.command()
 def check(params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
     """Validate params.yaml and every input it names, without running anything."""
-    from lowrank.config import flatten, load_params
-    from lowrank.pipeline import preflight
+    from lowrank.config import flatten
 
-    config = load_params(params, list(set_param or []))
-    preflight(config)
+    with lifecycle.user_errors():
+        config = _checked(params, list(set_param or []))
     _print(flatten(config))
 
 

@@ -1,22 +1,27 @@
-"""The tiny pipeline's numbers, pinned: both paths give what they gave before the code moved.
+"""The tiny pipeline's numbers, pinned, and its bytes, repeatable.
 
 `tests/data/tiny_pipeline_metrics.json` holds every stage's metrics (timings
 left out) of the tiny factorize path (TFWSVD) and lpaf path (sparse TFWSVD),
 recorded at b3a81df, before the layout changed. A refactor that moves code
-must leave every number where it was.
+must leave every number where it was. And a stage rerun on the same inputs
+writes the same bytes, so a rerun never invalidates what follows it (DVC's and
+Prefect's caches key on those bytes).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import GLUE_DIR, save_tiny_model, tiny_params
 from lowrank.config import load_params
-from lowrank.pipeline import get_stage, pipeline
+from lowrank.io.files import digest
+from lowrank.pipeline import Layout, get_stage, pipeline
 
 PINNED = Path(__file__).parent / "data" / "tiny_pipeline_metrics.json"
 TIMING = re.compile(r"(seconds|_s$|latency|_ms|samples_per_s|size_bytes)")
@@ -62,7 +67,20 @@ def test_the_tiny_pipeline_gives_the_pinned_metrics(tmp_path: Path, path: str) -
     sections = {**RUNS[path], "evaluate": {"latency": False}}
     params = load_params(tiny_params(tmp_path, model_dir, GLUE_DIR, **sections))
     pinned = json.loads(PINNED.read_text())
+    layout = Layout.from_params(params)
+    digests = {}
     for name in pipeline(params):
         get_stage(name).run(params)
         got = _without_timings(json.loads((tmp_path / "metrics" / f"{name}.json").read_text()))
         _close(got, pinned[f"{path}/{name}"], f"{path}/{name}")
+        digests[name] = {key: digest(p) for key, p in get_stage(name).written_paths(layout).items() if p.exists()}
+    # Each stage again, in another process (another hash seed), on the same inputs:
+    # every artifact, plot and report byte-identical.
+    rerun = (
+        "import sys; from lowrank.config import load_params; from lowrank.pipeline import get_stage, pipeline\n"
+        "p = load_params(sys.argv[1])\nfor name in pipeline(p): get_stage(name).run(p)"
+    )
+    subprocess.run([sys.executable, "-c", rerun, str(tmp_path / "params.yaml")], check=True, capture_output=True, cwd=tmp_path)
+    for name in pipeline(params):
+        again = {key: digest(p) for key, p in get_stage(name).written_paths(layout).items() if p.exists()}
+        assert again == digests[name], f"{name} wrote other bytes the second time"

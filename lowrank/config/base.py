@@ -1,11 +1,20 @@
-"""What every params section shares: the error that names a key, and one training run's settings."""
+"""What every params section shares: the errors that name a key or a file, and one training run's settings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input from the user: a params value, a file, the data. Its message is one line that
+    names the key or the file; the command line prints it alone and exits with 2."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """An input file or folder that is not there."""
+
+
+class ConfigError(InputError):
     """A bad key or value in params.yaml or in a `-S key=value` override."""
 
 
@@ -35,6 +44,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.epochs > 0, "epochs", f"must be positive, got {self.epochs}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         check(self.eval_batch_size > 0, "eval_batch_size", "must be positive")
         check(self.lr > 0, "lr", f"must be positive, got {self.lr}")

@@ -9,14 +9,15 @@ crash an hour into fine-tuning.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lowrank.linalg.solvers import SOLVERS
+from lowrank.linalg.solvers import iterative_solvers, solver_options
 from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT
 from lowrank.methods import METHODS, get_method, method_names
-from lowrank.config.base import TrainConfig, check
+from lowrank.config.base import ConfigError, TrainConfig, check
 from lowrank.config.lpaf import MrftConfig, PruneConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -130,7 +131,18 @@ class FactorizeConfig:
 
     def __post_init__(self) -> None:
         check(self.method in METHODS, "factorize.method", f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
-        check(self.solver in SOLVERS, "factorize.solver", f"unknown solver {self.solver!r} (known: {', '.join(SOLVERS)})")
+        known = iterative_solvers()
+        check(self.solver in known, "factorize.solver", f"unknown solver {self.solver!r} (known: {', '.join(known)})")
+        takes = [o for o in solver_options(self.solver) if o not in ("steps", "callback")]  # steps: factorize.solver_steps
+        for option in self.solver_options:
+            check(option in takes, f"factorize.solver_options.{option}", f"{self.solver} takes no such option (it takes: {', '.join(takes)})")
+        for key in ("targets", "exclude"):
+            patterns = getattr(self, key)
+            if isinstance(patterns, str):
+                try:
+                    re.compile(patterns)
+                except re.error as err:
+                    raise ConfigError(f"factorize.{key}: not a regular expression: {err}") from None
         check(0 < self.keep_ratio <= 1, "factorize.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
         check(0 <= self.min_rank_share <= 1, "factorize.min_rank_share", f"must be in [0, 1], got {self.min_rank_share}")
         check(self.pruned_weight >= 0, "factorize.pruned_weight", f"must be >= 0, got {self.pruned_weight}")
@@ -162,6 +174,9 @@ class EvaluateConfig:
         )
         check(all(b > 0 for b in self.latency_batch_sizes), "evaluate.latency_batch_sizes", "must be positive")
         check(self.latency_repeats >= 1, "evaluate.latency_repeats", "must be >= 1")
+        check(self.latency_warmup >= 0, "evaluate.latency_warmup", f"must be >= 0, got {self.latency_warmup}")
+        check(self.latency_seq_len >= 2, "evaluate.latency_seq_len", f"must be >= 2, got {self.latency_seq_len}")
+        check(self.threads is None or self.threads >= 1, "evaluate.threads", f"must be >= 1 or null (torch's default), got {self.threads}")
 
 
 @dataclass(frozen=True)

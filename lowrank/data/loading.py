@@ -9,6 +9,7 @@ in `glue.py`; this module re-exports what the stages use.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Value
 from torch.utils.data import DataLoader
 
-from lowrank.config import DataConfig
+from lowrank.config import DataConfig, MissingInputError
 from lowrank.data.tasks import (
     TASKS,
     DataError,
@@ -25,6 +26,7 @@ from lowrank.data.tasks import (
     TaskSpec,
     custom_task,
     get_task,
+    check_utf8,
     read_header,
     read_split,
     split_path,
@@ -79,16 +81,26 @@ def check_files(spec: TaskSpec, glue_dir: str | Path | None = None) -> dict[str,
     the hub. All missing files are named in one error.
     """
     if reads_from_hub(spec, glue_dir):
+        if _hub_offline():
+            raise DataError(
+                f"data.glue_dir: task {spec.name} would be read from the hub ({HUB_DATASET}), which is offline "
+                "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): set GLUE_DIR or data.glue_dir to a GLUE folder"
+            )
         return {}
     if glue_dir is not None and spec.glue_folder is not None and not Path(glue_dir).expanduser().is_dir():
-        raise FileNotFoundError(f"GLUE folder not found: {glue_dir}")
+        raise MissingInputError(f"data.glue_dir: GLUE folder not found: {glue_dir}")
     paths = {split: split_path(spec, split, glue_dir) for split in spec.splits}
     missing = [f"{split}: {path}" for split, path in paths.items() if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"task {spec.name}: data file(s) not found: {'; '.join(missing)}")
+        raise MissingInputError(f"task {spec.name}: data file(s) not found: {'; '.join(missing)}")
     for split, path in paths.items():
+        check_utf8(path)
         _check_columns(path, spec.files[split])
     return paths
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(key, "").lower() in ("1", "true", "yes", "on") for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def _check_columns(path: Path, layout: SplitFile) -> None:

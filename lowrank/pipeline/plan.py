@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowrank.config import Params
+from lowrank.config import InputError, MissingInputError, Params
 from lowrank.pipeline.stage import STAGES, Layout, get_stage
 
 # The last stage of each `orchestration.path`.
@@ -48,11 +48,14 @@ def preflight(params: Params) -> None:
     from lowrank.io.files import check_writable
     from lowrank.io.models import check_model
 
-    check_writable(params.paths.artifacts)
-    check_writable(params.paths.metrics)
+    check_writable(params.paths.artifacts, "paths.artifacts")
+    check_writable(params.paths.metrics, "paths.metrics")
     check_model(params.model)
     check_sources(params.data)
-    default_device()  # a bad LOWRANK_DEVICE fails here, not at the first stage that trains
+    try:
+        default_device()  # a bad LOWRANK_DEVICE fails here, not at the first stage that trains
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def preflight_stage(name: str, params: Params) -> None:
@@ -62,4 +65,4 @@ def preflight_stage(name: str, params: Params) -> None:
         preflight(params)
     for key, path in st.input_paths(Layout.from_params(params)).items():
         if not Path(path).exists():
-            raise FileNotFoundError(f"stage {name}: input {key} not found at {path}; run {', '.join(st.after)} first")
+            raise MissingInputError(f"stage {name}: input {key} not found at {path}; run {', '.join(st.after)} first")

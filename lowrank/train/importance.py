@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowrank.devices import model_device, to_device
-from lowrank.io.files import atomic_write_bytes
+from lowrank.io.files import atomic_write_bytes, safetensors_bytes, safetensors_info
 from lowrank.modules.surgery import linear_weights
 
 KINDS = ("fisher", "taylor")
@@ -129,17 +129,13 @@ def collect_importance(
 def save_importance(importance: Importance, path: str | Path) -> Path:
     """One safetensors file, keys = layer names, with the sample count in its metadata."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in importance.scores.items()}
-    metadata = {"num_samples": str(importance.num_samples), "kind": importance.kind}
-    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return atomic_write_bytes(path, safetensors_bytes(tensors, {"num_samples": importance.num_samples, "kind": importance.kind}))
 
 
 def load_importance(path: str | Path) -> Importance:
     """Read what `save_importance` wrote, naming the file if it is missing."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"importance file not found: {path} (run the fisher stage)")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    metadata = safetensors_info(path)
     return Importance(load_file(str(path)), int(metadata.get("num_samples", 0)), metadata.get("kind", "fisher"))

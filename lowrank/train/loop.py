@@ -8,6 +8,7 @@ through `TrainHook`s and the optional teacher for distillation.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -154,7 +155,7 @@ def train(
         if evaluate is not None and (cfg.eval_every_epoch or step >= steps):
             row = {"epoch": float(epoch), "step": float(step), **evaluate(model)}
             history.append(row)
-            bar.write(f"{description} epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
+            bar.write(f"{description} epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()), file=sys.stderr)
             if keep_best and (best_score is None or row["score"] > best_score):
                 best_score, best_epoch = row["score"], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

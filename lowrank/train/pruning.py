@@ -22,17 +22,16 @@ pruned entry never grows back.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
 from lowrank.train.hooks import TrainHook
-from lowrank.io.files import atomic_write_bytes
+from lowrank.io.files import atomic_write_bytes, safetensors_bytes
 from lowrank.modules.surgery import linear_weights
 
 PruneMethod = Literal["movement", "taylor", "magnitude"]
@@ -309,8 +308,7 @@ class Pruner(TrainHook):
             "cooldown_steps": self.cooldown_steps, "scope": self.scope, "update_every": self.update_every,
             "taylor_beta": self.taylor_beta,
         }
-        metadata = {"options": json.dumps(options), "target_density": repr(self.target_density)}
-        return atomic_write_bytes(path, save(tensors, metadata=metadata))
+        return atomic_write_bytes(path, safetensors_bytes(tensors, {"options": options, "target_density": self.target_density}))
 
     def load(self, path: str | Path) -> None:
         """Restore masks and scores; applied to the weights at `on_train_begin`."""
