@@ -22,7 +22,7 @@ test:  ## the test suite (what .ci/run calls)
 	$(BIN)/python -m pytest -q
 
 repro:  ## the same pipeline through DVC
-	$(BIN)/dvc repro evaluate_compressed
+	$(BIN)/dvc repro summary_factorize
 
 ui:  ## MLflow UI on the project's store
 	$(BIN)/lowrank ui

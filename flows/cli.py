@@ -53,10 +53,16 @@ def run(params: Path = PARAMS, set_param: Optional[List[str]] = SET, no_cache: b
     if no_cache:
         overrides.append("orchestration.cache=false")
     with lifecycle.user_errors():
-        _checked(params, overrides)
+        config = _checked(params, overrides)
+        lifecycle.recover(config)
+        owner = lifecycle.claim()  # before Prefect starts its temporary server, which inherits the mark
+        from prefect import tags
+
         from .compress import compress
 
-        _print(compress(str(params), overrides))
+        with tags(lifecycle.OWNER_PREFECT_TAG + owner):
+            summary = compress(str(params), overrides)
+    _print(summary)
 
 
 @app.command()
@@ -69,6 +75,9 @@ def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET
 
         config = load_params(params, list(set_param or []))
         preflight_stage(name, config)
+        lifecycle.die_with_dvc()
+        lifecycle.recover(config)
+        lifecycle.claim()
         result = get_stage(name).run(config)
         if tracking.configure(config.tracking):
             with tracking.flow_run(config, name, {"driver": "dvc"}):

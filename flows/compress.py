@@ -11,6 +11,7 @@ from lowrank.config import load_params
 from lowrank.pipeline import pipeline, preflight
 from tasks import tracking
 
+from . import lifecycle
 from .steps import execute
 
 
@@ -22,6 +23,7 @@ def compress(params_path: str = "params.yaml", overrides: Sequence[str] = ()) ->
     """
     params = load_params(params_path, overrides)
     preflight(params)
+    lifecycle.crash_stale_flow_runs()
     track = tracking.configure(params.tracking)
     use_cache = params.orchestration.cache
     summary: dict[str, dict] = {}

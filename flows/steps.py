@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 from lowrank.config import Params
 from lowrank.pipeline import StageResult
 from tasks import tracking
 from tasks.stages import output_digests, run_stage
+
+
+def _progress(line: str) -> None:
+    # Straight to stderr: inside the flow, print() is captured as a Prefect log (log_prints).
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def execute(name: str, params: Params, *, use_cache: bool, track: bool) -> tuple[StageResult, bool, float]:
@@ -19,6 +26,7 @@ def execute(name: str, params: Params, *, use_cache: bool, track: bool) -> tuple
     so the next cached run finds it.
     """
     started = time.perf_counter()
+    _progress(f"stage {name}: started")
     state = run_stage.with_options(name=name, refresh_cache=not use_cache)(name, params, return_state=True)
     result: StageResult = state.result()
     cached = state.name == "Cached"
@@ -26,6 +34,7 @@ def execute(name: str, params: Params, *, use_cache: bool, track: bool) -> tuple
         state = run_stage.with_options(name=name, refresh_cache=True)(name, params, return_state=True)
         result, cached = state.result(), False
     seconds = time.perf_counter() - started
+    _progress(f"stage {name}: {'cached' if cached else 'ran'}, {seconds:.1f} s")
     if track:
         tracking.log_stage(name, params, result, cached)
     return result, cached, seconds

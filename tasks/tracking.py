@@ -10,7 +10,7 @@ import contextlib
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 
@@ -66,8 +66,35 @@ def run_tags(params: Params) -> dict[str, str]:
         "method.importance": method.importance,
         "method.solver": method.solver_name(params.factorize.solver),
         "keep_ratio": str(params.factorize.keep_ratio),
+        **owner_tag(),
         **git_commit(),
     }
+
+
+OWNER_TAG = "lowrank.owner"
+
+
+def owner_tag() -> dict[str, str]:
+    """The process that owns a run (host:pid:start), so that a later run can close it if that process died."""
+    owner = os.environ.get("LOWRANK_OWNER")
+    return {OWNER_TAG: owner} if owner else {}
+
+
+def close_stale_runs(cfg: TrackingConfig, alive: Callable[[str], bool]) -> list[str]:
+    """Mark KILLED the runs still RUNNING whose owning process has died (a SIGKILL leaves them so)."""
+    configure(cfg)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    runs = mlflow.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'", output_format="list",
+    )
+    client = mlflow.MlflowClient()
+    closed = []
+    for run in runs:
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner and not alive(owner):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def _param_value(value: Any) -> str:
@@ -100,7 +127,7 @@ def lineage(name: str, params: Params) -> dict[str, str]:
 def log_stage(name: str, params: Params, result: StageResult, cached: bool, nested: bool = True) -> None:
     """A run for one stage: its metrics, its metrics file and the hashes of what it read and wrote."""
     layout = Layout.from_params(params)
-    tags = {"stage": name, "cached": str(cached).lower(), **lineage(name, params)}
+    tags = {"stage": name, "cached": str(cached).lower(), **owner_tag(), **lineage(name, params)}
     with mlflow.start_run(run_name=name, nested=nested, tags=tags):
         section = {key: select(params, key) for key in get_stage(name).params}
         mlflow.log_params({k: _param_value(v) for k, v in flatten(section).items()})

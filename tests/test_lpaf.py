@@ -63,7 +63,7 @@ def test_lpaf_path_is_registered_and_ordered(lpaf_run) -> None:
     names = pipeline(params)
     assert names == [
         "prepare", "finetune", "evaluate_dense", "prune", "factorize_pruned", "evaluate_pruned_factorized",
-        "mrft", "evaluate_lpaf",
+        "mrft", "evaluate_lpaf", "summary_lpaf",
     ]
     for position, name in enumerate(names):
         assert all(names.index(before) < position for before in STAGES[name].after), name

@@ -80,7 +80,7 @@ def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, gl
 
     third = compress(str(params_path), ["evaluate.latency_repeats=3", "evaluate.latency_runtimes=[torch,onnxruntime]"])
     rerun = {n for n in names if not third[n]["cached"]}
-    assert rerun == {n for n in names if n.startswith("evaluate")}
+    assert rerun == {n for n in names if n.startswith(("evaluate", "summary"))}  # the summary reads their metrics
     assert third["evaluate_compressed"]["metrics"]["latency_onnxruntime.batch_4.median_ms"] > 0
     assert "latency_onnxruntime.batch_4.median_ms" not in second["evaluate_compressed"]["metrics"]
 
@@ -95,8 +95,13 @@ def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, gl
         "evaluate.latency_repeats=3", "evaluate.latency_runtimes=[torch,onnxruntime]", "factorize.keep_ratio=0.3", "factorize.method=tfwsvd"
     ])
     assert {n for n in names if not fifth[n]["cached"]} == {
-        "factorize", "evaluate_factorized", "finetune_compressed", "evaluate_compressed"
+        "factorize", "evaluate_factorized", "finetune_compressed", "evaluate_compressed", "summary_factorize"
     }
+    summary = fifth["summary_factorize"]["metrics"]
+    assert summary["compressed.params_kept"] == pytest.approx(
+        fifth["evaluate_compressed"]["metrics"]["params.target_linear"] / fifth["evaluate_dense"]["metrics"]["params.target_linear"]
+    )
+    assert summary["compressed.speedup.onnxruntime.batch_4"] > 0
     assert fifth["factorize"]["metrics"]["keep_ratio_reached"] <= 0.3
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

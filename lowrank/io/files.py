@@ -11,10 +11,47 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+# Temporary names carry the writer's pid, so that a later run can tell a dead writer's leftovers
+# (SIGKILL leaves them) from a live one's: `.model.tmp-<pid>-<random>`, `.model.old-<pid>`.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def _temporary_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that writers which have died left under `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [
+        path for path in folder.rglob(".*")
+        if (match := _TEMPORARY.match(path.name)) and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"]))
+    ]
+    for path in stale:  # listed first: the walk must not step into a folder being removed
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 @contextlib.contextmanager
@@ -22,7 +59,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(final), dir=final.parent))
     try:
         yield tmp
         if final.exists():
@@ -41,7 +78,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write a file under a temporary name, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

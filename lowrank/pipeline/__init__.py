@@ -2,11 +2,11 @@
 
 Importing this package registers every stage, in run order: the shared ones
 (`common`), the factorize path (`factorize`), the prune-and-factorize path
-(`lpaf`). The library never imports Prefect, MLflow or DVC: `tasks/` and
+(`lpaf`), and each path's last stage (`summary`). The library never imports Prefect, MLflow or DVC: `tasks/` and
 `flows/` drive these functions, and `dvc.yaml` is printed from them (`dvc`).
 """
 
-from lowrank.pipeline import common, factorize, lpaf  # noqa: F401  register the stages, in run order
+from lowrank.pipeline import common, factorize, lpaf, summary  # noqa: F401  register the stages, in run order
 from lowrank.pipeline.plan import PATH_ENDS, path_stages, pipeline, preflight, preflight_stage
 from lowrank.pipeline.prepared import PreparedData
 from lowrank.pipeline.stage import STAGES, Layout, Stage, StageIO, StageResult, get_stage, stage

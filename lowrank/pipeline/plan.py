@@ -13,7 +13,7 @@ from lowrank.config import InputError, MissingInputError, Params
 from lowrank.pipeline.stage import STAGES, Layout, get_stage
 
 # The last stage of each `orchestration.path`.
-PATH_ENDS = {"dense": "evaluate_dense", "factorize": "evaluate_compressed", "lpaf": "evaluate_lpaf"}
+PATH_ENDS = {"dense": "evaluate_dense", "factorize": "summary_factorize", "lpaf": "summary_lpaf"}
 
 
 def upstream(name: str) -> set[str]:

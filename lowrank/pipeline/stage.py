@@ -83,7 +83,7 @@ class Stage:
     name: str
     fn: Callable[[Params, StageIO], StageResult]
     params: tuple[str, ...]  # params sections, or single dotted keys, that it reads
-    inputs: dict[str, str]  # key -> "<stage>.<output>"
+    inputs: dict[str, str]  # key -> "<stage>.<output>", or "<stage>.metrics" for its metrics file
     outputs: dict[str, str]  # key -> path under paths.artifacts
     plots: dict[str, str]  # key -> file under paths.metrics
     reports: dict[str, str]  # key -> JSON file under paths.metrics, beside the stage's metrics
@@ -97,7 +97,11 @@ class Stage:
         return {key: tuple(ref.split(".", 1)) for key, ref in self.inputs.items()}  # type: ignore[misc]
 
     def input_paths(self, layout: Layout) -> dict[str, Path]:
-        return {key: get_stage(up).output_paths(layout)[out] for key, (up, out) in self.input_refs().items()}
+        return {key: get_stage(up).path_of(out, layout) for key, (up, out) in self.input_refs().items()}
+
+    def path_of(self, output: str, layout: Layout) -> Path:
+        """The path of one of its outputs, or of its metrics file (`metrics`)."""
+        return self.metrics_path(layout) if output == METRICS else self.output_paths(layout)[output]
 
     def output_paths(self, layout: Layout) -> dict[str, Path]:
         return {key: layout.artifacts / rel for key, rel in self.outputs.items()}
@@ -127,6 +131,7 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {}
+METRICS = "metrics"  # the output name of a stage's metrics file, for stages that read another's metrics
 
 
 def stage(
@@ -147,7 +152,7 @@ def stage(
         raise ValueError(f"stage {name!r} is registered twice")
     for key, ref in (inputs or {}).items():
         upstream, _, output = ref.partition(".")
-        if upstream not in STAGES or output not in STAGES[upstream].outputs:
+        if upstream not in STAGES or (output not in STAGES[upstream].outputs and output != METRICS):
             raise ValueError(f"stage {name!r}: input {key} = {ref!r} is not an output of a stage registered before it")
 
     def register(fn: Callable[[Params, StageIO], StageResult]) -> Callable[[Params, StageIO], StageResult]:

@@ -16,11 +16,11 @@ from typing import Iterable, Sequence
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lowrank.devices import model_device, to_device
 from lowrank.io.files import atomic_write_bytes, safetensors_bytes, safetensors_info
 from lowrank.modules.surgery import linear_weights
+from lowrank.train.loop import progress_bar
 
 KINDS = ("fisher", "taylor")
 
@@ -88,7 +88,7 @@ def collect_importance(
     taylor = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
     device = model_device(model)
     seen = used = units = 0
-    bar = tqdm(total=max_samples, desc="importance", unit="ex", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(progress, total=max_samples, desc="importance", unit="ex")
     try:
         for batch in loader:
             if max_samples is not None and seen >= max_samples:

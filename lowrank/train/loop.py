@@ -8,6 +8,7 @@ through `TrainHook`s and the optional teacher for distillation.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ class TrainResult:
     best_score: float | None
     best_epoch: int | None
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def progress_bar(progress: bool, **kwargs) -> tqdm:
+    """A tqdm bar on stderr; `progress=False` hides it, and so does TQDM_DISABLE=1 (`lowrank --quiet`)."""
+    hidden = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
+    return tqdm(disable=hidden, dynamic_ncols=True, file=sys.stderr, **kwargs)
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
@@ -113,7 +120,7 @@ def train(
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_state = None, None, None
     samples, train_seconds, step, epoch = 0, 0.0, 0, 0
-    bar = tqdm(total=steps, desc=description, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(progress, total=steps, desc=description)
     while step < steps:
         model.train()
         started = time.perf_counter()
