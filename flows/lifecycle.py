@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from typing import Iterator
 
 import typer
@@ -140,21 +141,27 @@ def recover(params) -> dict[str, list]:
 
 
 def die_with_dvc() -> None:
-    """Under `dvc repro`, end this stage when the `dvc` process that started it ends (killed or not)."""
+    """Under `dvc repro` (DVC sets DVC_STAGE), end this stage when the `dvc` process that started it ends, killed or not."""
     import threading
 
     import psutil
 
-    watched = next((p for p in psutil.Process().parents() if "dvc" in " ".join(p.cmdline()[:2])), None)
-    if watched is None:
+    if "DVC_STAGE" not in os.environ:
         return
+    try:
+        watched = next((p for p in psutil.Process().parents() if "dvc" in " ".join(p.cmdline()[:2])), None)
+    except psutil.Error:
+        watched = None
+    if watched is None:  # dvc died before this process could look: nobody will record what it writes
+        print("error: the dvc process that started this stage has ended", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)
 
     def watch() -> None:
-        while watched.is_running():
-            watched_status = watched.status()
-            if watched_status == psutil.STATUS_ZOMBIE:
-                break
-            threading.Event().wait(0.5)
+        try:
+            while watched.is_running() and watched.status() != psutil.STATUS_ZOMBIE:
+                time.sleep(0.5)
+        except psutil.Error:  # gone between two looks
+            pass
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="die-with-dvc", daemon=True).start()

@@ -285,18 +285,6 @@ def read_split(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -
     return rows
 
 
-def read_header(path: Path, layout: SplitFile) -> list[str] | None:
-    """The column names a file offers (JSONL: the first object's keys), or None without a header."""
-    if layout.format == "jsonl":
-        for _, record in iter_records(path, layout):
-            return list(record)
-        return []
-    if not layout.header:
-        return None
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        return next(_csv_reader(handle, layout), [])
-
-
 def check_utf8(path: Path) -> None:
     """DataError at `file:line` unless the whole file decodes as UTF-8 (a fraction of a second for GLUE's largest)."""
     data = path.read_bytes()

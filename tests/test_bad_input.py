@@ -1,0 +1,143 @@
+"""Bad input, as a user makes it: one line naming the key or file, exit code 2, nothing written, in seconds.
+
+Each row is run through `lowrank check` and `lowrank run` in-process (the
+command line's own code, without a subprocess's imports); `run` must fail in
+validation, before Prefect starts or a model loads.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import GLUE_DIR, save_tiny_model, tiny_params
+from flows.cli import app
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def _glue_copy(root: Path, task: str, split_file: str, edit) -> Path:
+    """A GLUE folder holding one task whose `split_file` went through `edit(bytes) -> bytes`."""
+    folder = {"sst2": "SST-2", "mrpc": "MRPC"}[task]
+    target = root / "glue" / folder
+    target.mkdir(parents=True)
+    for file in (GLUE_DIR / folder).glob("*.tsv"):
+        data = file.read_bytes()
+        (target / file.name).write_bytes(edit(data) if file.name == split_file else data)
+    return root / "glue"
+
+
+def _truncate_weights(model: Path, root: Path) -> Path:
+    import shutil
+
+    copy = root / "model"
+    shutil.copytree(model, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return copy
+
+
+def _sst2_bad_byte(data: bytes) -> bytes:
+    lines = data.split(b"\n")
+    lines[3] = lines[3].replace(b"a", b"\xff", 1)
+    return b"\n".join(lines)
+
+
+def _sst2_bad_label(data: bytes) -> bytes:
+    lines = data.split(b"\n")
+    lines[5] = lines[5].rsplit(b"\t", 1)[0] + b"\tpositive"
+    return b"\n".join(lines)
+
+
+def _sst2_short_row(data: bytes) -> bytes:
+    lines = data.split(b"\n")
+    lines[7] = lines[7].split(b"\t")[0]
+    return b"\n".join(lines)
+
+
+# (id, what to change, the text the one line must hold)
+ROWS = [
+    ("unknown solver", {"set": ["factorize.method=tfwsvd", "factorize.solver=foo"]},
+     "factorize.solver: unknown solver 'foo' (known: als, adam_sgd)"),
+    ("unknown method", {"set": ["factorize.method=nope"]}, "factorize.method: unknown method 'nope'"),
+    ("solver option", {"set": ["factorize.solver_options={lamda: 1}"]}, "factorize.solver_options.lamda"),
+    ("threads 0", {"set": ["evaluate.threads=0"]}, "evaluate.threads"),
+    ("bad regex", {"set": ["factorize.targets=(query"]}, "factorize.targets: not a regular expression"),
+    ("unknown key", {"set": ["finetune.lrr=1"]}, "unknown key finetune.lrr"),
+    ("bad override", {"set": ["finetune.lr"]}, "override 'finetune.lr' is not of the form key=value"),
+    ("wrong type", {"set": ["finetune.epochs=three"]}, "finetune.epochs: expected a number"),
+    ("sparse method on factorize path", {"set": ["factorize.method=sparse_svd"]}, "factorize.method"),
+    ("unwritable artifacts", {"set": ["paths.artifacts=/proc/x"]}, "paths.artifacts: cannot write in /proc/x"),
+    ("missing model", {"model": "missing"}, "model.name: model path does not exist"),
+    ("truncated weights", {"model": "truncated"}, "model.safetensors: not a readable safetensors file"),
+    ("no GLUE folder, hub offline", {"glue": None}, "set GLUE_DIR or data.glue_dir"),
+    ("GLUE folder missing", {"glue": "missing"}, "data.glue_dir: GLUE folder not found"),
+    ("non-UTF-8 byte", {"edit": ("train.tsv", _sst2_bad_byte)}, "train.tsv:4: not UTF-8 (byte 0xff"),
+    ("label outside the task's", {"edit": ("train.tsv", _sst2_bad_label)}, "train.tsv:6: label 'positive' is not one of"),
+    ("row with a missing column", {"edit": ("dev.tsv", _sst2_short_row)}, "dev.tsv:8: expected 2 columns, found 1"),
+    ("bad device", {"env": {"LOWRANK_DEVICE": "gpu"}}, "LOWRANK_DEVICE='gpu' is not a torch device"),
+    ("params file missing", {"params": "missing"}, "params file not found"),
+    ("params not YAML", {"params": "broken"}, "not valid YAML"),
+]
+
+
+def _case(tmp_path: Path, model_dir: Path, change: dict, monkeypatch) -> tuple[Path, list[str]]:
+    """The params file of one row, and its -S overrides."""
+    model = {"missing": tmp_path / "no-such-model", "truncated": None}.get(change.get("model"), model_dir)
+    if change.get("model") == "truncated":
+        model = _truncate_weights(model_dir, tmp_path)
+    glue = GLUE_DIR
+    if "glue" in change:
+        glue = tmp_path / "no-glue" if change["glue"] == "missing" else None
+    if "edit" in change:
+        glue = _glue_copy(tmp_path, "sst2", *change["edit"])
+    params = tiny_params(tmp_path, model, glue or tmp_path)
+    if "glue" in change and change["glue"] is None:
+        raw = yaml.safe_load(params.read_text())
+        raw["data"]["glue_dir"] = None
+        params.write_text(yaml.safe_dump(raw))
+        monkeypatch.delenv("GLUE_DIR", raising=False)
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    if change.get("params") == "missing":
+        params = tmp_path / "nope.yaml"
+    elif change.get("params") == "broken":
+        params.write_text("data: [unclosed\n")
+    for key, value in change.get("env", {}).items():
+        monkeypatch.setenv(key, value)
+    return params, list(change.get("set", []))
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize(("change", "expected"), [row[1:] for row in ROWS], ids=[row[0] for row in ROWS])
+def test_bad_input_is_one_line_with_exit_2(
+    tmp_path: Path, model_dir: Path, monkeypatch, command: str, change: dict, expected: str
+) -> None:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOWRANK_DEBUG", raising=False)
+    params, overrides = _case(tmp_path, model_dir, change, monkeypatch)
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, [command, "--params", str(params), *[a for o in overrides for a in ("-S", o)]])
+    seconds = time.perf_counter() - started
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert result.stdout == ""
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "metrics").exists()
+    assert seconds < 3, f"{seconds:.1f} s to fail"
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, model_dir: Path) -> None:
+    params = tiny_params(tmp_path, model_dir, GLUE_DIR)
+    result = CliRunner().invoke(app, ["--debug", "check", "--params", str(params), "-S", "evaluate.threads=0"])
+    assert result.exit_code != 0
+    assert "ConfigError" in repr(result.exception) or "Traceback" in result.output

@@ -1,0 +1,211 @@
+"""Fault injection: a run killed at each stage in turn resumes, ends as an uninterrupted run does, leaves nothing.
+
+Every run here is a real `lowrank run` subprocess on the tiny pipeline. The
+chain kills run k with SIGKILL as stage k starts; run k+1 must find stages
+before k cached, and is itself killed at stage k+1; the last run completes
+and must give the metrics of an uninterrupted run. A Prefect server started
+once for the module serves them all (the temporary server's own orphan case
+has a test of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import GLUE_DIR, REPO, save_tiny_model, tiny_params
+
+pytestmark = pytest.mark.slow
+LOWRANK = [sys.executable, "-m", "flows.cli"]
+TIMING = re.compile(r"(seconds|_s$|latency|_ms|samples_per_s|speedup)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "LOWRANK_"))}
+    env.update({"GLUE_DIR": str(GLUE_DIR), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """`prefect server start` on loopback for the module's runs."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = _env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    import httpx
+
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("prefect server start did not answer within 2 minutes")
+    yield url
+    server.terminate()
+    server.wait(30)
+
+
+def _project(root: Path, model_dir: Path) -> Path:
+    root.mkdir(parents=True)
+    tiny_params(root, model_dir, GLUE_DIR, evaluate={"latency": False})
+    return root
+
+
+def _run(project: Path, env: dict[str, str], kill_at: str | None = None) -> tuple[dict[str, str], subprocess.Popen]:
+    """`lowrank run` in `project`; with `kill_at`, SIGKILL it as that stage starts. Returns each stage's fate."""
+    process = subprocess.Popen(
+        [*LOWRANK, "--quiet", "run"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    fates: dict[str, str] = {}
+    for line in process.stderr:
+        match = re.match(r"stage (\w+): (started|cached|ran)", line)
+        if match:
+            fates[match[1]] = match[2]
+            if match[1] == kill_at and match[2] == "started":
+                process.send_signal(signal.SIGKILL)
+                break
+    process.wait(120)
+    return fates, process
+
+
+def _leftovers(project: Path) -> list[Path]:
+    return [p for p in project.rglob(".*") if re.search(r"\.(tmp|old)-\d+", p.name)]
+
+
+def _running_mlflow_runs(project: Path) -> list[str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lowrank")
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    return [run.info.run_name for run in runs]
+
+
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if not TIMING.search(k)}
+    return obj
+
+
+def test_killed_at_each_stage_the_run_resumes_and_ends_the_same(tmp_path: Path, prefect_api: str) -> None:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    model_dir = save_tiny_model(tmp_path / "model")
+    env = _env(PREFECT_API_URL=prefect_api)
+    clean = _project(tmp_path / "uninterrupted", model_dir)
+    fates, process = _run(clean, env)
+    assert process.returncode == 0, process.stderr.read() if process.stderr else ""
+    stages = list(fates)
+    assert stages[-1] == "summary_factorize" and len(stages) == 9
+
+    project = _project(tmp_path / "killed", model_dir)
+    for position, stage in enumerate(stages):
+        fates, process = _run(project, env, kill_at=stage)
+        assert process.returncode == -signal.SIGKILL, f"the run ended before {stage}"
+        # Stage k-1 was killed in the previous run and ran again in this one; all before it stay done.
+        assert all(fates[s] == "cached" for s in stages[: max(position - 1, 0)]), (stage, fates)
+    fates, process = _run(project, env)
+    assert process.returncode == 0
+    assert fates[stages[0]] == "cached"
+
+    for name in ("evaluate_dense", "evaluate_compressed", "summary_factorize"):
+        killed = json.loads((project / "metrics" / f"{name}.json").read_text())
+        uninterrupted = json.loads((clean / "metrics" / f"{name}.json").read_text())
+        assert _without_timings(killed) == _without_timings(uninterrupted), name
+    assert _leftovers(project) == []
+    assert _running_mlflow_runs(project) == []
+    import httpx
+
+    running = httpx.post(f"{prefect_api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}).json()
+    assert running == []
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "flows.cli" in " ".join(p.info["cmdline"] or ())]
+
+
+def test_a_killed_run_s_temporary_prefect_server_is_stopped_by_the_next_run(tmp_path: Path) -> None:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    project = _project(tmp_path / "project", save_tiny_model(tmp_path / "model"))
+    env = _env(PREFECT_HOME=str(project / ".prefect"))
+
+    def servers() -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if "create_app" in " ".join(process.info["cmdline"] or ()) and \
+                        process.environ().get("PREFECT_HOME") == str(project / ".prefect"):
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return found
+
+    _, process = _run(project, env, kill_at="finetune")
+    assert process.returncode == -signal.SIGKILL
+    assert len(servers()) == 1  # what SIGKILL leaves: the temporary server, orphaned
+    fates, process = _run(project, env)
+    assert process.returncode == 0 and fates["prepare"] == "cached"
+    time.sleep(1)
+    assert servers() == []
+    assert _running_mlflow_runs(project) == []
+    import sqlite3
+
+    states = sqlite3.connect(project / ".prefect" / "prefect.db").execute("select state_type from flow_run").fetchall()
+    assert sorted(s for (s,) in states) == ["COMPLETED", "CRASHED"]
+
+
+def test_a_stage_dvc_runs_dies_with_dvc(tmp_path: Path) -> None:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    project = _project(tmp_path / "project", save_tiny_model(tmp_path / "model"))
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "lowrank", project / "lowrank", ignore=shutil.ignore_patterns("__pycache__"))
+    params = project / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    raw["paths"] = {"artifacts": "artifacts", "metrics": "metrics"}
+    raw["finetune"]["epochs"] = 500
+    raw["tracking"]["enabled"] = False
+    params.write_text(yaml.safe_dump(raw))
+    env = _env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=project, check=True, env=env)
+    log = project / "dvc.log"
+    with log.open("w") as sink:  # a file, not a pipe nobody reads: a full pipe would block the stage's writes
+        dvc = subprocess.Popen(["dvc", "repro", "finetune"], cwd=project, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    for _ in range(600):
+        if "Running stage 'finetune'" in log.read_text():
+            break
+        time.sleep(0.1)
+    time.sleep(3)  # into the training
+    stage = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "finetune" in " ".join(p.cmdline())]
+    assert stage, "the finetune stage did not start:\n" + log.read_text()
+    dvc.send_signal(signal.SIGKILL)
+    dvc.wait(10)
+    _, alive = psutil.wait_procs(stage, timeout=10)
+    assert alive == []
+    assert _leftovers(project) == []
