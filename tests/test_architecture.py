@@ -124,3 +124,27 @@ def test_readme_layout_names_every_folder() -> None:
     folders = sorted(p.relative_to(REPO).as_posix() + "/" for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
     listed = sorted(set(re.findall(r"^\s*(lowrank/\w+/)", layout, re.M)))
     assert listed == folders
+
+
+def test_dvc_repro_of_a_path_s_last_stage_runs_every_stage_of_the_path() -> None:
+    """What `dvc repro summary_<path>` runs, read from dvc.yaml as DVC reads it: outs feed deps."""
+    import yaml
+
+    from lowrank.pipeline import PATH_ENDS, path_stages
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    writer = {}
+    for name, stage in stages.items():
+        for out in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
+            writer[out if isinstance(out, str) else next(iter(out))] = name
+
+    def needs(name: str) -> set[str]:
+        found = {name}
+        for dep in stages[name]["deps"]:
+            if dep in writer:
+                found |= needs(writer[dep])
+        return found
+
+    for path, end in PATH_ENDS.items():
+        assert needs(end) == set(path_stages(path)), path
+    assert {"evaluate_dense", "evaluate_factorized", "evaluate_compressed"} <= needs("summary_factorize")

@@ -134,6 +134,8 @@ def test_killed_at_each_stage_the_run_resumes_and_ends_the_same(tmp_path: Path, 
     fates, process = _run(project, env)
     assert process.returncode == 0
     assert fates[stages[0]] == "cached"
+    summary = json.loads(process.stdout.read())  # stdout holds the JSON summary alone: `lowrank run | jq .` works
+    assert set(summary) == set(stages)
 
     for name in ("evaluate_dense", "evaluate_compressed", "summary_factorize"):
         killed = json.loads((project / "metrics" / f"{name}.json").read_text())
