@@ -59,6 +59,16 @@ def _close(got, want, where: str) -> None:
         assert got == want, where
 
 
+def _as_pinned(name: str, metrics: dict) -> dict:
+    """What the pin holds of a stage that has since learned more: + ft now scores its start as epoch 0 (issue 23)."""
+    if name != "finetune_compressed":
+        return metrics
+    assert metrics["history"][0]["epoch"] == 0 and {"start_score", "majority_score", "collapsed"} <= set(metrics)
+    pinned = {k: v for k, v in metrics.items() if k not in ("start_score", "majority_score", "collapsed")}
+    pinned["history"] = metrics["history"][1:]
+    return pinned
+
+
 @pytest.mark.parametrize("path", list(RUNS))
 def test_the_tiny_pipeline_gives_the_pinned_metrics(tmp_path: Path, path: str) -> None:
     if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
@@ -73,7 +83,7 @@ def test_the_tiny_pipeline_gives_the_pinned_metrics(tmp_path: Path, path: str) -
         get_stage(name).run(params)
         got = _without_timings(json.loads((tmp_path / "metrics" / f"{name}.json").read_text()))
         if not name.startswith("summary"):  # newer than the pin: ratios of the pinned evaluations
-            _close(got, pinned[f"{path}/{name}"], f"{path}/{name}")
+            _close(_as_pinned(name, got), pinned[f"{path}/{name}"], f"{path}/{name}")
         digests[name] = {key: digest(p) for key, p in get_stage(name).written_paths(layout).items() if p.exists()}
     # Each stage again, in another process (another hash seed), on the same inputs:
     # every artifact, plot and report byte-identical.

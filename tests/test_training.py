@@ -64,3 +64,52 @@ def test_the_argument_overrides_the_config(cfg_keep_best: bool) -> None:
     """Pruning passes keep_best=False whatever its train section says: an earlier epoch has another density."""
     final, snapshots, result = _run(dataclasses.replace(CFG, keep_best=cfg_keep_best), [0.9, 0.7, 0.5], keep_best=False)
     assert result.best_epoch == 3 and _same(final, snapshots[2])
+
+
+def test_scoring_the_start_lets_keep_best_end_on_the_untrained_weights() -> None:
+    """+ ft that only makes the model worse ends where it started, and says epoch 0 won."""
+    final, snapshots, result = _run(CFG, [0.8, 0.6, 0.7, 0.5], score_start=True)
+    assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
+    assert (result.best_epoch, result.best_score) == (0, 0.8)
+    assert _same(final, snapshots[0]) and not _same(final, snapshots[1])
+
+
+def test_a_trained_epoch_wins_a_tie_with_the_start() -> None:
+    final, snapshots, result = _run(CFG, [0.8, 0.8, 0.7, 0.8], score_start=True)
+    assert result.best_epoch == 1 and _same(final, snapshots[1])
+
+
+def test_hidden_state_distillation_adds_the_mean_block_mse() -> None:
+    from lowrank.config import DistillationConfig
+    from lowrank.train.loop import distilled_loss, distillation_loss
+
+    torch.manual_seed(0)
+    config = tiny_bert_config()
+    student, teacher = BertForSequenceClassification(config).eval(), BertForSequenceClassification(config).eval()
+    batch = _batches(config.vocab_size, n=1)[0]
+    logits_only = DistillationConfig(enabled=True, temperature=2.0, weight=0.5)
+    with_hidden = dataclasses.replace(logits_only, hidden_weight=3.0)
+    with torch.no_grad():
+        s, t = student(**batch, output_hidden_states=True), teacher(**batch, output_hidden_states=True)
+        kd = distillation_loss(s.logits, t.logits, 2.0)
+        mse = sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(s.hidden_states[1:], t.hidden_states[1:])) / config.num_hidden_layers
+        assert distilled_loss(student, batch, teacher, logits_only) == pytest.approx(float(0.5 * s.loss + 0.5 * kd), rel=1e-5)
+        assert distilled_loss(student, batch, teacher, with_hidden) == pytest.approx(float(0.5 * s.loss + 0.5 * kd + 3.0 * mse), rel=1e-5)
+        assert distilled_loss(student, batch, student, with_hidden) == pytest.approx(float(0.5 * s.loss), rel=1e-5)  # itself: no gap
+        assert distilled_loss(student, batch, None, None) == pytest.approx(float(s.loss), rel=1e-6)
+
+
+def test_collapse_is_reported_only_from_above_the_majority_score() -> None:
+    from lowrank.data.metrics import majority_score
+    from lowrank.data.tasks import get_task
+    from lowrank.pipeline.factorize import collapse_report
+
+    mrpc = get_task("mrpc")
+    labels = torch.tensor([1, 1, 1, 0])  # answering 1 everywhere: accuracy 0.75, F1 6/7
+    majority = majority_score(mrpc, labels)
+    assert majority == pytest.approx((0.75 + 6 / 7) / 2)
+    start = [{"epoch": 0.0, "score": majority + 0.02}]
+    assert collapse_report(start, majority, majority)["collapsed"] is True
+    assert collapse_report(start, majority + 0.01, majority)["collapsed"] is False
+    assert collapse_report([{"epoch": 0.0, "score": majority}], majority, majority)["collapsed"] is False  # it started there
+    assert majority_score(get_task("stsb"), torch.tensor([0.5, 4.0, 2.5])) == 0.0

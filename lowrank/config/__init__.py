@@ -9,15 +9,17 @@ crash an hour into fine-tuning.
 from lowrank.config.loading import (
     TRAIN_SECTIONS, apply_overrides, build, flatten, load_params, params_schema, read_yaml, select, to_dict,
 )
-from lowrank.config.base import ConfigError, InputError, MissingInputError, TrainConfig, check
-from lowrank.config.lpaf import RANK_PULL_IMPORTANCE, DistillationConfig, MrftConfig, PruneConfig
+from lowrank.config.base import (
+    CompressedTrainConfig, ConfigError, DistillationConfig, InputError, MissingInputError, TrainConfig, check,
+)
+from lowrank.config.lpaf import RANK_PULL_IMPORTANCE, MrftConfig, PruneConfig
 from lowrank.config.sections import (
     DEFAULT_MODEL, LATENCY_RUNTIMES, CustomDataConfig, DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig,
     ModelConfig, OrchestrationConfig, Params, PathsConfig, TrackingConfig, check_lpaf_factorize,
 )
 
 __all__ = [
-    "DEFAULT_MODEL", "InputError", "MissingInputError", "LATENCY_RUNTIMES", "RANK_PULL_IMPORTANCE", "TRAIN_SECTIONS", "ConfigError", "CustomDataConfig",
+    "DEFAULT_MODEL", "CompressedTrainConfig", "InputError", "MissingInputError", "LATENCY_RUNTIMES", "RANK_PULL_IMPORTANCE", "TRAIN_SECTIONS", "ConfigError", "CustomDataConfig",
     "DataConfig", "DistillationConfig", "EvaluateConfig", "FactorizeConfig", "FisherConfig", "ModelConfig",
     "MrftConfig", "OrchestrationConfig", "Params", "PathsConfig", "PruneConfig", "TrackingConfig", "TrainConfig",
     "apply_overrides", "build", "check", "check_lpaf_factorize", "flatten", "load_params", "params_schema",

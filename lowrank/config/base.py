@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class InputError(ValueError):
@@ -22,6 +22,25 @@ def check(condition: bool, key: str, message: str) -> None:
     """ConfigError naming `key` unless `condition` holds."""
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """Distillation from the dense fine-tuned model, one implementation for every training run that has a teacher.
+
+    loss = (1 - weight) * task + weight * KD(logits at `temperature`) + hidden_weight * MSE(hidden states),
+    the MSE averaged over the blocks' outputs (a compressed model keeps the dense one's shapes).
+    """
+
+    enabled: bool = False
+    temperature: float = 2.0
+    weight: float = 0.5
+    hidden_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
+        check(0 <= self.weight <= 1, "weight", f"must be in [0, 1], got {self.weight}")
+        check(self.hidden_weight >= 0, "hidden_weight", f"must be >= 0, got {self.hidden_weight}")
 
 
 @dataclass(frozen=True)
@@ -51,3 +70,14 @@ class TrainConfig:
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 turns clipping off)")
         check(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive or null")
+
+
+@dataclass(frozen=True)
+class CompressedTrainConfig(TrainConfig):
+    """"+ ft": fine-tuning a compressed model, optionally distilling from the dense one.
+
+    It starts by scoring the compressed model (epoch 0 of its history), so that
+    `keep_best` can end on it when fine-tuning makes the model worse.
+    """
+
+    distill: DistillationConfig = field(default_factory=DistillationConfig)

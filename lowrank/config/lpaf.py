@@ -5,22 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lowrank.config.base import TrainConfig, check
+from lowrank.config.base import DistillationConfig, TrainConfig, check
 
 RANK_PULL_IMPORTANCE = ("fisher", "scores", "none")  # what weighs the pull's rank-r target
-
-
-@dataclass(frozen=True)
-class DistillationConfig:
-    """Logit distillation from the dense fine-tuned model: loss = (1 - weight) task + weight KD."""
-
-    enabled: bool = False
-    temperature: float = 2.0
-    weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
-        check(0 <= self.weight <= 1, "weight", f"must be in [0, 1], got {self.weight}")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from lowrank.linalg.solvers import iterative_solvers, solver_options
 from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT
 from lowrank.methods import METHODS, get_method, method_names
-from lowrank.config.base import ConfigError, TrainConfig, check
+from lowrank.config.base import CompressedTrainConfig, ConfigError, TrainConfig, check
 from lowrank.config.lpaf import MrftConfig, PruneConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -209,7 +209,7 @@ class Params:
     finetune: TrainConfig = field(default_factory=TrainConfig)
     fisher: FisherConfig = field(default_factory=FisherConfig)
     factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
-    finetune_compressed: TrainConfig = field(default_factory=TrainConfig)
+    finetune_compressed: CompressedTrainConfig = field(default_factory=CompressedTrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     mrft: MrftConfig = field(default_factory=MrftConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

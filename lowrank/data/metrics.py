@@ -41,3 +41,13 @@ def compute_metrics(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) 
     results = {name: _metric(name, predictions, truth) for name in spec.metrics}
     results["score"] = float(np.mean(list(results.values())))
     return results
+
+
+def majority_score(spec: TaskSpec, labels: torch.Tensor) -> float:
+    """The score of one answer for every example: the most frequent class (a regression's constant scores 0)."""
+    if spec.is_regression:
+        return compute_metrics(spec, torch.zeros(len(labels), 1), labels)["score"]
+    classes = len(spec.label_names)
+    logits = torch.zeros(len(labels), classes)
+    logits[:, int(torch.bincount(labels.long(), minlength=classes).argmax())] = 1.0
+    return compute_metrics(spec, logits, labels)["score"]

@@ -57,16 +57,22 @@ def train_and_save(
     io: StageIO,
     description: str,
     save: Callable[[torch.nn.Module, Path], None],
+    extra_metrics: Callable[[TrainResult], dict[str, Any]] | None = None,
+    **train_options: Any,
 ) -> StageResult:
-    """Fine-tune `model` on the task, save it (with the tokenizer) as the stage's `model`, report the run."""
+    """Fine-tune `model` on the task, save it (with the tokenizer) as the stage's `model`, report the run.
+
+    `train_options` go to `lowrank.train.loop.train` (teacher, distill, score_start).
+    """
     from lowrank.train.loop import train
 
     loader = prepared.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
-    result = train(model, loader, cfg, evaluate=prepared.evaluate_fn(cfg.eval_batch_size), description=description)
+    result = train(model, loader, cfg, evaluate=prepared.evaluate_fn(cfg.eval_batch_size), description=description, **train_options)
     with atomic_dir(io.outputs["model"]) as tmp:
         save(model, tmp)
         prepared.tokenizer.save_pretrained(str(tmp))
-    return io.finish(train_metrics(result), {"history": result.history})
+    metrics = {**train_metrics(result), **(extra_metrics(result) if extra_metrics else {})}
+    return io.finish(metrics, {"history": result.history})
 
 
 @stage("finetune", params=("model", "train", "finetune"), inputs={"data": "prepare.data"}, outputs={"model": "finetune/model"})

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,25 +115,53 @@ def factorize(p: Params, io: StageIO) -> StageResult:
 register_evaluation("evaluate_factorized", "factorize.model")
 
 
+def collapse_report(history: list[dict], final: float | None, majority: float) -> dict[str, Any]:
+    """Whether fine-tuning took a model that scored above the majority class down to exactly it."""
+    start = history[0]["score"] if history and history[0]["epoch"] == 0 else None
+    collapsed = start is not None and final is not None and start > majority + 1e-9 and abs(final - majority) <= 1e-9
+    return {"start_score": start, "majority_score": majority, "collapsed": collapsed}
+
+
 @stage(
     "finetune_compressed",
     params=("train", "finetune_compressed"),
-    inputs={"model": "factorize.model", "data": "prepare.data"},
+    inputs={"model": "factorize.model", "teacher": "finetune.model", "data": "prepare.data"},
     outputs={"model": "finetune_compressed/model"},
 )
 def finetune_compressed(p: Params, io: StageIO) -> StageResult:
-    """Fine-tune a compressed model again ("+ ft" in the papers), keeping its ranks."""
+    """Fine-tune a compressed model again ("+ ft" in the papers), keeping its ranks.
+
+    The compressed model is scored first (epoch 0), so `keep_best` ends on it
+    when no epoch does better; `finetune_compressed.distill` distils from the
+    dense model (logits, and hidden states with `hidden_weight`). A run that
+    ends at the majority-class score from above it reports `collapsed: true`
+    and warns.
+    """
     from lowrank.io.checkpoints import load_compressed, recipe, recipe_extra, write_compressed
 
+    cfg = p.finetune_compressed
     prepared = PreparedData.open(io.inputs["data"])
     model = place(load_compressed(io.inputs["model"]))
+    teacher = place(load_compressed(io.inputs["teacher"])) if cfg.distill.enabled else None
     entry = recipe(model)
     extra = recipe_extra(entry)
 
     def save(m: torch.nn.Module, path: Path) -> None:
         write_compressed(m, path, method=entry.get("method", "dense"), targets=list(entry.get("ranks", {})), extra={**extra, "finetuned": True})
 
-    return train_and_save(model, prepared, p.finetune_compressed, io, "finetune_compressed", save)
+    def collapse(result) -> dict:
+        report = collapse_report(result.history, result.best_score, prepared.majority_score())
+        if report["collapsed"]:
+            print(
+                f"warning: finetune_compressed collapsed to the majority-class score {report['majority_score']:.4f} "
+                f"from {report['start_score']:.4f} before fine-tuning", file=sys.stderr,
+            )
+        return report
+
+    return train_and_save(
+        model, prepared, cfg, io, "finetune_compressed", save, collapse,
+        teacher=teacher, distill=cfg.distill if teacher is not None else None, score_start=True,
+    )
 
 
 register_evaluation("evaluate_compressed", "finetune_compressed.model")

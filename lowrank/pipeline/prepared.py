@@ -39,6 +39,15 @@ class PreparedData:
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0):
         return data_lib.make_loader(self.dataset[split], self.tokenizer, batch_size, shuffle=shuffle, seed=seed)
 
+    def majority_score(self) -> float:
+        """The `score` of answering the eval splits' most frequent class everywhere: where a collapsed model ends."""
+        import torch
+
+        from lowrank.data.metrics import majority_score
+
+        splits = self.spec.eval_splits
+        return sum(majority_score(self.spec, torch.tensor(self.dataset[s]["labels"])) for s in splits) / len(splits)
+
     def evaluate_fn(self, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
         """Score on every evaluation split; `score` is the mean of their main scores."""
         from lowrank.data.metrics import compute_metrics

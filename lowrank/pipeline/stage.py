@@ -51,7 +51,7 @@ def numeric(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(numeric(value, f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif isinstance(value, (int, float)):  # a flag (collapsed) becomes 0 or 1
             flat[name] = float(value)
     return flat
 

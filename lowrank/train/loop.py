@@ -75,6 +75,26 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
 
 
+def distilled_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Module | None,
+                   distill: DistillationConfig | None) -> torch.Tensor:
+    """The task loss of one batch, mixed with distillation from `teacher` when there is one.
+
+    loss = (1 - weight) * task + weight * KD(logits) + hidden_weight * MSE(hidden states of every block).
+    """
+    hidden = teacher is not None and distill.hidden_weight > 0
+    outputs = model(**batch, output_hidden_states=True) if hidden else model(**batch)
+    if teacher is None:
+        return outputs.loss
+    with torch.no_grad():
+        reference = teacher(**batch, output_hidden_states=hidden)
+    loss = (1 - distill.weight) * outputs.loss + distill.weight * distillation_loss(outputs.logits, reference.logits, distill.temperature)
+    if hidden:
+        # hidden_states[0] is the embeddings' output, which compression does not touch
+        pairs = list(zip(outputs.hidden_states[1:], reference.hidden_states[1:]))
+        loss = loss + distill.hidden_weight * sum(F.mse_loss(s, t) for s, t in pairs) / len(pairs)
+    return loss
+
+
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].shape[0])
 
@@ -89,6 +109,7 @@ def train(
     teacher: nn.Module | None = None,
     distill: DistillationConfig | None = None,
     keep_best: bool | None = None,
+    score_start: bool = False,
     progress: bool = True,
     description: str = "train",
 ) -> TrainResult:
@@ -96,6 +117,8 @@ def train(
 
     `evaluate(model)` must return a dict holding `score` (higher is better).
     Pruning runs pass `keep_best=False`: an early epoch would have the wrong density.
+    `score_start` scores the model before any step, as epoch 0: with `keep_best`, the run
+    ends on the starting weights when no epoch beats them (a trained epoch wins ties).
     """
     keep_best = cfg.keep_best if keep_best is None else keep_best
     if distill is not None and not distill.enabled:
@@ -119,6 +142,13 @@ def train(
 
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_state = None, None, None
+    if score_start and evaluate is not None:
+        row = {"epoch": 0.0, "step": 0.0, **evaluate(model)}
+        history.append(row)
+        print(f"{description} epoch 0: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()), file=sys.stderr)
+        if keep_best:
+            best_score, best_epoch = row["score"], 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     samples, train_seconds, step, epoch = 0, 0.0, 0, 0
     bar = progress_bar(progress, total=steps, desc=description)
     while step < steps:
@@ -130,13 +160,7 @@ def train(
             batch = to_device(batch, device)
             for hook in hooks:
                 hook.before_forward(model, step)
-            outputs = model(**batch)
-            loss = outputs.loss
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(**batch).logits
-                kd = distillation_loss(outputs.logits, teacher_logits, distill.temperature)
-                loss = (1 - distill.weight) * loss + distill.weight * kd
+            loss = distilled_loss(model, batch, teacher, distill)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{description}: loss became {loss.item()} at step {step}")
             loss.backward()
@@ -163,7 +187,7 @@ def train(
             row = {"epoch": float(epoch), "step": float(step), **evaluate(model)}
             history.append(row)
             bar.write(f"{description} epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()), file=sys.stderr)
-            if keep_best and (best_score is None or row["score"] > best_score):
+            if keep_best and (best_score is None or row["score"] > best_score or (best_epoch == 0 and row["score"] == best_score)):
                 best_score, best_epoch = row["score"], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bar.close()
