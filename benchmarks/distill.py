@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lowrank.config import DistillationConfig, load_params
 from lowrank.io.files import read_json
-from product import call_stage
+from product import call_stage, dense_runs
 from quality import DEFAULT_TRAIN, runs_folder
 from report import add_threads_option, apply_threads, table, write_section
 
@@ -38,13 +38,7 @@ def cached(path: Path, run) -> dict:
 def task_rows(task: str, methods: list[str], ratios: list[float], epochs: float, train: int) -> tuple[float, float, list[dict]]:
     out = runs_folder(task, train)
     base = load_params("params.yaml", [f"data.task={task}", f"data.max_train_samples={train}", "evaluate.latency=false"])
-    data, dense, fisher, metrics = out / "data", out / "finetune" / "model", out / "fisher", out / "metrics"
-    if not data.exists():
-        call_stage("prepare", base, metrics / "prepare.json", outputs={"data": data})
-    if not dense.exists():
-        call_stage("finetune", base, metrics / "finetune.json", {"data": data}, {"model": dense})
-    if not fisher.exists():
-        call_stage("fisher", base, metrics / "fisher.json", {"model": dense, "data": data}, {"importance": fisher})
+    data, dense, fisher, metrics = dense_runs(out, base)
 
     def evaluate(model: Path, path: Path) -> dict:
         return cached(path, lambda: call_stage("evaluate_dense", base, path, {"model": model, "data": data}))

@@ -31,3 +31,15 @@ def call_stage(
     )
     st.fn(params, io)
     return read_json(metrics)
+
+
+def dense_runs(out: Path, params: Params) -> tuple[Path, Path, Path, Path]:
+    """A benchmark task folder's shared stages, run once: (data, dense model, Fisher, metrics folder)."""
+    data, dense, fisher, metrics = out / "data", out / "finetune" / "model", out / "fisher", out / "metrics"
+    if not data.exists():
+        call_stage("prepare", params, metrics / "prepare.json", outputs={"data": data})
+    if not dense.exists():
+        call_stage("finetune", params, metrics / "finetune.json", {"data": data}, {"model": dense})
+    if not fisher.exists():
+        call_stage("fisher", params, metrics / "fisher.json", {"model": dense, "data": data}, {"importance": fisher})
+    return data, dense, fisher, metrics

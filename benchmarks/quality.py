@@ -24,7 +24,7 @@ from datasets import load_from_disk
 from lowrank.config import load_params
 from lowrank.io.files import read_json
 from lowrank.linalg.risk import rank_agreement
-from product import call_stage
+from product import call_stage, dense_runs
 
 from report import add_threads_option, apply_threads, results_file, table, write_section
 
@@ -114,18 +114,11 @@ def main() -> None:
     if args.seed_from and not (out / "data").exists():
         for part in ("data", "finetune", "fisher"):
             shutil.copytree(Path(args.seed_from) / part, out / part)
-    data, dense, fisher = out / "data", out / "finetune" / "model", out / "fisher"
-    metrics = out / "metrics"
+    data, dense, fisher, metrics = dense_runs(out, base)
 
     def evaluate(model: Path, path: Path) -> dict:
         return call_stage("evaluate_dense", base, path, {"model": model, "data": data})
 
-    if not data.exists():
-        call_stage("prepare", base, metrics / "prepare.json", outputs={"data": data})
-    if not dense.exists():
-        call_stage("finetune", base, metrics / "finetune.json", {"data": data}, {"model": dense})
-    if not fisher.exists():
-        call_stage("fisher", base, metrics / "fisher.json", {"model": dense, "data": data}, {"importance": fisher})
     dense_score = cached(metrics / "evaluate_dense.json", lambda: evaluate(dense, metrics / "evaluate_dense.json"))["task"]["score"]
     default_ft = base.finetune_compressed
     ft = dataclasses.replace(
