@@ -84,15 +84,21 @@ def main() -> None:
     args = parser.parse_args()
     apply_threads(args.threads)
     methods, ratios = args.methods.split(","), [float(r) for r in args.ratios.split(",")]
-    detail, summary = [], []
-    for task in args.tasks.split(","):
+    detail, summary, done = [], [], []
+    for task in args.tasks.split(","):  # the report is rewritten after each task, so a cut run keeps what finished
         dense, lr, rows = task_rows(task, methods, ratios, args.epochs, args.train)
+        done.append(task)
         detail.append(f"### {task.upper()} (dense {dense:.4f}, + ft lr {lr:g})\n\n" + table(
             ["method", "keep ratio", "distillation", "before + ft", "after (best epoch)", "last epoch", "kept of dense", "collapsed", "s / epoch"],
             [[r["method"], r["ratio"], r["variant"], r["before"], f"{r['after']:.4f} ({r['best_epoch']})", r["last"],
               f"{r['after'] / dense:.1%}", "yes" if r["collapsed"] else "", f"{r['epoch_s']:.0f}"] for r in rows],
         ))
         summary += [{**r, "kept": r["after"] / dense} for r in rows]
+        report(args, methods, ratios, done, summary, detail)
+
+
+def report(args: argparse.Namespace, methods: list[str], ratios: list[float], tasks: list[str], summary: list[dict], detail: list[str]) -> None:
+    """The summary over the tasks run so far into BENCHMARKS.md, the per-task tables into benchmarks/results/distill.md."""
     headline_rows = []
     for method in methods:
         for ratio in ratios:
@@ -104,7 +110,7 @@ def main() -> None:
                     f"{statistics.mean(r['epoch_s'] for r in group):.0f}",
                 ])
     headline = (
-        f"+ ft for {args.epochs:g} epoch(s); share of the dense score kept per task ({', '.join(t.upper() for t in args.tasks.split(','))}), "
+        f"+ ft for {args.epochs:g} epoch(s); share of the dense score kept per task ({', '.join(t.upper() for t in tasks)}), "
         "and how many tasks ended below their score before + ft or collapsed to the majority class:\n\n"
         + table(["method", "keep ratio", "distillation", "kept of dense", "below start / collapsed", "s / epoch"], headline_rows)
     )

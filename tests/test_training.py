@@ -113,3 +113,21 @@ def test_collapse_is_reported_only_from_above_the_majority_score() -> None:
     assert collapse_report(start, majority + 0.01, majority)["collapsed"] is False
     assert collapse_report([{"epoch": 0.0, "score": majority}], majority, majority)["collapsed"] is False  # it started there
     assert majority_score(get_task("stsb"), torch.tensor([0.5, 4.0, 2.5])) == 0.0
+
+
+def test_scoring_the_start_does_not_change_the_training() -> None:
+    """The epoch-0 score draws nothing from the RNG that dropout and shuffling use."""
+    def loader_eval(m: torch.nn.Module) -> dict[str, float]:
+        for _ in DataLoader(list(range(4)), batch_size=2):  # a DataLoader draws its base seed from the global RNG
+            pass
+        return {"score": 0.5}
+
+    finals = []
+    for score_start in (False, True):
+        torch.manual_seed(0)
+        config = tiny_bert_config(); config.hidden_dropout_prob = 0.5
+        model = BertForSequenceClassification(config)
+        loader = DataLoader(_batches(config.vocab_size), batch_size=None)
+        train(model, loader, dataclasses.replace(CFG, keep_best=False), evaluate=loader_eval, progress=False, score_start=score_start)
+        finals.append(model.state_dict())
+    assert _same(*finals)

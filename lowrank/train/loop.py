@@ -143,7 +143,10 @@ def train(
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_state = None, None, None
     if score_start and evaluate is not None:
-        row = {"epoch": 0.0, "step": 0.0, **evaluate(model)}
+        # Scoring must not move the RNG that dropout and shuffling draw from (a DataLoader takes its
+        # base seed from it): + ft trains exactly as it would without the epoch-0 score.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            row = {"epoch": 0.0, "step": 0.0, **evaluate(model)}
         history.append(row)
         print(f"{description} epoch 0: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()), file=sys.stderr)
         if keep_best:
