@@ -22,11 +22,20 @@ from product import call_stage, dense_runs
 from quality import DEFAULT_TRAIN, runs_folder
 from report import add_threads_option, apply_threads, table, write_section
 
-VARIANTS = {  # one setting for all tasks
-    "none": DistillationConfig(enabled=False),
-    "logits": DistillationConfig(enabled=True, temperature=2.0, weight=0.5),
-    "logits+hidden": DistillationConfig(enabled=True, temperature=2.0, weight=0.5, hidden_weight=1.0),
+VARIANTS = {  # one setting for all tasks: (distillation, learning rate; None: params.yaml's)
+    "none": (DistillationConfig(enabled=False), None),
+    "logits": (DistillationConfig(enabled=True, temperature=2.0, weight=0.5), None),
+    "logits+hidden": (DistillationConfig(enabled=True, temperature=2.0, weight=0.5, hidden_weight=1.0), None),
 }
+
+
+def lr_variants(lrs: list[float], warmups: list[float]) -> dict[str, tuple[DistillationConfig, float, float]]:
+    """Plain + ft at other learning rates and warm-ups: `--lrs`, `--warmups`."""
+    return {f"lr {lr:g}, warm-up {w:g}": (DistillationConfig(enabled=False), lr, w) for lr in lrs for w in warmups}
+
+
+def _slug(variant: str) -> str:
+    return variant.replace(", ", "-").replace(" ", "")
 
 
 def cached(path: Path, run) -> dict:
@@ -35,7 +44,7 @@ def cached(path: Path, run) -> dict:
     return read_json(path)
 
 
-def task_rows(task: str, methods: list[str], ratios: list[float], epochs: float, train: int) -> tuple[float, float, list[dict]]:
+def task_rows(task: str, methods: list[str], ratios: list[float], epochs: float, train: int, variants: dict) -> tuple[float, float, list[dict]]:
     out = runs_folder(task, train)
     base = load_params("params.yaml", [f"data.task={task}", f"data.max_train_samples={train}", "evaluate.latency=false"])
     data, dense, fisher, metrics = dense_runs(out, base)
@@ -50,14 +59,16 @@ def task_rows(task: str, methods: list[str], ratios: list[float], epochs: float,
             tag = f"{method}-{ratio}"
             model = out / "distill" / tag / "model"
             factorize = dataclasses.replace(base.factorize, method=method, keep_ratio=ratio)
-            runs = [metrics / f"distill-{tag}.eval.json"] + [metrics / f"distill-{tag}-ft{epochs:g}-{v}.json" for v in VARIANTS]
+            runs = [metrics / f"distill-{tag}.eval.json"] + [metrics / f"distill-{tag}-ft{epochs:g}-{_slug(v)}.json" for v in variants]
             if not all(path.is_file() for path in runs) and not model.exists():
                 call_stage("factorize", dataclasses.replace(base, factorize=factorize), metrics / f"distill-{tag}.factorize.json",
                            {"model": dense, "importance": fisher}, {"model": model})
             before = evaluate(model, metrics / f"distill-{tag}.eval.json")["task"]["score"]
-            for variant, distill in VARIANTS.items():
-                ft = dataclasses.replace(base.finetune_compressed, epochs=epochs, distill=distill)
-                name = f"distill-{tag}-ft{epochs:g}-{variant}"
+            for variant, (distill, lr, *warmup) in variants.items():
+                default = base.finetune_compressed
+                ft = dataclasses.replace(default, epochs=epochs, distill=distill, lr=lr or default.lr,
+                                         warmup_ratio=warmup[0] if warmup else default.warmup_ratio)
+                name = f"distill-{tag}-ft{epochs:g}-{_slug(variant)}"
                 tuned = out / "distill" / name / "model"
                 run = cached(metrics / f"{name}.json", lambda: call_stage(
                     "finetune_compressed", dataclasses.replace(base, finetune_compressed=ft), metrics / f"{name}.json",
@@ -80,29 +91,34 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.3,0.15")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--train", type=int, default=DEFAULT_TRAIN)
+    parser.add_argument("--lrs", default=None, help="instead of the distillation variants: plain + ft at these learning rates")
+    parser.add_argument("--warmups", default="0.1", help="with --lrs: these warm-up ratios")
     add_threads_option(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
     methods, ratios = args.methods.split(","), [float(r) for r in args.ratios.split(",")]
+    variants = VARIANTS if args.lrs is None else lr_variants(
+        [float(v) for v in args.lrs.split(",")], [float(v) for v in args.warmups.split(",")])
     detail, summary, done = [], [], []
     for task in args.tasks.split(","):  # the report is rewritten after each task, so a cut run keeps what finished
-        dense, lr, rows = task_rows(task, methods, ratios, args.epochs, args.train)
+        dense, lr, rows = task_rows(task, methods, ratios, args.epochs, args.train, variants)
         done.append(task)
-        detail.append(f"### {task.upper()} (dense {dense:.4f}, + ft lr {lr:g})\n\n" + table(
-            ["method", "keep ratio", "distillation", "before + ft", "after (best epoch)", "last epoch", "kept of dense", "collapsed", "s / epoch"],
+        detail.append(f"### {task.upper()} (dense {dense:.4f}, + ft lr {lr:g} unless the row says)\n\n" + table(
+            ["method", "keep ratio", "variant", "before + ft", "after (best epoch)", "last epoch", "kept of dense", "collapsed", "s / epoch"],
             [[r["method"], r["ratio"], r["variant"], r["before"], f"{r['after']:.4f} ({r['best_epoch']})", r["last"],
               f"{r['after'] / dense:.1%}", "yes" if r["collapsed"] else "", f"{r['epoch_s']:.0f}"] for r in rows],
         ))
         summary += [{**r, "kept": r["after"] / dense} for r in rows]
-        report(args, methods, ratios, done, summary, detail)
+        report(args, methods, ratios, list(variants), done, summary, detail)
 
 
-def report(args: argparse.Namespace, methods: list[str], ratios: list[float], tasks: list[str], summary: list[dict], detail: list[str]) -> None:
+def report(args: argparse.Namespace, methods: list[str], ratios: list[float], variants: list[str], tasks: list[str],
+           summary: list[dict], detail: list[str]) -> None:
     """The summary over the tasks run so far into BENCHMARKS.md, the per-task tables into benchmarks/results/distill.md."""
     headline_rows = []
     for method in methods:
         for ratio in ratios:
-            for variant in VARIANTS:
+            for variant in variants:
                 group = [r for r in summary if (r["method"], r["ratio"], r["variant"]) == (method, ratio, variant)]
                 headline_rows.append([
                     method, ratio, variant, " / ".join(f"{r['kept']:.1%}" for r in group),
@@ -112,11 +128,13 @@ def report(args: argparse.Namespace, methods: list[str], ratios: list[float], ta
     headline = (
         f"+ ft for {args.epochs:g} epoch(s); share of the dense score kept per task ({', '.join(t.upper() for t in tasks)}), "
         "and how many tasks ended below their score before + ft or collapsed to the majority class:\n\n"
-        + table(["method", "keep ratio", "distillation", "kept of dense", "below start / collapsed", "s / epoch"], headline_rows)
+        + table(["method", "keep ratio", "variant", "kept of dense", "below start / collapsed", "s / epoch"], headline_rows)
     )
     command = "python benchmarks/distill.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None)
-    write_section("distill-ft", "+ ft with the dense teacher (issue 23)", command, headline + "\n\n" + "\n\n".join(detail),
-                  results="distill.md", headline=headline, add_headline=True)
+    name, title = ("distill-ft", "+ ft with the dense teacher (issue 23)") if args.lrs is None else ("ft-lr", "The learning rate of + ft (issue 23)")
+    # the learning-rate runs keep their detail only: BENCHMARKS.md quotes them in section 7's words
+    write_section(name, title, command, headline + "\n\n" + "\n\n".join(detail), results="distill.md",
+                  headline=headline, add_headline=args.lrs is None)
 
 
 if __name__ == "__main__":
