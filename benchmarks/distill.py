@@ -118,17 +118,17 @@ def report(args: argparse.Namespace, methods: list[str], ratios: list[float], va
     headline_rows = []
     for method in methods:
         for ratio in ratios:
+            cells, seconds, below = [], [], 0
             for variant in variants:
                 group = [r for r in summary if (r["method"], r["ratio"], r["variant"]) == (method, ratio, variant)]
-                headline_rows.append([
-                    method, ratio, variant, " / ".join(f"{r['kept']:.1%}" for r in group),
-                    sum(r["after"] < r["before"] - 1e-9 or r["collapsed"] for r in group),
-                    f"{statistics.mean(r['epoch_s'] for r in group):.0f}",
-                ])
+                cells.append(" / ".join(f"{r['kept']:.1%}" for r in group))
+                seconds.append(f"{statistics.mean(r['epoch_s'] for r in group):.0f}")
+                below += sum(r["after"] < r["before"] - 1e-9 or r["collapsed"] for r in group)
+            headline_rows.append([method, ratio, *cells, below, " / ".join(seconds)])
     headline = (
-        f"+ ft for {args.epochs:g} epoch(s); share of the dense score kept per task ({', '.join(t.upper() for t in tasks)}), "
-        "and how many tasks ended below their score before + ft or collapsed to the majority class:\n\n"
-        + table(["method", "keep ratio", "variant", "kept of dense", "below start / collapsed", "s / epoch"], headline_rows)
+        f"+ ft for {args.epochs:g} epoch(s): the share of the dense score kept, per task ({' / '.join(t.upper() for t in tasks)}); "
+        "runs that ended below their score before + ft or collapsed to the majority class; seconds per epoch, per variant:\n\n"
+        + table(["method", "keep ratio", *variants, "below start / collapsed", "s / epoch"], headline_rows)
     )
     command = "python benchmarks/distill.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None)
     name, title = ("distill-ft", "+ ft with the dense teacher (issue 23)") if args.lrs is None else ("ft-lr", "The learning rate of + ft (issue 23)")
