@@ -17,9 +17,8 @@ import statistics
 from pathlib import Path
 
 from lowrank.config import DistillationConfig, load_params
-from lowrank.io.files import read_json
 from product import call_stage, dense_runs
-from quality import DEFAULT_TRAIN, runs_folder
+from quality import DEFAULT_TRAIN, cached, runs_folder
 from report import add_threads_option, apply_threads, table, write_section
 
 VARIANTS = {  # one setting for all tasks: (distillation, learning rate; None: params.yaml's)
@@ -36,12 +35,6 @@ def lr_variants(lrs: list[float], warmups: list[float]) -> dict[str, tuple[Disti
 
 def _slug(variant: str) -> str:
     return variant.replace(", ", "-").replace(" ", "")
-
-
-def cached(path: Path, run) -> dict:
-    if not path.is_file():
-        run()
-    return read_json(path)
 
 
 def task_rows(task: str, methods: list[str], ratios: list[float], epochs: float, train: int, variants: dict) -> tuple[float, float, list[dict]]:

@@ -64,6 +64,14 @@ class CompressReport:
         return metrics
 
 
+def target_names(model: nn.Module, targets: Targets | None = None, exclude: Targets | None = None) -> list[str]:
+    """The Linear layers `targets` / `exclude` select (default: every Linear in the blocks); an error when none does."""
+    names = find_targets(model, targets or DEFAULT_TARGETS, exclude or DEFAULT_EXCLUDE)
+    if not names:
+        raise ValueError(f"factorize.targets: no Linear layer of the model matches {targets or DEFAULT_TARGETS!r}")
+    return names
+
+
 def _scores(importance: Scores | None) -> Mapping[str, Tensor] | None:
     return importance.scores if isinstance(importance, Importance) else importance
 
@@ -114,9 +122,9 @@ def compress_(
     if masks is not None:
         names = [name for name, _ in model.named_modules() if name in masks]  # model order
     else:
-        names = find_targets(model, cfg.targets or DEFAULT_TARGETS, cfg.exclude or DEFAULT_EXCLUDE)
+        names = target_names(model, cfg.targets, cfg.exclude)
     if not names:
-        raise ValueError(f"factorize.targets: no Linear layer of the model matches {cfg.targets or DEFAULT_TARGETS!r}")
+        raise ValueError("masks: none of them names a module of the model")
     if spec.needs_masks and masks is None:
         raise ValueError(f"method {spec.name!r} factorizes pruned matrices: pass their masks")
     if spec.importance in ("fisher", "taylor"):

@@ -13,23 +13,14 @@ from typing import Any
 
 import torch
 
-from lowrank.config import FactorizeConfig, Params
+from lowrank.config import Params
 from lowrank.devices import place
+from lowrank.api import compress_, target_names
 from lowrank.io.files import atomic_dir
 from lowrank.methods import get_method, method_names
 from lowrank.pipeline.common import register_evaluation, train_and_save
 from lowrank.pipeline.prepared import PreparedData
 from lowrank.pipeline.stage import StageIO, StageResult, stage
-
-
-def target_names(model: torch.nn.Module, cfg: FactorizeConfig) -> list[str]:
-    """The Linear layers `factorize.targets` / `exclude` select; an error when none does."""
-    from lowrank.modules.matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_targets
-
-    names = find_targets(model, cfg.targets or DEFAULT_TARGETS, cfg.exclude or DEFAULT_EXCLUDE)
-    if not names:
-        raise ValueError(f"factorize.targets: no Linear layer of the model matches {cfg.targets or DEFAULT_TARGETS!r}")
-    return names
 
 
 @stage(
@@ -46,7 +37,7 @@ def fisher(p: Params, io: StageIO) -> StageResult:
     cfg = p.fisher
     prepared = PreparedData.open(io.inputs["data"])
     model = place(load_compressed(io.inputs["model"]))
-    names = target_names(model, p.factorize)
+    names = target_names(model, p.factorize.targets, p.factorize.exclude)
     started = time.perf_counter()
     scores = collect_importance(
         model, prepared.loader("train", cfg.batch_size), names, max_samples=cfg.max_samples,
@@ -77,7 +68,6 @@ def factorize(p: Params, io: StageIO) -> StageResult:
     """Replace each targeted Linear by two low-rank ones (`lowrank.compress_`), and report phi per matrix."""
     from transformers import AutoTokenizer
 
-    from lowrank.api import compress_
     from lowrank.io.checkpoints import load_compressed, save_compressed
     from lowrank.linalg.risk import svd_risks
     from lowrank.pipeline.plots import plot_phi
@@ -92,7 +82,7 @@ def factorize(p: Params, io: StageIO) -> StageResult:
     importance = None
     if spec.importance != "none":
         importance = fisher_scores if spec.importance == "fisher" else load_importance(importance_dir / f"{spec.importance}.safetensors").scores
-    names = target_names(model, cfg)
+    names = target_names(model, cfg.targets, cfg.exclude)
     missing = [n for n in names if n not in fisher_scores]
     if missing:
         raise ValueError(f"importance at {importance_dir} lacks {missing[0]}: rerun the fisher stage for these targets")

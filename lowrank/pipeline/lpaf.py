@@ -27,7 +27,7 @@ from lowrank.devices import model_device, place
 from lowrank.io.files import atomic_dir, write_json
 from lowrank.methods import get_method
 from lowrank.pipeline.common import register_evaluation, train_metrics
-from lowrank.pipeline.factorize import target_names
+from lowrank.api import compress_, target_names
 from lowrank.pipeline.prepared import PreparedData
 from lowrank.pipeline.stage import StageIO, StageResult, stage
 
@@ -88,7 +88,7 @@ def prune(p: Params, io: StageIO) -> StageResult:
     check_lpaf_factorize(factorize_cfg)
     prepared = PreparedData.open(io.inputs["data"])
     dense = place(load_compressed(io.inputs["model"]))
-    names = target_names(dense, factorize_cfg)
+    names = target_names(dense, factorize_cfg.targets, factorize_cfg.exclude)
     if cfg.start_from == "pretrained":
         torch.manual_seed(cfg.train.seed)
         model = place(load_classifier(p.model, prepared.label_names))
@@ -177,7 +177,6 @@ def factorize_pruned(p: Params, io: StageIO) -> StageResult:
     """Factorize the pruned matrices at the ranks `factorize.keep_ratio` gives, sparsity-aware (`lowrank.compress_`)."""
     from transformers import AutoTokenizer
 
-    from lowrank.api import compress_
     from lowrank.io.checkpoints import load_compressed, recipe, save_compressed
     from lowrank.train.pruning import load_pruning_state
 
