@@ -66,11 +66,47 @@ def run(params: Path = PARAMS, set_param: Optional[List[str]] = SET, no_cache: b
 
 
 @app.command()
+def sweep(
+    params: Path = PARAMS,
+    set_param: Optional[List[str]] = SET,
+    spec: Optional[Path] = typer.Option(None, help="A sweep spec file (grid:, configs:); default: the sweep section of the params file."),
+    runner: str = typer.Option("local", help="local (a process pool) or dask (a local cluster, or --address)."),
+    workers: Optional[int] = typer.Option(None, help="Jobs at once (default: the cores)."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per job (default: the cores / workers)."),
+    address: Optional[str] = typer.Option(None, help="A running Dask scheduler, e.g. tcp://10.0.0.5:8786."),
+    gpu: bool = typer.Option(False, help="Dask: each training stage takes a worker resource GPU=1."),
+    yes: bool = typer.Option(False, "--yes", help="Run a sweep of more than 50 configurations."),
+) -> None:
+    """Run many configurations side by side: shared stages once, every artifact kept, in parallel."""
+    overrides = list(set_param or [])
+    with lifecycle.user_errors():
+        from lowrank.pipeline.sweep import plan, sweep_spec
+
+        from .runners import engine as make_engine
+
+        run_engine = make_engine(runner, workers, threads, address, gpu)  # an address that does not answer fails here
+        configs, _ = plan(params, sweep_spec(params, spec, overrides), overrides, yes=yes)
+        lifecycle.recover(configs[0].params)
+        owner = lifecycle.claim()
+        from prefect import tags
+
+        from .sweep import sweep as sweep_flow
+
+        with tags(lifecycle.OWNER_PREFECT_TAG + owner):
+            summary = sweep_flow.with_options(task_runner=run_engine.runner)(
+                str(params), str(spec) if spec else None, overrides, run_engine.threads, gpu, yes, not lifecycle.quiet(),
+            )
+    _print({**summary, "engine": run_engine.describe()})
+    if any(config["status"] != "completed" for config in summary["configs"]):
+        raise typer.Exit(1)
+
+
+@app.command()
 def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
     """Run one stage (what `dvc repro` calls); DVC decides whether it needs to run."""
     with lifecycle.user_errors():
         from lowrank.config import load_params
-        from lowrank.pipeline import get_stage, preflight_stage
+        from lowrank.pipeline import Layout, get_stage, preflight_stage
         from tasks import tracking
 
         config = load_params(params, list(set_param or []))
@@ -78,10 +114,11 @@ def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET
         lifecycle.die_with_dvc()
         lifecycle.recover(config)
         lifecycle.claim()
-        result = get_stage(name).run(config)
+        layout = Layout.from_params(config)
+        result = get_stage(name).run(config, layout)
         if tracking.configure(config.tracking):
             with tracking.flow_run(config, name, {"driver": "dvc"}):
-                tracking.log_stage(name, config, result, cached=False, nested=True)
+                tracking.log_stage(name, config, result, cached=False, layout=layout, nested=True)
     _print({"stage": name, "outputs": result.outputs, "metrics": result.metrics})
 
 

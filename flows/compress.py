@@ -9,6 +9,7 @@ from prefect import flow
 
 from lowrank.config import load_params
 from lowrank.pipeline import pipeline, preflight
+from lowrank.pipeline.store import StoreLayout
 from tasks import tracking
 
 from . import lifecycle
@@ -17,7 +18,7 @@ from .steps import execute
 
 @flow(name="compress", log_prints=True)
 def compress(params_path: str = "params.yaml", overrides: Sequence[str] = ()) -> dict:
-    """Run the pipeline that `params.yaml` describes; every stage is cached.
+    """Run the pipeline that `params.yaml` describes; every stage is cached in the store, then linked into the workspace.
 
     Returns, per stage, whether it came from the cache, its wall-clock seconds and its metrics.
     """
@@ -25,12 +26,13 @@ def compress(params_path: str = "params.yaml", overrides: Sequence[str] = ()) ->
     preflight(params)
     lifecycle.crash_stale_flow_runs()
     track = tracking.configure(params.tracking)
-    use_cache = params.orchestration.cache
+    names = pipeline(params)
+    layout = StoreLayout.for_params(params, names)
     summary: dict[str, dict] = {}
     run_name = f"{params.data.task}-{params.factorize.method}-{params.factorize.keep_ratio}"
     with tracking.flow_run(params, run_name) if track else contextlib.nullcontext():
-        for name in pipeline(params):
-            result, cached, seconds = execute(name, params, use_cache=use_cache, track=track)
+        for name in names:
+            result, cached, seconds = execute(name, params, layout, track=track)
             summary[name] = {"cached": cached, "seconds": seconds, "metrics": result.metrics}
     return summary
 

@@ -33,6 +33,10 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
 
 
+def quiet() -> bool:
+    return os.environ.get("TQDM_DISABLE") == "1"
+
+
 def configure(debug: bool, quiet: bool) -> None:
     """Apply the global options before the libraries that read them are imported."""
     if debug:

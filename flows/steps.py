@@ -1,4 +1,4 @@
-"""Running one stage inside a flow: cache check, output verification, MLflow run."""
+"""Running one stage inside a flow: from the store, then its MLflow run."""
 
 from __future__ import annotations
 
@@ -7,34 +7,28 @@ import time
 
 from lowrank.config import Params
 from lowrank.pipeline import StageResult
+from lowrank.pipeline.store import StoreLayout, materialize
 from tasks import tracking
-from tasks.stages import output_digests, run_stage
+from tasks.stages import run_stage
 
 
-def _progress(line: str) -> None:
+def progress(line: str) -> None:
     # Straight to stderr: inside the flow, print() is captured as a Prefect log (log_prints).
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
-def execute(name: str, params: Params, *, use_cache: bool, track: bool) -> tuple[StageResult, bool, float]:
-    """Run a stage through Prefect; returns its result, whether it came from the cache, and the seconds it took.
+def execute(name: str, params: Params, layout: StoreLayout, *, track: bool) -> tuple[StageResult, bool, float]:
+    """Run a stage through Prefect; returns its result, whether the store had it, and the seconds it took.
 
-    A cache hit is trusted only while the stage's outputs on disk are still the
-    ones it recorded: another run (or `dvc checkout`) may have replaced them.
-    Without `use_cache` the stage runs and its result replaces the cached one,
-    so the next cached run finds it.
+    The stage's outputs are then linked to its workspace paths, where `dvc` and users look.
     """
     started = time.perf_counter()
-    _progress(f"stage {name}: started")
-    state = run_stage.with_options(name=name, refresh_cache=not use_cache)(name, params, return_state=True)
-    result: StageResult = state.result()
-    cached = state.name == "Cached"
-    if cached and result.info.get("output_digests") != output_digests(name, params):
-        state = run_stage.with_options(name=name, refresh_cache=True)(name, params, return_state=True)
-        result, cached = state.result(), False
+    progress(f"stage {name}: started")
+    result, cached, _ = run_stage.with_options(name=name)(name, params, layout, return_state=True).result()
+    materialize(name, layout)
     seconds = time.perf_counter() - started
-    _progress(f"stage {name}: {'cached' if cached else 'ran'}, {seconds:.1f} s")
+    progress(f"stage {name}: {'cached' if cached else 'ran'}, {seconds:.1f} s")
     if track:
-        tracking.log_stage(name, params, result, cached)
+        tracking.log_stage(name, params, result, cached, layout)
     return result, cached, seconds

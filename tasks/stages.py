@@ -1,31 +1,36 @@
-"""One Prefect task that runs any registered stage, cached on what the stage depends on."""
+"""One Prefect task that runs any registered stage out of the content-addressed store.
+
+The store is the cache: an entry's folder is named by the stage's fingerprint
+(params sections, upstream fingerprints, library code) and holds its outputs and
+its result, so Prefect's own result cache would only keep a second copy under
+the same key. A hit ends the task run in a state named `Cached`, as Prefect's
+cache does, so the UI tells computed from reused.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
 from lowrank.config import Params
-from lowrank.io.files import digest
-from lowrank.pipeline import Layout, StageResult, get_stage
-
-from .caching import stage_cache_key
+from lowrank.pipeline.store import StoreLayout, run_stored
 
 
-def output_digests(name: str, params: Params) -> dict[str, str | None]:
-    """Current content hashes of a stage's outputs (None where missing)."""
-    outputs = get_stage(name).written_paths(Layout.from_params(params))
-    return {key: digest(path) if Path(path).exists() else None for key, path in outputs.items()}
+def set_threads(threads: int | None) -> None:
+    """Torch's intra-op threads in this process (a worker's share of the cores); None leaves torch's default."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
-def _run(name: str, params: Params) -> StageResult:
-    result = get_stage(name).run(params, Layout.from_params(params))
-    result.info["output_digests"] = output_digests(name, params)
-    return result
-
-
-@task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name="{name}")
-def run_stage(name: str, params: Params) -> StageResult:
-    """Run stage `name`; a cache hit returns the stored result without running it."""
-    return _run(name, params)
+@task(task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
+def run_stage(name: str, params: Params, layout: StoreLayout, threads: int | None = None):
+    """Run stage `name` into its store entry, or reuse the entry another run finished (unless `orchestration.cache` is off)."""
+    started = time.perf_counter()
+    set_threads(threads)
+    result, cached = run_stored(name, params, layout, refresh=not params.orchestration.cache)
+    return Completed(name="Cached" if cached else "Completed", data=(result, cached, time.perf_counter() - started))

@@ -113,10 +113,9 @@ def flow_run(params: Params, run_name: str, extra_tags: dict[str, str] | None = 
         yield run
 
 
-def lineage(name: str, params: Params) -> dict[str, str]:
-    """DVC md5 of every input and output artifact of a stage."""
+def lineage(name: str, layout: Layout) -> dict[str, str]:
+    """DVC md5 of every input and output artifact of a stage, at its path in the store (or the workspace)."""
     stage = get_stage(name)
-    layout = Layout.from_params(params)
     tags = {}
     for kind, paths in (("input", stage.input_paths(layout)), ("output", stage.output_paths(layout))):
         for key, path in paths.items():
@@ -124,10 +123,9 @@ def lineage(name: str, params: Params) -> dict[str, str]:
     return tags
 
 
-def log_stage(name: str, params: Params, result: StageResult, cached: bool, nested: bool = True) -> None:
+def log_stage(name: str, params: Params, result: StageResult, cached: bool, layout: Layout, nested: bool = True) -> None:
     """A run for one stage: its metrics, its metrics file and the hashes of what it read and wrote."""
-    layout = Layout.from_params(params)
-    tags = {"stage": name, "cached": str(cached).lower(), **owner_tag(), **lineage(name, params)}
+    tags = {"stage": name, "cached": str(cached).lower(), **owner_tag(), **lineage(name, layout)}
     with mlflow.start_run(run_name=name, nested=nested, tags=tags):
         section = {key: select(params, key) for key in get_stage(name).params}
         mlflow.log_params({k: _param_value(v) for k, v in flatten(section).items()})
@@ -143,3 +141,40 @@ def log_stage(name: str, params: Params, result: StageResult, cached: bool, nest
             mlflow.log_artifact(plot)
     if result.metrics and mlflow.active_run() is not None and nested:
         mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
+
+
+FINGERPRINT_TAG = "lowrank.fingerprint"
+
+
+def log_configuration(
+    params: Params, overrides: dict[str, Any], results: dict[str, tuple[StageResult, bool]], layout: Layout,
+    fingerprint: str, tags: dict[str, str],
+) -> str:
+    """One run per sweep configuration: its params, every stage's metrics as `<stage>.<metric>`, the lineage of each artifact.
+
+    One flat run per configuration (not a nested run per stage, as `lowrank run` logs) keeps a sweep's
+    runs side by side in one table of the UI, each with the overrides that set it apart as tags. A
+    configuration the store held whole keeps the run it already has (found by its last stage's
+    fingerprint), so rerunning a sweep does not fill the table with copies.
+    """
+    if all(cached for _, cached in results.values()):
+        found = mlflow.search_runs(
+            filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+            max_results=1, output_format="list",
+        )
+        if found:
+            return found[0].info.run_id
+    tags = {**tags, FINGERPRINT_TAG: fingerprint}
+    override_tags = {f"sweep.{key}": _param_value(value) for key, value in overrides.items()}
+    with mlflow.start_run(run_name=" ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items()) or "base",
+                          tags={**run_tags(params), **override_tags, **tags}) as run:
+        _log_params(params)
+        metrics, lineage_tags, cached = {}, {}, []
+        for name, (result, was_cached) in results.items():
+            metrics.update({f"{name}.{k}": v for k, v in result.metrics.items()})
+            lineage_tags.update({f"{name}.{k}": v for k, v in lineage(name, layout).items()})
+            if was_cached:
+                cached.append(name)
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({**lineage_tags, "cached_stages": ",".join(cached)})
+        return run.info.run_id

@@ -84,11 +84,18 @@ def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, gl
     assert third["evaluate_compressed"]["metrics"]["latency_onnxruntime.batch_4.median_ms"] > 0
     assert "latency_onnxruntime.batch_4.median_ms" not in second["evaluate_compressed"]["metrics"]
 
-    # An artifact replaced behind the cache's back is noticed and rebuilt.
+    # The workspace is a view of the store: a deleted workspace artifact comes back from it, not by training again.
+    workspace_model = tmp_path / "artifacts" / "finetune" / "model" / "model.safetensors"
     shutil.rmtree(tmp_path / "artifacts" / "finetune")
     fourth = compress(str(params_path), ["evaluate.latency_repeats=3", "evaluate.latency_runtimes=[torch,onnxruntime]"])
+    assert fourth["finetune"]["cached"] is True and workspace_model.is_file()
+    # A store entry deleted behind the cache's back is noticed and computed again, to the same bytes.
+    before = workspace_model.read_bytes()
+    (entry,) = [p for p in (tmp_path / "artifacts" / "store" / "finetune").iterdir() if p.is_dir()]
+    shutil.rmtree(entry / "finetune")
+    fourth = compress(str(params_path), ["evaluate.latency_repeats=3", "evaluate.latency_runtimes=[torch,onnxruntime]"])
     assert fourth["finetune"]["cached"] is False
-    assert (tmp_path / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
+    assert workspace_model.read_bytes() == before
 
     # Another method or ratio reuses the Fisher artifact: only factorizing and what follows rerun.
     fifth = compress(str(params_path), [
@@ -107,9 +114,9 @@ def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, gl
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["lowrank"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 5
+    assert len(parents) == 6
     stage_runs = [r for r in runs if r.data.tags.get("stage") == "finetune"]
-    assert len(stage_runs) == 5
+    assert len(stage_runs) == 6
     tags = stage_runs[0].data.tags
     assert tags["lineage.output.model"].endswith(".dir")
     assert tags["lineage.input.data"].split("@")[1].endswith(".dir")

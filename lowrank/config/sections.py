@@ -19,6 +19,7 @@ from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT
 from lowrank.methods import METHODS, get_method, method_names
 from lowrank.config.base import CompressedTrainConfig, ConfigError, TrainConfig, check
 from lowrank.config.lpaf import MrftConfig, PruneConfig
+from lowrank.config.sweep import SweepConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -215,6 +216,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # `lowrank sweep`: grid and configs of overrides
 
     def __post_init__(self) -> None:
         # Checks across sections: which factorizers suit the configured path (the method table says).

@@ -36,6 +36,15 @@ def path_stages(path: str) -> list[str]:
     return [name for name in STAGES if name in chosen]
 
 
+def shipped(path: str) -> tuple[str, str, str]:
+    """The path's final model: (the stage that evaluates it, the stage that makes it, that stage's output key)."""
+    evaluation = get_stage(PATH_ENDS[path])
+    if "model" not in evaluation.inputs:  # a summary: its last input is the evaluation of the final model
+        evaluation = get_stage(list(evaluation.inputs.values())[-1].split(".", 1)[0])
+    maker, key = evaluation.inputs["model"].split(".", 1)
+    return evaluation.name, maker, key
+
+
 def pipeline(params: Params) -> list[str]:
     """The stages of the configured path, in the order they run."""
     return path_stages(params.orchestration.path)

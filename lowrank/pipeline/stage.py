@@ -39,6 +39,14 @@ class Layout:
     def from_params(cls, params: Params) -> "Layout":
         return cls(Path(params.paths.artifacts), Path(params.paths.metrics))
 
+    def artifacts_of(self, stage: str) -> Path:
+        """The root of a stage's outputs (the store gives each stage its own)."""
+        return self.artifacts
+
+    def metrics_of(self, stage: str) -> Path:
+        """The folder of a stage's metrics, plots and reports."""
+        return self.metrics
+
     def output(self, stage: str, key: str = "model") -> Path:
         """Where `stage` writes its output `key`, as its declaration says."""
         return get_stage(stage).output_paths(self)[key]
@@ -104,24 +112,26 @@ class Stage:
         return self.metrics_path(layout) if output == METRICS else self.output_paths(layout)[output]
 
     def output_paths(self, layout: Layout) -> dict[str, Path]:
-        return {key: layout.artifacts / rel for key, rel in self.outputs.items()}
+        return {key: layout.artifacts_of(self.name) / rel for key, rel in self.outputs.items()}
 
     def metrics_path(self, layout: Layout) -> Path:
-        return layout.metrics / f"{self.name}.json"
+        return layout.metrics_of(self.name) / f"{self.name}.json"
 
     def written_paths(self, layout: Layout) -> dict[str, Path]:
         """Every file it writes besides its metrics: what a cache hit must still find on disk."""
+        metrics = layout.metrics_of(self.name)
         return {
             **self.output_paths(layout),
-            **{f"plot.{k}": layout.metrics / rel for k, rel in self.plots.items()},
-            **{f"report.{k}": layout.metrics / rel for k, rel in self.reports.items()},
+            **{f"plot.{k}": metrics / rel for k, rel in self.plots.items()},
+            **{f"report.{k}": metrics / rel for k, rel in self.reports.items()},
         }
 
     def io(self, layout: Layout) -> StageIO:
+        metrics = layout.metrics_of(self.name)
         return StageIO(
             self.input_paths(layout), self.output_paths(layout),
-            {k: layout.metrics / rel for k, rel in self.plots.items()},
-            {k: layout.metrics / rel for k, rel in self.reports.items()},
+            {k: metrics / rel for k, rel in self.plots.items()},
+            {k: metrics / rel for k, rel in self.reports.items()},
             self.metrics_path(layout),
         )
 

@@ -1,0 +1,44 @@
+"""The live view of a sweep on stderr: one row per configuration with the stage it is at, and a count of those done."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from lowrank.pipeline.sweep import Configuration, Job, status
+
+
+class SweepView:
+    """A `rich` table redrawn as jobs finish; off (`enabled=False`) it draws nothing."""
+
+    def __init__(self, configs: list[Configuration], jobs: dict[str, Job], enabled: bool = True) -> None:
+        self.configs, self.jobs = configs, jobs
+        self.live = Live(self._render(), console=Console(stderr=True), refresh_per_second=4, transient=False) if enabled else None
+
+    def _render(self) -> Group:
+        table = Table(box=None, pad_edge=False)
+        for column in ("#", "configuration", "stage"):
+            table.add_column(column)
+        done = 0
+        for config in self.configs:
+            state = status(config, self.jobs)
+            done += state in ("completed", "failed")
+            style = {"completed": "green", "failed": "red"}.get(state, "yellow")
+            table.add_row(str(config.number), config.label, Text(state, style=style))
+        return Group(table, Text(f"{done}/{len(self.configs)} configurations done"))
+
+    def update(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def __enter__(self) -> "SweepView":
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.update()
+            self.live.stop()

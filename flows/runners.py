@@ -1,0 +1,80 @@
+"""Where a sweep's stage jobs run: a local process pool, or Dask (a local cluster or a scheduler's address).
+
+Dask rather than Ray: its scheduler and workers are two pure-Python commands
+(`dask scheduler`, `dask worker ADDR`) that install with pip in seconds beside
+Prefect, run on any machine that can import `lowrank`, and give a GPU to a job
+through worker resources; Ray brings a large native runtime for features a
+sweep of stage jobs does not use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from lowrank.config import InputError
+
+RUNNERS = ("local", "dask")
+# Stages that train: with --gpu each asks the Dask scheduler for a worker with a free GPU.
+TRAINING_STAGES = ("finetune", "finetune_compressed", "prune", "mrft")
+
+
+def cores() -> int:
+    """The cores this process may use (a container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class Engine:
+    """A Prefect task runner, how many jobs it runs at once, and the torch threads of each job."""
+
+    runner: Any
+    kind: str
+    workers: int | None  # None: whatever the scheduler at `address` has
+    threads: int | None  # None: torch's default on the worker's machine
+    address: str | None = None
+    gpu: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"runner": self.kind, "workers": self.workers, "threads": self.threads, "address": self.address}
+
+
+def check_address(address: str) -> None:
+    """A scheduler address must answer before the sweep plans any work."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise InputError(f"--address {address}: give host:port, e.g. tcp://10.0.0.5:8786")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=3).close()
+    except OSError as err:
+        raise InputError(f"--address {address}: no scheduler answers ({err.strerror or err})") from None
+
+
+def engine(kind: str, workers: int | None = None, threads: int | None = None, address: str | None = None, gpu: bool = False) -> Engine:
+    """The task runner for `lowrank sweep --runner KIND`; locally, workers x threads never exceeds the cores."""
+    if kind not in RUNNERS:
+        raise InputError(f"--runner {kind}: choose one of {', '.join(RUNNERS)}")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers {workers}: give at least 1")
+    if address and kind != "dask":
+        raise InputError("--address needs --runner dask")
+    if address:
+        check_address(address)
+        from prefect_dask import DaskTaskRunner
+
+        return Engine(DaskTaskRunner(address=address), kind, None, threads, address, gpu)
+    workers = workers or cores()
+    threads = threads or max(1, cores() // workers)
+    if kind == "local":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return Engine(ProcessPoolTaskRunner(max_workers=workers), kind, workers, threads)
+    from prefect_dask import DaskTaskRunner
+
+    cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    if gpu:
+        cluster["resources"] = {"GPU": 1}
+    return Engine(DaskTaskRunner(cluster_kwargs=cluster), kind, workers, threads, gpu=gpu)

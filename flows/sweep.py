@@ -1,0 +1,96 @@
+"""The `sweep` flow: many configurations, each stage job once, spread over a Prefect task runner.
+
+The plan (lowrank.pipeline.sweep) gives one job per distinct fingerprint; each
+is submitted once, waiting for the jobs it reads, so configurations run in
+parallel as far as the runner's workers allow and shared stages run once. A job
+that fails fails only the configurations that need it. The flow process logs
+each configuration to MLflow as it finishes, so the workers never write to the
+tracking store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+import uuid
+from typing import Any, Sequence
+
+from prefect import flow
+from prefect.futures import as_completed
+
+from lowrank.pipeline.store import finished
+from lowrank.pipeline.sweep import config_summary, plan, stage_counts, status, sweep_spec
+from tasks import tracking
+from tasks.stages import run_stage
+
+from . import lifecycle
+from .progress import SweepView
+from .runners import TRAINING_STAGES
+
+
+def _gpu(name: str, gpu: bool):
+    """Dask resource annotation: a training job runs only on a worker started with `--resources GPU=1`."""
+    if not (gpu and name in TRAINING_STAGES):
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})
+
+
+def _error(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[-1][:500]
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(
+    params_path: str = "params.yaml", spec_path: str | None = None, overrides: Sequence[str] = (),
+    threads: int | None = None, gpu: bool = False, yes: bool = False, live: bool = True,
+) -> dict[str, Any]:
+    """Run every configuration of the sweep; returns each one's status, score and model, and per stage how often it ran."""
+    started = time.perf_counter()
+    configs, jobs = plan(params_path, sweep_spec(params_path, spec_path, overrides), overrides, yes=yes, check=False)
+    lifecycle.crash_stale_flow_runs()
+    track = tracking.configure(configs[0].params.tracking)
+    sweep_id = uuid.uuid4().hex[:12]
+
+    futures = {}
+    for job in jobs.values():
+        if configs[0].params.orchestration.cache and (stored := finished(job.name, job.layout)) is not None:
+            # A store hit is read here: sending it to a worker would cost a process start and a task run for a file read.
+            job.result, job.cached, job.seconds = stored, True, 0.0
+            continue
+        with _gpu(job.name, gpu):
+            futures[job.id] = run_stage.with_options(name=job.name).submit(
+                job.name, job.params, job.layout, threads, wait_for=[futures[a] for a in job.after if a in futures],
+            )
+    owner = {id(future): job_id for job_id, future in futures.items()}
+    run_ids: dict[int, str | None] = {}
+    with SweepView(configs, jobs, enabled=live) as view:
+        for future in itertools.chain([None], as_completed(list(futures.values()))):  # None: what the store holds whole
+            if future is not None:
+                job = jobs[owner[id(future)]]
+                try:
+                    job.result, job.cached, job.seconds = future.result()
+                except BaseException as err:  # noqa: BLE001  a failed job (or its upstream) fails its configurations only
+                    job.error = _error(err)
+            for config in configs:
+                if config.number in run_ids or status(config, jobs) not in ("completed", "failed"):
+                    continue
+                run_ids[config.number] = None
+                if track and status(config, jobs) == "completed":
+                    results = {n: (jobs[config.job(n)].result, bool(jobs[config.job(n)].cached)) for n in config.names}
+                    run_ids[config.number] = tracking.log_configuration(
+                        config.params, config.overrides, results, config.layout, config.job(config.names[-1]), {"sweep": sweep_id},
+                    )
+            view.update()
+    summaries = []
+    for config in configs:
+        summaries.append({**config_summary(config, jobs), "mlflow_run_id": run_ids.get(config.number)})
+    return {
+        "sweep": sweep_id,
+        "configs": summaries,
+        "stages": stage_counts(jobs),
+        "seconds": round(time.perf_counter() - started, 2),
+        "stage_seconds": round(sum(job.seconds or 0.0 for job in jobs.values()), 2),
+    }

@@ -1,0 +1,100 @@
+"""A sweep: many configurations of params.yaml, as a grid and a list.
+
+`grid` maps dotted param keys to lists of values (the configurations are their
+product); `configs` adds configurations one by one, each a mapping of
+overrides. Both live in the `sweep:` section of params.yaml or in a file of
+their own (`lowrank sweep --spec FILE`), and every configuration is checked
+like a `-S` override before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from lowrank.config.base import ConfigError, InputError
+
+MAX_CONFIGS = 50  # more needs --yes: a typo in a grid should not queue days of training
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """grid: dotted key -> list of values (their product); configs: further configurations, each a mapping of overrides."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    configs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def expand(spec: SweepConfig) -> list[dict[str, Any]]:
+    """The configurations of a sweep, as override mappings: the grid's product, then `configs`."""
+    for key, values in spec.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.grid.{key}: give a non-empty list of values")
+    keys = list(spec.grid)
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*(spec.grid[k] for k in keys))] if keys else []
+    configs = grid + [dict(c) for c in spec.configs]
+    if not configs:
+        raise ConfigError("sweep: the grid is empty and there are no configs: nothing to run")
+    return configs
+
+
+def as_overrides(config: dict[str, Any]) -> list[str]:
+    """`-S` strings for a configuration (values as JSON, which the YAML parser reads back unchanged)."""
+    return [f"{key}={json.dumps(value)}" for key, value in config.items()]
+
+
+def label(config: dict[str, Any]) -> str:
+    """A configuration's short name: its values, in key order."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in config.items()) or "(base)"
+
+
+def check_key(root: Any, dotted: str) -> None:
+    """A sweep key must name a param: every part a field of its section (inside a mapping param, anything goes)."""
+    node = root
+    for depth, part in enumerate(dotted.split(".")):
+        if dataclasses.is_dataclass(node):
+            names = [f.name for f in dataclasses.fields(node)]
+            if part not in names:
+                where = ".".join(dotted.split(".")[:depth]) or "params.yaml"
+                raise ConfigError(f"sweep key {dotted} is not a param ({where} has no {part})")
+            node = getattr(node, part)
+        elif isinstance(node, dict) or node is None:
+            return
+        else:
+            raise ConfigError(f"sweep key {dotted} is not a param ({'.'.join(dotted.split('.')[:depth])} is a value)")
+
+
+def load_spec(path: str | Path) -> SweepConfig:
+    """A sweep spec file: the same two keys as params.yaml's `sweep:` section (or that section, nested)."""
+    from lowrank.config.loading import build, read_yaml
+
+    raw = read_yaml(path)
+    raw = raw.get("sweep", raw) if set(raw) <= {"sweep"} else raw
+    try:
+        return build(SweepConfig, raw, "sweep")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def configurations(params_path: str | Path, spec: SweepConfig, overrides: Sequence[str] = (), *, yes: bool = False) -> list[tuple[dict[str, Any], Any]]:
+    """Each configuration's overrides and validated Params; errors name the configuration."""
+    from lowrank.config.loading import load_params
+
+    base = load_params(params_path, overrides)
+    configs = expand(spec)
+    if len(configs) > MAX_CONFIGS and not yes:
+        raise InputError(f"sweep: {len(configs)} configurations (more than {MAX_CONFIGS}); pass --yes to run them all")
+    for config in configs:
+        for key in config:
+            check_key(base, key)
+    built = []
+    for number, config in enumerate(configs, 1):
+        try:
+            built.append((config, load_params(params_path, [*overrides, *as_overrides(config)])))
+        except InputError as err:
+            raise type(err)(f"sweep configuration {number} ({label(config)}): {err}") from None
+    return built

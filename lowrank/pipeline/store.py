@@ -1,0 +1,166 @@
+"""A content-addressed store of stage outputs: every configuration's artifacts kept side by side.
+
+A stage's fingerprint hashes what its result depends on: its name, the params
+sections it declares, the library's code, and its inputs, named by the
+fingerprints of the stages that make them (those stand for their content: a
+stage writes the same bytes for the same fingerprint). So the whole graph of a
+configuration is known before anything runs, a sweep can see which stages its
+configurations share, and each stage writes to
+`<paths.artifacts>/store/<stage>/<fingerprint>/`, a folder no other
+configuration writes to.
+
+An entry is finished when its `result.json` exists, written last; a lock file
+per fingerprint lets one process (of a sweep, a run, or two of them at once)
+compute an entry while the others wait for it and then reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from filelock import FileLock
+
+import lowrank
+from lowrank.config import Params, select, to_dict
+from lowrank.io.files import atomic_dir, read_json, write_json
+from lowrank.pipeline.stage import Layout, StageResult, get_stage
+
+STORE = "store"  # the store's folder under paths.artifacts
+RECORD = "result.json"  # written last: an entry without it is unfinished
+DIGEST_CHARS = 16  # of the fingerprint, in folder names (64 bits: no collision among a project's entries)
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """Hash of the library's source: any change to `lowrank/` gives every stage a new fingerprint."""
+    root = Path(lowrank.__file__).parent
+    hasher = hashlib.sha256(lowrank.__version__.encode())
+    for file in sorted(root.rglob("*.py")):
+        hasher.update(file.relative_to(root).as_posix().encode())
+        hasher.update(file.read_bytes())
+    return hasher.hexdigest()
+
+
+def fingerprints(params: Params, names: Iterable[str]) -> dict[str, str]:
+    """The fingerprint of each stage in `names` and of every stage upstream of them."""
+    found: dict[str, str] = {}
+
+    def visit(name: str) -> str:
+        if name not in found:
+            st = get_stage(name)
+            facts = {
+                "stage": name,
+                "params": {key: to_dict(select(params, key)) for key in st.params},
+                "inputs": {key: f"{visit(up)}/{out}" for key, (up, out) in st.input_refs().items()},
+                "code": code_digest(),
+            }
+            found[name] = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+        return found[name]
+
+    for name in names:
+        visit(name)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayout(Layout):
+    """Each stage's paths inside its own store entry; `artifacts` and `metrics` stay the workspace's."""
+
+    fingerprints: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
+
+    @classmethod
+    def for_params(cls, params: Params, names: Iterable[str]) -> "StoreLayout":
+        base = Layout.from_params(params)
+        return cls(base.artifacts, base.metrics, fingerprints(params, names))
+
+    def entry(self, stage: str) -> Path:
+        return self.artifacts / STORE / stage / self.fingerprints[stage][:DIGEST_CHARS]
+
+    def artifacts_of(self, stage: str) -> Path:
+        return self.entry(stage)
+
+    def metrics_of(self, stage: str) -> Path:
+        return self.entry(stage) / "metrics"
+
+    def workspace(self) -> Layout:
+        return Layout(self.artifacts, self.metrics)
+
+
+def _record(result: StageResult) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(result), default=str))
+
+
+def finished(name: str, layout: StoreLayout) -> StageResult | None:
+    """The stored result of an entry whose outputs are all still there, else None."""
+    record = layout.entry(name) / RECORD
+    if not record.is_file():
+        return None
+    if not all(path.exists() for path in get_stage(name).written_paths(layout).values()):
+        return None  # someone deleted part of it: compute it again
+    return StageResult(**read_json(record))
+
+
+def run_stored(name: str, params: Params, layout: StoreLayout, refresh: bool = False) -> tuple[StageResult, bool]:
+    """The stage's result from the store, computing it first if no process has; returns (result, cached).
+
+    The lock is per fingerprint: two processes wanting the same entry compute it once.
+    `refresh` computes it again whatever the store holds (`orchestration.cache: false`).
+    """
+    entry = layout.entry(name)
+    if not refresh and (result := finished(name, layout)) is not None:
+        return result, True
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        if not refresh and (result := finished(name, layout)) is not None:
+            return result, True
+        if entry.exists():  # an attempt that died, or outputs someone deleted part of
+            shutil.rmtree(entry)
+        result = get_stage(name).run(params, layout)
+        write_json(entry / RECORD, _record(result))
+    return StageResult(**read_json(entry / RECORD)), False
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link a file or folder (a copy where links fail): the workspace view costs no space."""
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=_link_file)
+    else:
+        _link_file(source, target)
+
+
+def _link_file(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def materialize(name: str, layout: StoreLayout) -> None:
+    """Put a stored stage's outputs, plots, reports and metrics at its workspace paths (what DVC and users read).
+
+    Each path is replaced whole by a rename, so a reader sees the old or the new one, never a mix.
+    Writers never modify a file in place, so the links cannot change the store behind its back.
+    """
+    st, workspace = get_stage(name), layout.workspace()
+    stored, target = st.written_paths(layout), st.written_paths(workspace)
+    moves = [(stored[key], target[key]) for key in stored] + [(st.metrics_path(layout), st.metrics_path(workspace))]
+    for source, dest in moves:
+        if not source.exists():
+            continue
+        if source.is_dir():
+            with atomic_dir(dest) as tmp:
+                tmp.rmdir()
+                _link_tree(source, tmp)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-link")
+            tmp.unlink(missing_ok=True)
+            _link_file(source, tmp)
+            os.replace(tmp, dest)
