@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +85,51 @@ def tiny_params(root: Path, model_dir: Path, glue_dir: Path, **sections: dict) -
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def lowrank_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "LOWRANK_"))}
+    env.update({"GLUE_DIR": str(GLUE_DIR), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, **extra: str):
+    """`prefect server start` on loopback (on SQLite under `home`, or the database `extra` names); yields its API URL."""
+    port = _free_port()
+    env = lowrank_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", **extra)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    import httpx
+
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("prefect server start did not answer within 2 minutes")
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """A Prefect server for the module's runs."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url

@@ -25,51 +25,11 @@ import psutil
 import pytest
 import yaml
 
-from conftest import GLUE_DIR, REPO, save_tiny_model, tiny_params
+from conftest import GLUE_DIR, REPO, lowrank_env as _env, prefect_api, save_tiny_model, tiny_params  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 LOWRANK = [sys.executable, "-m", "flows.cli"]
 TIMING = re.compile(r"(seconds|_s$|latency|_ms|samples_per_s|speedup)")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "LOWRANK_"))}
-    env.update({"GLUE_DIR": str(GLUE_DIR), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)})
-    env.update(extra)
-    return env
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory):
-    """`prefect server start` on loopback for the module's runs."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = _env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    import httpx
-
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("prefect server start did not answer within 2 minutes")
-    yield url
-    server.terminate()
-    server.wait(30)
 
 
 def _project(root: Path, model_dir: Path) -> Path:

@@ -83,14 +83,14 @@ def load_spec(path: str | Path) -> SweepConfig:
 def configurations(params_path: str | Path, spec: SweepConfig, overrides: Sequence[str] = (), *, yes: bool = False) -> list[tuple[dict[str, Any], Any]]:
     """Each configuration's overrides and validated Params; errors name the configuration."""
     from lowrank.config.loading import load_params
+    from lowrank.config.sections import Params
 
-    base = load_params(params_path, overrides)
     configs = expand(spec)
     if len(configs) > MAX_CONFIGS and not yes:
         raise InputError(f"sweep: {len(configs)} configurations (more than {MAX_CONFIGS}); pass --yes to run them all")
     for config in configs:
         for key in config:
-            check_key(base, key)
+            check_key(Params(), key)  # the structure only: the base alone need not be valid, each configuration must
     built = []
     for number, config in enumerate(configs, 1):
         try:

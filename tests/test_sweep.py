@@ -1,0 +1,192 @@
+"""Sweeps: the spec, the fingerprints configurations share, the store's lock, and `lowrank sweep` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import GLUE_DIR, REPO, lowrank_env, prefect_api, save_tiny_model, tiny_params  # noqa: F401  (a fixture)
+from lowrank.config import ConfigError, InputError, SweepConfig, build, configurations, expand, load_params
+from lowrank.pipeline import pipeline
+from lowrank.pipeline.store import StoreLayout, fingerprints
+
+LOWRANK = [sys.executable, "-m", "flows.cli"]
+GRID = {"factorize.method": ["svd", "fwsvd"], "factorize.keep_ratio": [0.5, 0.3]}
+
+
+def _spec(**raw) -> SweepConfig:
+    return build(SweepConfig, raw, "sweep")
+
+
+def test_grid_product_then_configs() -> None:
+    configs = expand(_spec(grid=GRID, configs=[{"factorize.method": "tfwsvd", "factorize.keep_ratio": 0.15}]))
+    assert len(configs) == 5
+    assert configs[0] == {"factorize.method": "svd", "factorize.keep_ratio": 0.5}
+    assert configs[1] == {"factorize.method": "svd", "factorize.keep_ratio": 0.3}
+    assert configs[-1] == {"factorize.method": "tfwsvd", "factorize.keep_ratio": 0.15}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"grid": {"factorize.rank": [4]}}, "sweep key factorize.rank is not a param"),
+        ({"grid": {"factorise.method": ["svd"]}}, "sweep key factorise.method is not a param"),
+        ({}, "the grid is empty"),
+        ({"grid": {"factorize.method": []}}, "sweep.grid.factorize.method: give a non-empty list"),
+        ({"grid": {"factorize.keep_ratio": [0.5, 1.5]}}, "sweep configuration 2 (keep_ratio=1.5): factorize.keep_ratio"),
+        ({"configs": [{"factorize.method": "svd"}, {"factorize.method": "sparse_svd"}]}, "sweep configuration 2 (method=sparse_svd)"),
+        ({"grid": {"data.seed": list(range(51))}}, "51 configurations (more than 50); pass --yes"),
+    ],
+)
+def test_bad_sweeps_fail_with_one_line(tmp_path: Path, raw: dict, message: str) -> None:
+    params = tiny_params(tmp_path, tmp_path / "model", GLUE_DIR)
+    with pytest.raises(InputError) as err:
+        configurations(params, _spec(**raw))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_more_than_fifty_configurations_with_yes(tmp_path: Path) -> None:
+    params = tiny_params(tmp_path, tmp_path / "model", GLUE_DIR)
+    assert len(configurations(params, _spec(grid={"data.seed": list(range(51))}), yes=True)) == 51
+
+
+def test_configurations_share_the_stages_they_agree_on(tmp_path: Path) -> None:
+    base = tiny_params(tmp_path, tmp_path / "model", GLUE_DIR)
+    prints = []
+    for _, params in configurations(base, _spec(grid=GRID)):
+        prints.append(fingerprints(params, pipeline(params)))
+    for shared in ("prepare", "finetune", "fisher", "evaluate_dense"):
+        assert len({p[shared] for p in prints}) == 1, shared
+    for own in ("factorize", "finetune_compressed", "evaluate_compressed", "summary_factorize"):
+        assert len({p[own] for p in prints}) == 4, own
+    # LPAF: pruning depends on the density (the keep ratio), not on the factorizer that follows it.
+    lpaf = _spec(grid={"factorize.method": ["sparse_svd", "sparse_tfwsvd"], "factorize.keep_ratio": [0.5, 0.3]})
+    prunes = [fingerprints(p, pipeline(p))["prune"] for _, p in configurations(base, lpaf, ["orchestration.path=lpaf"])]
+    assert len(set(prunes)) == 2 and prunes[0] == prunes[2] and prunes[1] == prunes[3]
+
+
+def test_fingerprints_change_with_params_not_with_paths(tmp_path: Path) -> None:
+    base = tiny_params(tmp_path, tmp_path / "model", GLUE_DIR)
+    one = fingerprints(load_params(base), ["summary_factorize"])
+    moved = fingerprints(load_params(base, ["paths.artifacts=elsewhere", "tracking.enabled=false"]), ["summary_factorize"])
+    assert one == moved
+    lr = fingerprints(load_params(base, ["finetune.lr=0.002"]), ["summary_factorize"])
+    assert lr["prepare"] == one["prepare"] and lr["finetune"] != one["finetune"] and lr["factorize"] != one["factorize"]
+
+
+LOCK_SCRIPT = """
+import json, sys, time
+from lowrank.config import load_params
+from lowrank.pipeline.store import StoreLayout, run_stored
+params = load_params(sys.argv[1])
+layout = StoreLayout.for_params(params, ["finetune"])
+while time.time() < float(sys.argv[2]):  # both processes start the stages at the same moment
+    time.sleep(0.01)
+print(json.dumps({name: run_stored(name, params, layout)[1] for name in ("prepare", "finetune")}))
+"""
+
+
+def test_two_processes_compute_each_store_entry_once(tmp_path: Path, glue_dir: Path) -> None:
+    params = tiny_params(tmp_path, save_tiny_model(tmp_path / "model"), glue_dir)
+    start = time.time() + 25  # after both have imported torch and transformers
+    env = lowrank_env()
+    processes = [
+        subprocess.Popen([sys.executable, "-c", LOCK_SCRIPT, str(params), str(start)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=180) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-2000:] for _, err in outputs]
+    cached = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    for name in ("prepare", "finetune"):
+        assert sorted(c[name] for c in cached) == [False, True], name  # one computed it, the other waited and reused it
+    layout = StoreLayout.for_params(load_params(params), ["finetune"])
+    entries = [p for p in (tmp_path / "artifacts" / "store" / "finetune").iterdir() if p.is_dir()]
+    assert entries == [layout.entry("finetune")]
+
+
+def _sweep(project: Path, env: dict[str, str], *args: str) -> tuple[int, dict, str]:
+    done = subprocess.run([*LOWRANK, "--quiet", "sweep", *args], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {}, done.stderr
+
+
+@pytest.mark.slow
+def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone(tmp_path: Path, prefect_api: str) -> None:
+    import mlflow
+
+    model = save_tiny_model(tmp_path / "model")
+    sweep = {"grid": GRID, "configs": [{"factorize.targets": [r"no\.such\.layer"]}]}
+    tiny_params(tmp_path, model, GLUE_DIR, evaluate={"latency": False}, sweep=sweep)
+    env = lowrank_env(PREFECT_API_URL=prefect_api)
+
+    code, summary, err = _sweep(tmp_path, env, "--workers", "2")
+    assert code == 1, err[-3000:]  # the fifth configuration fails, alone
+    configs = summary["configs"]
+    assert [c["status"] for c in configs] == ["completed"] * 4 + ["failed"]
+    assert "fisher" in configs[4]["error"] and "no.such.layer" in configs[4]["error"].replace("\\", "")
+    stages = summary["stages"]
+    for shared in ("prepare", "finetune", "evaluate_dense"):
+        assert stages[shared] == {"ran": 1, "cached": 0, "failed": 0}, shared
+    assert stages["fisher"] == {"ran": 1, "cached": 0, "failed": 1}
+    assert stages["factorize"]["ran"] == 4 and stages["summary_factorize"]["ran"] == 4
+    models = [Path(c["model"]) for c in configs[:4]]
+    assert len(set(models)) == 4 and all((m / "model.safetensors").is_file() for m in models)
+    assert all(0 <= c["score"] <= 1 for c in configs[:4])
+    assert [c["keep_ratio_reached"] <= c["overrides"]["factorize.keep_ratio"] for c in configs[:4]] == [True] * 4
+    assert summary["engine"] == {"runner": "local", "workers": 2, "threads": 1, "address": None}
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {c["mlflow_run_id"]: c for c in configs[:4]}
+    for run_id, config in runs.items():
+        run = client.get_run(run_id)
+        assert run.data.tags["sweep.factorize.method"] == config["overrides"]["factorize.method"]
+        assert run.data.metrics["evaluate_compressed.task.score"] == config["score"]
+        assert run.data.tags["finetune_compressed.lineage.output.model"].startswith(config["model"])
+
+    # A rerun computes only what failed; every finished configuration comes from the store, with its MLflow run.
+    code, again, _ = _sweep(tmp_path, env, "--workers", "2")
+    assert code == 1
+    assert again["stages"]["fisher"] == {"ran": 0, "cached": 1, "failed": 1}
+    assert all(row["ran"] == 0 for row in again["stages"].values())
+    assert [c["mlflow_run_id"] for c in again["configs"][:4]] == list(runs)
+    assert [c["score"] for c in again["configs"]] == [c["score"] for c in configs]
+
+
+@pytest.mark.slow
+def test_sweep_on_a_local_dask_cluster_gives_the_same_bytes(tmp_path: Path, prefect_api: str) -> None:
+    model = save_tiny_model(tmp_path / "model")
+    env = lowrank_env(PREFECT_API_URL=prefect_api)
+    results = {}
+    for runner in ("local", "dask"):
+        project = tmp_path / runner
+        project.mkdir()
+        tiny_params(project, model, GLUE_DIR, evaluate={"latency": False}, tracking={"enabled": False},
+                    sweep={"grid": {"factorize.method": ["svd", "fwsvd"]}})
+        code, summary, err = _sweep(project, env, "--runner", runner, "--workers", "2")
+        assert code == 0, err[-3000:]
+        results[runner] = summary
+    assert results["dask"]["engine"]["runner"] == "dask"
+    for local, dask in zip(results["local"]["configs"], results["dask"]["configs"]):
+        assert local["score"] == dask["score"]
+        local_model, dask_model = Path(local["model"]), Path(dask["model"])
+        assert local_model.relative_to(tmp_path / "local") == dask_model.relative_to(tmp_path / "dask")  # same fingerprint
+        assert (local_model / "model.safetensors").read_bytes() == (dask_model / "model.safetensors").read_bytes()
+
+
+def test_a_scheduler_that_does_not_answer_fails_before_any_work(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    tiny_params(tmp_path, tmp_path / "model", GLUE_DIR, sweep={"grid": GRID})
+    done = subprocess.run([*LOWRANK, "sweep", "--runner", "dask", "--address", f"tcp://127.0.0.1:{port}"],
+                          cwd=tmp_path, env=lowrank_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: --address tcp://127.0.0.1:{port}: no scheduler answers (Connection refused)"]
+    assert not (tmp_path / "artifacts").exists()
