@@ -7,13 +7,14 @@ crash an hour into fine-tuning.
 """
 
 from lowrank.config.loading import (
-    TRAIN_SECTIONS, apply_overrides, build, flatten, load_params, params_schema, read_yaml, select, to_dict,
+    TRAIN_SECTIONS, apply_overrides, build, configurations, flatten, load_params, load_spec, params_schema, read_yaml,
+    select, to_dict,
 )
 from lowrank.config.base import (
     CompressedTrainConfig, ConfigError, DistillationConfig, InputError, MissingInputError, TrainConfig, check,
 )
 from lowrank.config.lpaf import RANK_PULL_IMPORTANCE, MrftConfig, PruneConfig
-from lowrank.config.sweep import MAX_CONFIGS, SweepConfig, configurations, expand, label, load_spec
+from lowrank.config.sweep import MAX_CONFIGS, SweepConfig, expand, label
 from lowrank.config.sections import (
     DEFAULT_MODEL, LATENCY_RUNTIMES, CustomDataConfig, DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig,
     ModelConfig, OrchestrationConfig, Params, PathsConfig, TrackingConfig, check_lpaf_factorize,

@@ -14,8 +14,9 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from lowrank.config.base import ConfigError, TrainConfig, check
+from lowrank.config.base import ConfigError, InputError, TrainConfig, check
 from lowrank.config.sections import Params
+from lowrank.config.sweep import MAX_CONFIGS, SweepConfig, as_overrides, check_key, expand, label
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -192,3 +193,30 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def load_spec(path: str | Path) -> SweepConfig:
+    """A sweep spec file: the same two keys as params.yaml's `sweep:` section (or that section, nested)."""
+    raw = read_yaml(path)
+    raw = raw.get("sweep", raw) if set(raw) <= {"sweep"} else raw
+    try:
+        return build(SweepConfig, raw, "sweep")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def configurations(params_path: str | Path, spec: SweepConfig, overrides: Sequence[str] = (), *, yes: bool = False) -> list[tuple[dict[str, Any], Any]]:
+    """Each configuration's overrides and validated Params; errors name the configuration."""
+    configs = expand(spec)
+    if len(configs) > MAX_CONFIGS and not yes:
+        raise InputError(f"sweep: {len(configs)} configurations (more than {MAX_CONFIGS}); pass --yes to run them all")
+    for config in configs:
+        for key in config:
+            check_key(Params(), key)  # the structure only: the base alone need not be valid, each configuration must
+    built = []
+    for number, config in enumerate(configs, 1):
+        try:
+            built.append((config, load_params(params_path, [*overrides, *as_overrides(config)])))
+        except InputError as err:
+            raise type(err)(f"sweep configuration {number} ({label(config)}): {err}") from None
+    return built

@@ -13,8 +13,7 @@ import dataclasses
 import itertools
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lowrank.config.base import ConfigError, InputError
 
@@ -66,35 +65,3 @@ def check_key(root: Any, dotted: str) -> None:
             return
         else:
             raise ConfigError(f"sweep key {dotted} is not a param ({'.'.join(dotted.split('.')[:depth])} is a value)")
-
-
-def load_spec(path: str | Path) -> SweepConfig:
-    """A sweep spec file: the same two keys as params.yaml's `sweep:` section (or that section, nested)."""
-    from lowrank.config.loading import build, read_yaml
-
-    raw = read_yaml(path)
-    raw = raw.get("sweep", raw) if set(raw) <= {"sweep"} else raw
-    try:
-        return build(SweepConfig, raw, "sweep")
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def configurations(params_path: str | Path, spec: SweepConfig, overrides: Sequence[str] = (), *, yes: bool = False) -> list[tuple[dict[str, Any], Any]]:
-    """Each configuration's overrides and validated Params; errors name the configuration."""
-    from lowrank.config.loading import load_params
-    from lowrank.config.sections import Params
-
-    configs = expand(spec)
-    if len(configs) > MAX_CONFIGS and not yes:
-        raise InputError(f"sweep: {len(configs)} configurations (more than {MAX_CONFIGS}); pass --yes to run them all")
-    for config in configs:
-        for key in config:
-            check_key(Params(), key)  # the structure only: the base alone need not be valid, each configuration must
-    built = []
-    for number, config in enumerate(configs, 1):
-        try:
-            built.append((config, load_params(params_path, [*overrides, *as_overrides(config)])))
-        except InputError as err:
-            raise type(err)(f"sweep configuration {number} ({label(config)}): {err}") from None
-    return built
