@@ -190,3 +190,57 @@ def test_a_scheduler_that_does_not_answer_fails_before_any_work(tmp_path: Path) 
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: --address tcp://127.0.0.1:{port}: no scheduler answers (Connection refused)"]
     assert not (tmp_path / "artifacts").exists()
+
+
+def _postgres_databases(*names: str):
+    """Fresh databases on the machine's PostgreSQL (trust auth), or a skip that says why there are none."""
+    try:
+        import psycopg2
+
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+    except Exception as err:  # noqa: BLE001  no server, no driver, no trust: the test cannot run here
+        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 as user postgres ({str(err).strip().splitlines()[0]})")
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        for name in names:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    return admin
+
+
+def _task_runs(api: str) -> list[dict]:
+    import httpx
+
+    return httpx.post(f"{api}/task_runs/filter", json={"limit": 200}, timeout=30).json()
+
+
+@pytest.mark.slow
+def test_parallel_sweep_on_postgresql_loses_no_run(tmp_path: Path) -> None:
+    from conftest import prefect_server
+
+    suffix = f"{os.getpid()}_{int(time.time())}"
+    mlflow_db, prefect_db = f"lowrank_mlflow_{suffix}", f"lowrank_prefect_{suffix}"
+    admin = _postgres_databases(mlflow_db, prefect_db)
+    try:
+        model = save_tiny_model(tmp_path / "model")
+        uri = f"postgresql://postgres@127.0.0.1:5432/{mlflow_db}"
+        tiny_params(tmp_path, model, GLUE_DIR, evaluate={"latency": False}, tracking={"uri": uri}, sweep={"grid": GRID})
+        database = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{prefect_db}"
+        with prefect_server(tmp_path / "prefect-home", PREFECT_SERVER_DATABASE_CONNECTION_URL=database) as api:
+            code, summary, err = _sweep(tmp_path, lowrank_env(PREFECT_API_URL=api), "--workers", "2")
+            assert code == 0, err[-3000:]
+            ran = sum(row["ran"] for row in summary["stages"].values())
+            task_runs = _task_runs(api)
+        assert len(task_runs) == ran == 4 + 4 * 5  # prepare, finetune, evaluate_dense, fisher; five stages per configuration
+        assert {run["state"]["type"] for run in task_runs} == {"COMPLETED"}
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("lowrank").experiment_id])
+        assert sorted(r.info.run_id for r in runs) == sorted(c["mlflow_run_id"] for c in summary["configs"])
+        assert {r.info.status for r in runs} == {"FINISHED"}
+    finally:
+        with admin.cursor() as cursor:
+            for name in (mlflow_db, prefect_db):
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
