@@ -203,11 +203,40 @@ def ui(params: Path = PARAMS, port: int = 5000, host: str = "127.0.0.1") -> None
 
 
 @app.command()
-def serve(params: Path = PARAMS, cron: str = typer.Option(..., help="Cron schedule, e.g. '0 3 * * *'."), name: str = "scheduled") -> None:
-    """Register a scheduled deployment of `compress` and serve it (needs `prefect server start`)."""
-    from .compress import compress
+def serve(
+    params: Path = PARAMS,
+    cron: Optional[str] = typer.Option(None, help="Cron schedule, e.g. '0 3 * * *' (default: orchestration.cron)."),
+    name: str = "scheduled",
+    sweep: bool = typer.Option(False, "--sweep", help="Serve the sweep flow instead of one run."),
+    spec: Optional[Path] = typer.Option(None, help="With --sweep: a sweep spec file."),
+    runner: str = typer.Option("local", help="With --sweep: local or dask."),
+    workers: Optional[int] = typer.Option(None, help="With --sweep: jobs at once."),
+    address: Optional[str] = typer.Option(None, help="With --sweep: a Dask scheduler."),
+) -> None:
+    """Register a scheduled deployment of `compress` (or of `sweep`) and serve it (needs `prefect server start`)."""
+    with lifecycle.user_errors():
+        from lowrank.config import ConfigError, load_params
 
-    compress.serve(name=name, cron=cron, parameters={"params_path": str(params.resolve())})
+        config = load_params(params)
+        schedule = cron or config.orchestration.cron
+        if not schedule:
+            raise ConfigError("serve: give --cron or set orchestration.cron")
+        if sweep:
+            from lowrank.pipeline.sweep import plan, sweep_spec
+
+            from .runners import engine as make_engine
+            from .sweep import sweep as sweep_flow
+
+            run_engine = make_engine(runner, workers, None, address)
+            plan(params, sweep_spec(params, spec, []), check=True)  # a bad spec fails now, not at 3 am
+            parameters = {"params_path": str(params.resolve()), "spec_path": str(spec.resolve()) if spec else None,
+                          "threads": run_engine.threads, "live": False}
+            target = sweep_flow.with_options(task_runner=run_engine.runner)
+        else:
+            from .compress import compress as target
+
+            parameters = {"params_path": str(params.resolve())}
+    target.serve(name=name, cron=schedule, parameters=parameters)
 
 
 if __name__ == "__main__":

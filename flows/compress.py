@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
 
 from prefect import flow
 
@@ -17,12 +16,12 @@ from .steps import execute
 
 
 @flow(name="compress", log_prints=True)
-def compress(params_path: str = "params.yaml", overrides: Sequence[str] = ()) -> dict:
+def compress(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """Run the pipeline that `params.yaml` describes; every stage is cached in the store, then linked into the workspace.
 
     Returns, per stage, whether it came from the cache, its wall-clock seconds and its metrics.
     """
-    params = load_params(params_path, overrides)
+    params = load_params(params_path, overrides or [])
     preflight(params)
     lifecycle.crash_stale_flow_runs()
     track = tracking.configure(params.tracking)

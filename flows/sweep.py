@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any
 
 from prefect import flow
 from prefect.futures import as_completed
@@ -44,11 +44,12 @@ def _error(err: BaseException) -> str:
 
 @flow(name="sweep", log_prints=True)
 def sweep(
-    params_path: str = "params.yaml", spec_path: str | None = None, overrides: Sequence[str] = (),
+    params_path: str = "params.yaml", spec_path: str | None = None, overrides: list[str] | None = None,
     threads: int | None = None, gpu: bool = False, yes: bool = False, live: bool = True,
 ) -> dict[str, Any]:
     """Run every configuration of the sweep; returns each one's status, score and model, and per stage how often it ran."""
     started = time.perf_counter()
+    overrides = list(overrides or [])
     configs, jobs = plan(params_path, sweep_spec(params_path, spec_path, overrides), overrides, yes=yes, check=False)
     lifecycle.crash_stale_flow_runs()
     track = tracking.configure(configs[0].params.tracking)

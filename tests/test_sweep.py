@@ -244,3 +244,37 @@ def test_parallel_sweep_on_postgresql_loses_no_run(tmp_path: Path) -> None:
             for name in (mlflow_db, prefect_db):
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.mark.slow
+def test_a_served_sweep_deployment_runs_to_completion(tmp_path: Path, prefect_api: str) -> None:
+    import httpx
+
+    model = save_tiny_model(tmp_path / "model")
+    tiny_params(tmp_path, model, GLUE_DIR, evaluate={"latency": False}, tracking={"enabled": False},
+                sweep={"grid": {"factorize.keep_ratio": [0.5, 0.3]}})
+    env = lowrank_env(PREFECT_API_URL=prefect_api)
+    server = subprocess.Popen([*LOWRANK, "--quiet", "serve", "--sweep", "--cron", "0 3 * * *", "--workers", "2"],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            found = httpx.post(f"{prefect_api}/deployments/filter", json={"deployments": {"name": {"any_": ["scheduled"]}}}).json()
+            if found:
+                break
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            time.sleep(0.5)
+        (deployment,) = found
+        assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        from prefect.deployments import run_deployment
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            run = run_deployment(f"sweep/{deployment['name']}", timeout=300)  # the serve process picks it up
+        state = run.state.type.value
+        message = run.state.message
+        assert state == "COMPLETED", message
+    finally:
+        server.terminate()
+        server.wait(60)
+    entries = [p for p in (tmp_path / "artifacts" / "store" / "finetune_compressed").iterdir() if p.is_dir()]
+    assert len(entries) == 2 and all((e / "finetune_compressed" / "model" / "model.safetensors").is_file() for e in entries)
