@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -174,3 +175,50 @@ def yaml_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_dvc_queue_runs_a_grid_and_exp_show_lists_it(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path) -> None:
+    """DVC's way to a sweep: `dvc exp run --queue -S ...` per configuration, `dvc queue start -j 2`, `dvc exp show`."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copytree(REPO / "lowrank", project / "lowrank", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, project / name)
+    params_path = tiny_params(project, tiny_model_dir, glue_dir, evaluate={"latency": False}, tracking={"enabled": False})
+    params = yaml_load(params_path)
+    params["paths"] = {"artifacts": "artifacts", "metrics": "metrics"}
+    params["factorize"].update(targets=None, exclude=None)  # dvc.yaml names these keys: DVC needs them present
+    params_path.write_text(json.dumps(params))
+    (project / ".gitignore").write_text("/artifacts\n")
+    git = lambda *args: subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    _dvc(project, "init", "-q")
+    _dvc(project, "config", "core.analytics", "false")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny project")
+
+    for method in ("svd", "fwsvd"):
+        _dvc(project, "exp", "run", "--queue", "summary_factorize", "-S", f"factorize.method={method}", "-S", "factorize.keep_ratio=0.3")
+    _dvc(project, "queue", "start", "-j", "2")
+    for _ in range(600):
+        status = _dvc(project, "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(1)
+    assert status.count("Success") == 2, status
+    rows = json.loads(_exp_show(project))
+    scores = {}
+    for commit in rows:
+        for exp in commit.get("experiments") or []:
+            for revision in exp["revs"]:
+                data = revision["data"]
+                method = data["params"]["params.yaml"]["data"]["factorize"]["method"]
+                summary = data["metrics"]["metrics/summary_factorize.json"]["data"]
+                scores[method] = summary["compressed"]["score"]
+    assert set(scores) == {"svd", "fwsvd"} and all(0 <= s <= 1 for s in scores.values())
+
+
+def _exp_show(project: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True)
+    return done.stdout
