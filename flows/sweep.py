@@ -82,7 +82,7 @@ def sweep(
                 if track and status(config, jobs) == "completed":
                     results = {n: (jobs[config.job(n)].result, bool(jobs[config.job(n)].cached)) for n in config.names}
                     run_ids[config.number] = tracking.log_configuration(
-                        config.params, config.overrides, results, config.layout, config.job(config.names[-1]), {"sweep": sweep_id},
+                        config.params, config.label, config.overrides, results, config.layout, config.job(config.names[-1]), {"sweep": sweep_id},
                     )
             view.update()
     summaries = []

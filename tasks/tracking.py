@@ -147,7 +147,7 @@ FINGERPRINT_TAG = "lowrank.fingerprint"
 
 
 def log_configuration(
-    params: Params, overrides: dict[str, Any], results: dict[str, tuple[StageResult, bool]], layout: Layout,
+    params: Params, name: str, overrides: dict[str, Any], results: dict[str, tuple[StageResult, bool]], layout: Layout,
     fingerprint: str, tags: dict[str, str],
 ) -> str:
     """One run per sweep configuration: its params, every stage's metrics as `<stage>.<metric>`, the lineage of each artifact.
@@ -166,8 +166,7 @@ def log_configuration(
             return found[0].info.run_id
     tags = {**tags, FINGERPRINT_TAG: fingerprint}
     override_tags = {f"sweep.{key}": _param_value(value) for key, value in overrides.items()}
-    with mlflow.start_run(run_name=" ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items()) or "base",
-                          tags={**run_tags(params), **override_tags, **tags}) as run:
+    with mlflow.start_run(run_name=name, tags={**run_tags(params), **override_tags, **tags}) as run:
         _log_params(params)
         metrics, lineage_tags, cached = {}, {}, []
         for name, (result, was_cached) in results.items():

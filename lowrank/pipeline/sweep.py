@@ -26,10 +26,12 @@ class Configuration:
     params: Params
     names: list[str]
     layout: StoreLayout
+    varying: tuple[str, ...] = ()  # the keys whose values differ between the sweep's configurations
 
     @property
     def label(self) -> str:
-        return label(self.overrides)
+        """Its values of the keys that vary (a one-value list in a grid fixes a setting and would only add noise)."""
+        return label({k: v for k, v in self.overrides.items() if k in self.varying})
 
     def job(self, name: str) -> str:
         """The job id of one of its stages: the stage's fingerprint."""
@@ -68,6 +70,10 @@ def plan(params_path: str | Path, spec: SweepConfig, overrides: Sequence[str] = 
             checked.add(key)
         names = pipeline(params)
         configs.append(Configuration(number, override, params, names, StoreLayout.for_params(params, names)))
+    keys = {key for config in configs for key in config.overrides}
+    varying = tuple(sorted(k for k in keys if len({repr(c.overrides.get(k)) for c in configs}) > 1))
+    for config in configs:
+        config.varying = varying
     jobs: dict[str, Job] = {}
     for name in STAGES:  # registration order is run order
         for config in configs:
@@ -106,6 +112,9 @@ def config_summary(config: Configuration, jobs: dict[str, Job]) -> dict[str, Any
         "status": "completed" if state == "completed" else "failed",
         "score": done[evaluation].result.metrics.get("task.score") if done[evaluation].result else None,
         "keep_ratio_reached": reached,
+        "scores": {  # every model the configuration evaluated, the dense one included
+            name: job.result.metrics.get("task.score") for name, job in done.items() if job.result and name.startswith("evaluate")
+        },
         "model": str(get_stage(maker).output_paths(config.layout)[key]),
         "stages": {name: {"cached": job.cached, "seconds": job.seconds} for name, job in done.items()},
     }
