@@ -92,7 +92,9 @@ def sweep(
 
         from .sweep import sweep as sweep_flow
 
-        with tags(lifecycle.OWNER_PREFECT_TAG + owner):
+        from .runners import shared_api
+
+        with shared_api(), tags(lifecycle.OWNER_PREFECT_TAG + owner):
             summary = sweep_flow.with_options(task_runner=run_engine.runner)(
                 str(params), str(spec) if spec else None, overrides, run_engine.threads, gpu, yes, not lifecycle.quiet(),
             )

@@ -9,10 +9,11 @@ sweep of stage jobs does not use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from lowrank.config import InputError
@@ -78,3 +79,31 @@ def engine(kind: str, workers: int | None = None, threads: int | None = None, ad
     if gpu:
         cluster["resources"] = {"GPU": 1}
     return Engine(DaskTaskRunner(cluster_kwargs=cluster), kind, workers, threads, gpu=gpu)
+
+
+@contextlib.contextmanager
+def shared_api() -> Iterator[None]:
+    """One Prefect API for the flow and its workers.
+
+    Without a configured server, Prefect starts a temporary one inside the
+    process that needs it: each worker process would start its own (15 s and a
+    core each) and report its task runs where no UI sees them. So the sweep
+    starts that temporary server itself, before the workers, and hands its URL
+    down through the environment.
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
