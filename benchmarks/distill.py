@@ -17,8 +17,8 @@ import statistics
 from pathlib import Path
 
 from lowrank.config import DistillationConfig, load_params
-from product import call_stage, dense_runs
-from quality import DEFAULT_TRAIN, cached, runs_folder
+from product import cached, call_stage, dense_runs
+from quality import DEFAULT_TRAIN, runs_folder
 from report import add_threads_option, apply_threads, table, write_section
 
 VARIANTS = {  # one setting for all tasks: (distillation, learning rate; None: params.yaml's)

@@ -18,11 +18,9 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+from product import run_sweep
 from report import ROOT, table, write_section
 
 RUNS = ROOT / "benchmarks" / "runs" / "sweep"
@@ -39,16 +37,10 @@ ENGINES = {  # name -> lowrank sweep options
 def sweep(folder: Path, spec: str, options: list[str]) -> tuple[dict, float]:
     """One `lowrank sweep` in its own store; returns its summary and the command's wall seconds."""
     overrides = [
-        "-S", f"paths.artifacts={folder / 'artifacts'}", "-S", f"paths.metrics={folder / 'metrics'}",
-        "-S", f"tracking.uri=sqlite:///{RUNS / 'mlflow.db'}", "-S", f"tracking.artifact_location={RUNS / 'mlartifacts'}",
+        f"paths.artifacts={folder / 'artifacts'}", f"paths.metrics={folder / 'metrics'}",
+        f"tracking.uri=sqlite:///{RUNS / 'mlflow.db'}", f"tracking.artifact_location={RUNS / 'mlartifacts'}",
     ]
-    command = [str(ROOT / ".venv" / "bin" / "lowrank"), "--quiet", "sweep", "--spec", str(SPECS / spec), *options, *overrides]
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"lowrank sweep failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    summary = json.loads(done.stdout)
+    summary, wall = run_sweep(SPECS / spec, overrides, options)
     (folder / "summary.json").write_text(json.dumps({**summary, "wall_seconds": wall}, indent=1))
     return summary, wall
 
