@@ -25,7 +25,7 @@ def execute(name: str, params: Params, layout: StoreLayout, *, track: bool) -> t
     """
     started = time.perf_counter()
     progress(f"stage {name}: started")
-    result, cached, _ = run_stage.with_options(name=name)(name, params, layout, return_state=True).result()
+    result, cached, _costs = run_stage.with_options(name=name)(name, params, layout, return_state=True).result()
     materialize(name, layout)
     seconds = time.perf_counter() - started
     progress(f"stage {name}: {'cached' if cached else 'ran'}, {seconds:.1f} s")

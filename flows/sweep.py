@@ -59,7 +59,7 @@ def sweep(
     for job in jobs.values():
         if configs[0].params.orchestration.cache and (stored := finished(job.name, job.layout)) is not None:
             # A store hit is read here: sending it to a worker would cost a process start and a task run for a file read.
-            job.result, job.cached, job.seconds = stored, True, 0.0
+            job.result, job.cached, job.costs = stored, True, {"seconds": 0.0, "peak_rss_mib": None}
             continue
         with _gpu(job.name, gpu):
             futures[job.id] = run_stage.with_options(name=job.name).submit(
@@ -72,7 +72,7 @@ def sweep(
             if future is not None:
                 job = jobs[owner[id(future)]]
                 try:
-                    job.result, job.cached, job.seconds = future.result()
+                    job.result, job.cached, job.costs = future.result()
                 except BaseException as err:  # noqa: BLE001  a failed job (or its upstream) fails its configurations only
                     job.error = _error(err)
             for config in configs:
@@ -93,5 +93,5 @@ def sweep(
         "configs": summaries,
         "stages": stage_counts(jobs),
         "seconds": round(time.perf_counter() - started, 2),
-        "stage_seconds": round(sum(job.seconds or 0.0 for job in jobs.values()), 2),
+        "stage_seconds": round(sum(job.costs["seconds"] for job in jobs.values() if job.costs), 2),
     }

@@ -194,7 +194,7 @@ class TrackingConfig:
 class OrchestrationConfig:
     """Which path the flow takes, and Prefect's settings (state stays inside the project)."""
 
-    path: Literal["dense", "factorize", "lpaf"] = "factorize"
+    path: Literal["dense", "factorize", "factorize_only", "lpaf"] = "factorize"
     cache: bool = True
     cron: str | None = None
 

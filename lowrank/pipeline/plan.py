@@ -13,7 +13,12 @@ from lowrank.config import InputError, MissingInputError, Params
 from lowrank.pipeline.stage import STAGES, Layout, get_stage
 
 # The last stage of each `orchestration.path`.
-PATH_ENDS = {"dense": "evaluate_dense", "factorize": "summary_factorize", "lpaf": "summary_lpaf"}
+PATH_ENDS = {
+    "dense": "evaluate_dense",
+    "factorize": "summary_factorize",
+    "factorize_only": "evaluate_factorized",  # factorize and score, no + ft: the cheap point of a sweep over targets or ranks
+    "lpaf": "summary_lpaf",
+}
 
 
 def upstream(name: str) -> set[str]:

@@ -49,7 +49,7 @@ class Job:
     after: list[str]  # the jobs it reads
     result: StageResult | None = None
     cached: bool | None = None
-    seconds: float | None = None
+    costs: dict[str, float | None] | None = None  # seconds, peak_rss_mib (of the worker process while it ran)
     error: str | None = None
     configurations: list[int] = field(default_factory=list)
 
@@ -116,7 +116,7 @@ def config_summary(config: Configuration, jobs: dict[str, Job]) -> dict[str, Any
             name: job.result.metrics.get("task.score") for name, job in done.items() if job.result and name.startswith("evaluate")
         },
         "model": str(get_stage(maker).output_paths(config.layout)[key]),
-        "stages": {name: {"cached": job.cached, "seconds": job.seconds} for name, job in done.items()},
+        "stages": {name: {"cached": job.cached, **(job.costs or {"seconds": None})} for name, job in done.items()},
     }
     errors = [f"{job.name}: {job.error}" for job in done.values() if job.error]
     if errors:
