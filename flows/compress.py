@@ -28,10 +28,11 @@ def compress(params_path: str = "params.yaml", overrides: list[str] | None = Non
     names = pipeline(params)
     layout = StoreLayout.for_params(params, names)
     summary: dict[str, dict] = {}
-    run_name = f"{params.data.task}-{params.factorize.method}-{params.factorize.keep_ratio}"
-    with tracking.flow_run(params, run_name) if track else contextlib.nullcontext():
+    with tracking.flow_run(params, tracking.run_name(params)) if track else contextlib.nullcontext():
         for name in names:
             result, cached, seconds = execute(name, params, layout, track=track)
             summary[name] = {"cached": cached, "seconds": seconds, "metrics": result.metrics}
+            if track and name == "prepare":
+                tracking.log_datasets(params, layout)
     return summary
 

@@ -26,6 +26,17 @@ from .lineage import dvc_md5
 _MAX_PARAM = 6000
 
 
+# MLflow 3 opens an experiment on its GenAI overview unless told it holds model training.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "Compressed fine-tuned encoders from lowrank: one run per `lowrank run` (a nested run per stage) or per sweep "
+        "configuration. Compare task.score against params kept and latency; the Dataset column names the splits each "
+        "run trained and scored on, the lineage.* tags the exact artifacts in the store."
+    ),
+}
+
+
 def configure(cfg: TrackingConfig) -> bool:
     """Point MLflow at the configured store; returns whether tracking is on."""
     if not cfg.enabled:
@@ -33,11 +44,50 @@ def configure(cfg: TrackingConfig) -> bool:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     mlflow.set_tracking_uri(cfg.uri)
-    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
         location = Path(cfg.artifact_location).resolve().as_uri()
-        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        mlflow.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+    elif any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+        for key, value in EXPERIMENT_TAGS.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     mlflow.set_experiment(cfg.experiment)
     return True
+
+
+def run_name(params: Params, label: str | None = None) -> str:
+    """What a run is, as its name: task, path (other than factorize), method, keep ratio, seed, and a sweep's other varying values."""
+    path = "" if params.orchestration.path == "factorize" else f"{params.orchestration.path}-"
+    name = f"{params.data.task}-{path}{params.factorize.method}-{params.factorize.keep_ratio}-seed{params.train.seed}"
+    extra = [part for part in (label or "").split() if not part.startswith(("method=", "keep_ratio=", "path="))]
+    return " ".join([name, *extra])
+
+
+def log_datasets(params: Params, layout: Layout) -> None:
+    """The task's splits as the active run's inputs (context training or evaluation), named by where they came from.
+
+    The rows are the prepared ones (the subsample the run trained on), without the token columns; the digest is
+    MLflow's, of those rows, so two runs on the same subsample show the same dataset.
+    """
+    import mlflow.data
+
+    from lowrank.data.loading import HUB_DATASET, reads_from_hub, resolve_task
+    from lowrank.data.tasks import split_path
+    from lowrank.pipeline import PreparedData
+
+    prepared = PreparedData.open(get_stage("prepare").output_paths(layout)["data"])
+    spec, glue_dir = resolve_task(params.data), params.data.resolved_glue_dir()
+    for split, rows in prepared.dataset.items():
+        text = rows.remove_columns([c for c in rows.column_names if c in ("input_ids", "attention_mask", "token_type_ids")])
+        if reads_from_hub(spec, glue_dir):
+            source = f"https://huggingface.co/datasets/{HUB_DATASET}"
+        else:
+            try:
+                source = split_path(spec, split, glue_dir).resolve().as_uri()
+            except ValueError:  # a split the task's files do not name (made by splitting another)
+                source = Path(get_stage("prepare").output_paths(layout)["data"]).resolve().as_uri()
+        dataset = mlflow.data.from_pandas(text.to_pandas(), source=source, targets="label", name=f"{spec.name}-{split}")
+        mlflow.log_input(dataset, context="training" if split == "train" else "evaluation")
 
 
 def git_commit() -> dict[str, str]:
@@ -166,8 +216,9 @@ def log_configuration(
             return found[0].info.run_id
     tags = {**tags, FINGERPRINT_TAG: fingerprint}
     override_tags = {f"sweep.{key}": _param_value(value) for key, value in overrides.items()}
-    with mlflow.start_run(run_name=name, tags={**run_tags(params), **override_tags, **tags}) as run:
+    with mlflow.start_run(run_name=run_name(params, name), tags={**run_tags(params), **override_tags, **tags}) as run:
         _log_params(params)
+        log_datasets(params, layout)
         metrics, lineage_tags, cached = {}, {}, []
         for name, (result, was_cached) in results.items():
             metrics.update({f"{name}.{k}": v for k, v in result.metrics.items()})

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, tiny_params
 from lowrank.config import load_params
@@ -125,6 +126,26 @@ def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, gl
     assert parents[0].data.params["finetune.lr"] == "0.001"
     assert "evaluate_dense.task.accuracy" in parents[0].data.metrics
     assert parents[0].data.tags["task"] == "sst2"
+    assert parents[0].info.run_name == "sst2-tfwsvd-0.3-seed42"
+    # MLflow 3 opens the experiment as model training, and each run shows the splits it trained and scored on.
+    assert mlflow.get_experiment_by_name("lowrank").tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in parents[0].inputs.dataset_inputs}
+    assert inputs == {("sst2-train", "training"), ("sst2-validation", "evaluation")}
+    # Lineage resolves: the first run's compressed model is still where its MLflow run says, with the hash it says,
+    # although later runs replaced the workspace's model.
+    from lowrank import load_compressed
+    from tasks.lineage import dvc_md5
+
+    first_ft = min((r for r in runs if r.data.tags.get("stage") == "finetune_compressed"), key=lambda r: r.info.start_time)
+    path, md5 = first_ft.data.tags["lineage.output.model"].rsplit("@", 1)
+    workspace = tmp_path / "artifacts" / "finetune_compressed" / "model"
+    assert dvc_md5(path) == md5 != dvc_md5(workspace)
+    ids = torch.randint(0, 20, (2, 8))  # inside the tiny vocabulary
+    old, new = (load_compressed(p).eval()(input_ids=ids).logits for p in (path, workspace))
+    assert old.shape == new.shape == (2, 2) and not torch.equal(old, new)
+
+    train_uri = (glue_dir / "SST-2" / "train.tsv").resolve().as_uri()
+    assert any(train_uri in d.dataset.source for d in parents[0].inputs.dataset_inputs)
 
 
 def _dvc(cwd: Path, *args: str) -> str:

@@ -72,6 +72,17 @@ def test_configurations_share_the_stages_they_agree_on(tmp_path: Path) -> None:
     assert len(set(prunes)) == 2 and prunes[0] == prunes[2] and prunes[1] == prunes[3]
 
 
+def test_factorize_only_path_stops_before_ft(tmp_path: Path) -> None:
+    from lowrank.pipeline.plan import shipped
+
+    params = load_params(tiny_params(tmp_path, tmp_path / "model", GLUE_DIR), ["orchestration.path=factorize_only"])
+    assert pipeline(params) == ["prepare", "finetune", "evaluate_dense", "fisher", "factorize", "evaluate_factorized"]
+    assert shipped("factorize_only") == ("evaluate_factorized", "factorize", "model")
+    assert shipped("factorize") == ("evaluate_compressed", "finetune_compressed", "model")
+    with pytest.raises(ConfigError, match="sparse_svd factorizes pruned matrices"):
+        load_params(tiny_params(tmp_path, tmp_path / "model", GLUE_DIR), ["orchestration.path=factorize_only", "factorize.method=sparse_svd"])
+
+
 def test_fingerprints_change_with_params_not_with_paths(tmp_path: Path) -> None:
     base = tiny_params(tmp_path, tmp_path / "model", GLUE_DIR)
     one = fingerprints(load_params(base), ["summary_factorize"])
@@ -126,7 +137,7 @@ def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone
     tiny_params(tmp_path, model, GLUE_DIR, evaluate={"latency": False}, sweep=sweep)
     env = lowrank_env(PREFECT_API_URL=prefect_api)
 
-    code, summary, err = _sweep(tmp_path, env, "--workers", "2")
+    code, summary, err = _sweep(tmp_path, env, "--workers", "2", "--threads", "1")
     assert code == 1, err[-3000:]  # the fifth configuration fails, alone
     configs = summary["configs"]
     assert [c["status"] for c in configs] == ["completed"] * 4 + ["failed"]
@@ -141,6 +152,8 @@ def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone
     assert all(0 <= c["score"] <= 1 for c in configs[:4])
     assert [c["keep_ratio_reached"] <= c["overrides"]["factorize.keep_ratio"] for c in configs[:4]] == [True] * 4
     assert summary["engine"] == {"runner": "local", "workers": 2, "threads": 1, "address": None}
+    finetune = configs[0]["stages"]["finetune"]
+    assert finetune["cached"] is False and finetune["seconds"] > 0 and finetune["peak_rss_mib"] > 100  # torch alone is more
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = {c["mlflow_run_id"]: c for c in configs[:4]}
@@ -149,6 +162,9 @@ def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone
         assert run.data.tags["sweep.factorize.method"] == config["overrides"]["factorize.method"]
         assert run.data.metrics["evaluate_compressed.task.score"] == config["score"]
         assert run.data.tags["finetune_compressed.lineage.output.model"].startswith(config["model"])
+        method, ratio = config["overrides"]["factorize.method"], config["overrides"]["factorize.keep_ratio"]
+        assert run.info.run_name == f"sst2-{method}-{ratio}-seed42"
+        assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["sst2-train", "sst2-validation"]
 
     # A rerun computes only what failed; every finished configuration comes from the store, with its MLflow run.
     code, again, _ = _sweep(tmp_path, env, "--workers", "2")
@@ -169,7 +185,9 @@ def test_sweep_on_a_local_dask_cluster_gives_the_same_bytes(tmp_path: Path, pref
         project.mkdir()
         tiny_params(project, model, GLUE_DIR, evaluate={"latency": False}, tracking={"enabled": False},
                     sweep={"grid": {"factorize.method": ["svd", "fwsvd"]}})
-        code, summary, err = _sweep(project, env, "--runner", runner, "--workers", "2")
+        # --gpu: the training stages ask for the worker resource GPU=1, which each worker of the local cluster has
+        options = ["--gpu"] if runner == "dask" else []
+        code, summary, err = _sweep(project, env, "--runner", runner, "--workers", "2", "--threads", "1", *options)
         assert code == 0, err[-3000:]
         results[runner] = summary
     assert results["dask"]["engine"]["runner"] == "dask"
