@@ -70,11 +70,12 @@ def longest_chain(summary: dict) -> float:
 def run(args: argparse.Namespace) -> None:
     """Every sweep of the benchmark, one after the other; each leaves its summary in its folder."""
     cold_dir = RUNS / "cold"
-    if cold_dir.exists():
-        shutil.rmtree(cold_dir)
-    sweep(cold_dir, "sweep-sst2.yaml", ["--workers", "2", "--threads", "1"])
-    rerun, _ = sweep(cold_dir, "sweep-sst2.yaml", ["--workers", "2", "--threads", "1"], name="rerun")
-    assert all(row["ran"] == 0 for row in rerun["stages"].values()), rerun["stages"]
+    if not args.engines_only:
+        if cold_dir.exists():
+            shutil.rmtree(cold_dir)
+        sweep(cold_dir, "sweep-sst2.yaml", ["--workers", "2", "--threads", "1"])
+        rerun, _ = sweep(cold_dir, "sweep-sst2.yaml", ["--workers", "2", "--threads", "1"], name="rerun")
+        assert all(row["ran"] == 0 for row in rerun["stages"].values()), rerun["stages"]
     for key in args.engines.split(","):
         if key not in args.keep.split(","):  # --keep: measured before, in a store seeded from a cold run of the same code
             seed(cold_dir, RUNS / key)
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated keys of the engines to compare: {', '.join(ENGINES)}")
     parser.add_argument("--keep", default="", help="comma-separated engine keys not to run again (their last summary is reported)")
     parser.add_argument("--report-only", action="store_true", help="write the section from the summaries the last runs left")
+    parser.add_argument("--engines-only", action="store_true", help="keep the last cold run (its store seeds the engines' stores)")
     args = parser.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     if not args.report_only:

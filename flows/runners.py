@@ -73,8 +73,12 @@ def engine(kind: str, workers: int | None = None, threads: int | None = None, ad
         from prefect.task_runners import ProcessPoolTaskRunner
 
         return Engine(ProcessPoolTaskRunner(max_workers=workers), kind, workers, threads)
+    import dask
     from prefect_dask import DaskTaskRunner
 
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand memory back after
+    # every large free: a training step allocates and frees hundreds of MiB, and ran 26% slower so (BENCHMARKS.md).
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
     if gpu:
         cluster["resources"] = {"GPU": 1}
