@@ -66,19 +66,17 @@ def run_name(params: Params, label: str | None = None) -> str:
 def log_datasets(params: Params, layout: Layout) -> None:
     """The task's splits as the active run's inputs (context training or evaluation), named by where they came from.
 
-    The rows are the prepared ones (the subsample the run trained on), without the token columns; the digest is
-    MLflow's, of those rows, so two runs on the same subsample show the same dataset.
+    The rows are the raw text of the subsample the run trained and scored on (what prepare tokenized); the
+    digest is MLflow's, of those rows, so two runs on the same subsample show the same dataset.
     """
     import mlflow.data
 
-    from lowrank.data.loading import HUB_DATASET, reads_from_hub, resolve_task
+    from lowrank.data.loading import HUB_DATASET, load_raw_from_config, reads_from_hub, resolve_task
     from lowrank.data.tasks import split_path
-    from lowrank.pipeline import PreparedData
 
-    prepared = PreparedData.open(get_stage("prepare").output_paths(layout)["data"])
     spec, glue_dir = resolve_task(params.data), params.data.resolved_glue_dir()
-    for split, rows in prepared.dataset.items():
-        text = rows.remove_columns([c for c in rows.column_names if c in ("input_ids", "attention_mask", "token_type_ids")])
+    for split, rows in load_raw_from_config(params.data, spec).items():
+        text = rows.to_pandas()
         if reads_from_hub(spec, glue_dir):
             source = f"https://huggingface.co/datasets/{HUB_DATASET}"
         else:
@@ -86,7 +84,8 @@ def log_datasets(params: Params, layout: Layout) -> None:
                 source = split_path(spec, split, glue_dir).resolve().as_uri()
             except ValueError:  # a split the task's files do not name (made by splitting another)
                 source = Path(get_stage("prepare").output_paths(layout)["data"]).resolve().as_uri()
-        dataset = mlflow.data.from_pandas(text.to_pandas(), source=source, targets="label", name=f"{spec.name}-{split}")
+        target = "label" if "label" in text.columns else None
+        dataset = mlflow.data.from_pandas(text, source=source, targets=target, name=f"{spec.name}-{split}")
         mlflow.log_input(dataset, context="training" if split == "train" else "evaluation")
 
 

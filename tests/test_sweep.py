@@ -76,7 +76,7 @@ def test_factorize_only_path_stops_before_ft(tmp_path: Path) -> None:
     from lowrank.pipeline.plan import shipped
 
     params = load_params(tiny_params(tmp_path, tmp_path / "model", GLUE_DIR), ["orchestration.path=factorize_only"])
-    assert pipeline(params) == ["prepare", "finetune", "evaluate_dense", "fisher", "factorize", "evaluate_factorized"]
+    assert pipeline(params) == ["prepare", "finetune", "evaluate_dense", "fisher", "factorize", "evaluate_factorized", "summary_factorize_only"]
     assert shipped("factorize_only") == ("evaluate_factorized", "factorize", "model")
     assert shipped("factorize") == ("evaluate_compressed", "finetune_compressed", "model")
     with pytest.raises(ConfigError, match="sparse_svd factorizes pruned matrices"):

@@ -16,7 +16,7 @@ from lowrank.pipeline.stage import STAGES, Layout, get_stage
 PATH_ENDS = {
     "dense": "evaluate_dense",
     "factorize": "summary_factorize",
-    "factorize_only": "evaluate_factorized",  # factorize and score, no + ft: the cheap point of a sweep over targets or ranks
+    "factorize_only": "summary_factorize_only",  # factorize and score, no + ft: the cheap point of a sweep over targets or ranks
     "lpaf": "summary_lpaf",
 }
 
@@ -36,7 +36,7 @@ def path_stages(path: str) -> list[str]:
     """The stages of a path, in run order: the end's upstream, plus the evaluations of what they make."""
     chosen = upstream(PATH_ENDS[path])
     for name, st in STAGES.items():
-        if not st.outputs and set(st.after) <= chosen:
+        if not st.outputs and name not in PATH_ENDS.values() and set(st.after) <= chosen:  # another path's end is not an evaluation
             chosen.add(name)
     return [name for name in STAGES if name in chosen]
 

@@ -158,7 +158,8 @@ def materialize(name: str, layout: StoreLayout) -> None:
             with atomic_dir(dest) as tmp:
                 tmp.rmdir()
                 _link_tree(source, tmp)
-        else:
+        elif not (dest.exists() and os.path.samefile(source, dest)):
+            # (renaming a link onto another link of the same file does nothing and would leave the temporary name)
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-link")
             tmp.unlink(missing_ok=True)

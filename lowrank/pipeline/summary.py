@@ -59,4 +59,5 @@ def register_summary(path: str, evaluations: dict[str, str]) -> None:
 
 
 register_summary("factorize", {"dense": "evaluate_dense", "factorized": "evaluate_factorized", "compressed": "evaluate_compressed"})
+register_summary("factorize_only", {"dense": "evaluate_dense", "factorized": "evaluate_factorized"})
 register_summary("lpaf", {"dense": "evaluate_dense", "pruned_factorized": "evaluate_pruned_factorized", "lpaf": "evaluate_lpaf"})
