@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from lowrank.config import load_params
@@ -113,8 +114,8 @@ def main() -> None:
         return read_json(get_stage("prune").metrics_path(config.layout))
 
     results = list(zip(configs, summary["configs"]))
-    main_runs = [(c, r) for c, r in results if set(c.overrides) <= set(spec.grid)]
-    ablation_runs = [(c, r) for c, r in results if not set(c.overrides) <= set(spec.grid)]
+    in_grid = math.prod(len(values) for values in spec.grid.values()) if spec.grid else 0  # the grid's come first
+    main_runs, ablation_runs = results[:in_grid], results[in_grid:]
     ratios = [c.params.factorize.keep_ratio for c, _ in main_runs]
 
     # quality.py's + ft rows with LPAF's seed and learning rate, and + ft for as many epochs as LPAF trains when it ran for it;

@@ -102,7 +102,7 @@ def main() -> None:
         info = read_json(get_stage("factorize").metrics_path(config.layout))
         before = result["scores"]["evaluate_factorized"]
         if cfg.targets is not None:  # (c)
-            types[next(k for k, pattern in TYPES.items() if cfg.targets == [pattern])] = (before, info)
+            types[next(k for k, pattern in TYPES.items() if cfg.targets == pattern)] = (before, info)
         elif cfg.allocation == "fisher":  # (d)
             ranks = [r["rank"] for r in info["layers"] if r["rank"] is not None]
             label = f"fisher, floor {cfg.min_rank_share:g} (ranks {min(ranks)}-{max(ranks)}, {len(info['layers']) - len(ranks)} dense)"
