@@ -104,6 +104,48 @@ def sweep(
 
 
 @app.command()
+def compare(
+    params: Path = PARAMS,
+    sweep: Optional[str] = typer.Option(None, help="The sweep id (its runs' `sweep` tag); default: the last sweep."),
+    fmt: str = typer.Option("table", "--format", help="table (rich, Pareto rows in bold), csv or markdown."),
+) -> None:
+    """A sweep's configurations side by side from MLflow: score, parameters kept, latency; the Pareto front marked."""
+    with lifecycle.user_errors():
+        from lowrank.config import InputError, load_params
+        from tasks.tracking import sweep_rows
+
+        if fmt not in ("table", "csv", "markdown"):
+            raise InputError(f"--format {fmt}: choose table, csv or markdown")
+        config = load_params(params)
+        try:
+            sweep_id, rows = sweep_rows(config.tracking, sweep)
+        except LookupError as err:
+            raise InputError(str(err)) from None
+    columns = ["run", "method", "keep_ratio", "score", "params_kept", "latency_ms.batch_1", "latency_ms.batch_32", "pareto"]
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
+    if fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows([["" if row[c] is None else row[c] for c in columns] for row in rows])  # full precision
+    elif fmt == "markdown":
+        typer.echo("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+        for row in rows:
+            typer.echo("| " + " | ".join(cell(row[c]) for c in columns) + " |")
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"sweep {sweep_id}: Pareto front (score up, parameters kept down) in bold")
+        for column in columns[:-1]:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(cell(row[c]) for c in columns[:-1]), style="bold" if row["pareto"] else "dim")
+        Console().print(table)
+
+
+@app.command()
 def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
     """Run one stage (what `dvc repro` calls); DVC decides whether it needs to run."""
     with lifecycle.user_errors():

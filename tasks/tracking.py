@@ -227,3 +227,34 @@ def log_configuration(
         mlflow.log_metrics(metrics)
         mlflow.set_tags({**lineage_tags, "cached_stages": ",".join(cached)})
         return run.info.run_id
+
+
+def sweep_rows(cfg: TrackingConfig, sweep: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """A sweep's configurations as MLflow has them (the last sweep by default): score, parameters kept, latency, Pareto mark."""
+    from lowrank.pipeline.plan import shipped
+    from lowrank.pipeline.summary import pareto
+
+    configure(cfg)
+    if sweep is None:
+        latest = mlflow.search_runs(filter_string="tags.sweep != ''", order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+        if not latest:
+            raise LookupError(f"no sweep run in experiment {cfg.experiment} at {cfg.uri}")
+        sweep = latest[0].data.tags["sweep"]
+    runs = mlflow.search_runs(filter_string=f"tags.sweep = '{sweep}'", order_by=["attributes.start_time ASC"], output_format="list")
+    if not runs:
+        raise LookupError(f"no run of sweep {sweep} in experiment {cfg.experiment} at {cfg.uri}")
+    rows = []
+    for run in runs:
+        metrics, evaluation = run.data.metrics, shipped(run.data.tags["path"])[0]
+        dense = metrics.get("evaluate_dense.params.target_linear")
+        rows.append({
+            "run": run.info.run_name, "run_id": run.info.run_id, "method": run.data.tags.get("method"),
+            "keep_ratio": float(run.data.tags.get("keep_ratio", "nan")),
+            "score": metrics.get(f"{evaluation}.task.score"),
+            "params_kept": metrics[f"{evaluation}.params.target_linear"] / dense if dense else None,
+            **{f"latency_ms.batch_{b}": metrics.get(f"{evaluation}.latency.batch_{b}.median_ms") for b in (1, 32)},
+        })
+    marks = pareto([(r["score"] or 0.0, r["params_kept"] or 1.0) for r in rows])
+    for row, mark in zip(rows, marks):
+        row["pareto"] = mark
+    return sweep, rows

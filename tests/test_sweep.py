@@ -83,6 +83,14 @@ def test_factorize_only_path_stops_before_ft(tmp_path: Path) -> None:
         load_params(tiny_params(tmp_path, tmp_path / "model", GLUE_DIR), ["orchestration.path=factorize_only", "factorize.method=sparse_svd"])
 
 
+def test_pareto_front_keeps_what_nothing_beats() -> None:
+    from lowrank.pipeline.summary import pareto
+
+    points = [(0.80, 0.5), (0.78, 0.3), (0.79, 0.5), (0.70, 0.15), (0.70, 0.3), (0.78, 0.3)]
+    # (0.79, 0.5) loses to (0.80, 0.5); (0.70, 0.3) to (0.78, 0.3); equal points do not beat each other
+    assert pareto(points) == [True, True, False, True, False, True]
+
+
 def test_fingerprints_change_with_params_not_with_paths(tmp_path: Path) -> None:
     base = tiny_params(tmp_path, tmp_path / "model", GLUE_DIR)
     one = fingerprints(load_params(base), ["summary_factorize"])
@@ -165,6 +173,18 @@ def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone
         method, ratio = config["overrides"]["factorize.method"], config["overrides"]["factorize.keep_ratio"]
         assert run.info.run_name == f"sst2-{method}-{ratio}-seed42"
         assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["sst2-train", "sst2-validation"]
+
+    # `lowrank compare` reads the sweep back from MLflow: the completed configurations, the Pareto front marked.
+    done = subprocess.run([*LOWRANK, "compare", "--format", "csv"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import csv
+
+    table = list(csv.DictReader(done.stdout.splitlines()))
+    assert sorted(r["run"] for r in table) == sorted(f"sst2-{c['overrides']['factorize.method']}-{c['overrides']['factorize.keep_ratio']}-seed42" for c in configs[:4])
+    for row in table:
+        beaten = any(float(o["score"]) >= float(row["score"]) and float(o["params_kept"]) <= float(row["params_kept"])
+                     and (float(o["score"]), float(o["params_kept"])) != (float(row["score"]), float(row["params_kept"])) for o in table)
+        assert row["pareto"] == str(not beaten)
 
     # A rerun computes only what failed; every finished configuration comes from the store, with its MLflow run.
     code, again, _ = _sweep(tmp_path, env, "--workers", "2")

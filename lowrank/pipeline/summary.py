@@ -61,3 +61,11 @@ def register_summary(path: str, evaluations: dict[str, str]) -> None:
 register_summary("factorize", {"dense": "evaluate_dense", "factorized": "evaluate_factorized", "compressed": "evaluate_compressed"})
 register_summary("factorize_only", {"dense": "evaluate_dense", "factorized": "evaluate_factorized"})
 register_summary("lpaf", {"dense": "evaluate_dense", "pruned_factorized": "evaluate_pruned_factorized", "lpaf": "evaluate_lpaf"})
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """Which (score, cost) points no other point beats: a score at least as high at a cost at most as low, one of them strictly."""
+    return [
+        not any(s >= score and c <= cost and (s > score or c < cost) for s, c in points)
+        for score, cost in points
+    ]
