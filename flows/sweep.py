@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from pathlib import Path
 import time
 import uuid
 from typing import Any
@@ -88,8 +89,13 @@ def sweep(
     summaries = []
     for config in configs:
         summaries.append({**config_summary(config, jobs), "mlflow_run_id": run_ids.get(config.number)})
+    sweep_run = None
+    if track and any(run_ids.values()):
+        ids = [run_id for run_id in run_ids.values() if run_id]
+        sweep_run = tracking.log_sweep(configs[0].params.tracking, sweep_id, ids, Path(configs[0].params.paths.metrics))
     return {
         "sweep": sweep_id,
+        "mlflow_sweep_run_id": sweep_run,
         "configs": summaries,
         "stages": stage_counts(jobs),
         "seconds": round(time.perf_counter() - started, 2),

@@ -229,32 +229,56 @@ def log_configuration(
         return run.info.run_id
 
 
+SWEEP_RUN_TAG = "lowrank.sweep_run"  # marks a sweep's own run
+SWEEP_RUNS_TAG = "lowrank.sweep_runs"  # on it: its configurations' run ids (a rerun reuses runs an earlier sweep made)
+
+
 def sweep_rows(cfg: TrackingConfig, sweep: str | None = None) -> tuple[str, list[dict[str, Any]]]:
     """A sweep's configurations as MLflow has them (the last sweep by default): score, parameters kept, latency, Pareto mark."""
+    configure(cfg)
+    where = f"tags.`{SWEEP_RUN_TAG}` = 'true'" + (f" and tags.sweep = '{sweep}'" if sweep else "")
+    found = mlflow.search_runs(filter_string=where, order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if not found:
+        raise LookupError(f"no sweep{' ' + sweep if sweep else ''} in experiment {cfg.experiment} at {cfg.uri}")
+    return found[0].data.tags["sweep"], configuration_rows(found[0].data.tags[SWEEP_RUNS_TAG].split(","))
+
+
+def configuration_rows(run_ids: list[str]) -> list[dict[str, Any]]:
+    """One row per configuration run, and whether it is on the Pareto front of score against parameters kept."""
     from lowrank.pipeline.plan import shipped
     from lowrank.pipeline.summary import pareto
 
-    configure(cfg)
-    if sweep is None:
-        latest = mlflow.search_runs(filter_string="tags.sweep != ''", order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-        if not latest:
-            raise LookupError(f"no sweep run in experiment {cfg.experiment} at {cfg.uri}")
-        sweep = latest[0].data.tags["sweep"]
-    runs = mlflow.search_runs(filter_string=f"tags.sweep = '{sweep}'", order_by=["attributes.start_time ASC"], output_format="list")
-    if not runs:
-        raise LookupError(f"no run of sweep {sweep} in experiment {cfg.experiment} at {cfg.uri}")
-    rows = []
-    for run in runs:
+    client, rows = mlflow.MlflowClient(), []
+    for run in (client.get_run(run_id) for run_id in run_ids):
         metrics, evaluation = run.data.metrics, shipped(run.data.tags["path"])[0]
         dense = metrics.get("evaluate_dense.params.target_linear")
         rows.append({
             "run": run.info.run_name, "run_id": run.info.run_id, "method": run.data.tags.get("method"),
             "keep_ratio": float(run.data.tags.get("keep_ratio", "nan")),
             "score": metrics.get(f"{evaluation}.task.score"),
+            "dense_score": metrics.get("evaluate_dense.task.score"),
             "params_kept": metrics[f"{evaluation}.params.target_linear"] / dense if dense else None,
             **{f"latency_ms.batch_{b}": metrics.get(f"{evaluation}.latency.batch_{b}.median_ms") for b in (1, 32)},
         })
     marks = pareto([(r["score"] or 0.0, r["params_kept"] or 1.0) for r in rows])
     for row, mark in zip(rows, marks):
         row["pareto"] = mark
-    return sweep, rows
+    return rows
+
+
+def log_sweep(cfg: TrackingConfig, sweep: str, run_ids: list[str], metrics_dir: Path) -> str:
+    """The sweep's own run: its configurations as an MLflow table and `metrics/sweep.json` (for DVC), and the Pareto plot."""
+    from lowrank.io.files import write_json
+    from lowrank.pipeline.plots import plot_pareto
+
+    rows = configuration_rows(run_ids)
+    dense = next((r["dense_score"] for r in rows if r["dense_score"] is not None), None)
+    table = write_json(metrics_dir / "sweep.json", {"sweep": sweep, "configurations": rows})
+    plot = plot_pareto([r for r in rows if r["score"] is not None and r["params_kept"] is not None], dense, metrics_dir / "sweep_pareto.png")
+    tags = {"sweep": sweep, SWEEP_RUN_TAG: "true", SWEEP_RUNS_TAG: ",".join(run_ids), **owner_tag()}
+    with mlflow.start_run(run_name=f"sweep {sweep}", tags=tags) as run:
+        mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "sweep_table.json")
+        mlflow.log_artifact(str(table))
+        mlflow.log_artifact(str(plot))
+        mlflow.log_metrics({"configurations": len(rows), "pareto": sum(r["pareto"] for r in rows)})
+        return run.info.run_id

@@ -174,6 +174,11 @@ def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone
         assert run.info.run_name == f"sst2-{method}-{ratio}-seed42"
         assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["sst2-train", "sst2-validation"]
 
+    # The sweep's own run: the table (also metrics/sweep.json, for DVC) and the Pareto plot.
+    artifacts = {a.path for a in client.list_artifacts(summary["mlflow_sweep_run_id"])}
+    assert {"sweep.json", "sweep_pareto.png", "sweep_table.json"} <= artifacts
+    assert len(json.loads((tmp_path / "metrics" / "sweep.json").read_text())["configurations"]) == 4
+
     # `lowrank compare` reads the sweep back from MLflow: the completed configurations, the Pareto front marked.
     done = subprocess.run([*LOWRANK, "compare", "--format", "csv"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -275,7 +280,9 @@ def test_parallel_sweep_on_postgresql_loses_no_run(tmp_path: Path) -> None:
 
         client = mlflow.MlflowClient(tracking_uri=uri)
         runs = client.search_runs([client.get_experiment_by_name("lowrank").experiment_id])
-        assert sorted(r.info.run_id for r in runs) == sorted(c["mlflow_run_id"] for c in summary["configs"])
+        configurations = [r for r in runs if "lowrank.sweep_run" not in r.data.tags]
+        assert sorted(r.info.run_id for r in configurations) == sorted(c["mlflow_run_id"] for c in summary["configs"])
+        assert [r.info.run_id for r in runs if "lowrank.sweep_run" in r.data.tags] == [summary["mlflow_sweep_run_id"]]
         assert {r.info.status for r in runs} == {"FINISHED"}
     finally:
         with admin.cursor() as cursor:

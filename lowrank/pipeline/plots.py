@@ -69,3 +69,22 @@ def plot_rank_report(reports: Mapping[str, list[dict]], path: str | Path) -> Pat
     axes[-1, 0].set_xticklabels(names, rotation=90, fontsize=6)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_pareto(rows: list[dict], dense_score: float | None, path: str | Path) -> Path:
+    """Score against parameters kept, one series per method, the dense score as a line, the Pareto front circled."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params_kept"])
+        ax.plot([r["params_kept"] for r in mine], [r["score"] for r in mine], marker="o", label=method)
+    front = [r for r in rows if r["pareto"]]
+    ax.scatter([r["params_kept"] for r in front], [r["score"] for r in front], s=160, facecolors="none",
+               edgecolors="black", label="Pareto front")
+    if dense_score is not None:
+        ax.axhline(dense_score, color="grey", linestyle="--", label="dense")
+    ax.set_xlabel("parameters kept (targeted Linear layers)")
+    ax.set_ylabel("task score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))
