@@ -58,7 +58,7 @@ def sweep(
 
     futures = {}
     for job in jobs.values():
-        if configs[0].params.orchestration.cache and (stored := finished(job.name, job.layout)) is not None:
+        if job.params.orchestration.cache and (stored := finished(job.name, job.layout)) is not None:
             # A store hit is read here: sending it to a worker would cost a process start and a task run for a file read.
             job.result, job.cached, job.costs = stored, True, {"seconds": 0.0, "peak_rss_mib": None}
             continue

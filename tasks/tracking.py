@@ -7,6 +7,7 @@ that talks to MLflow, so the tracking backend can change without touching it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -19,6 +20,7 @@ import lowrank
 from lowrank.config import Params, TrackingConfig, flatten, select
 from lowrank.methods import get_method
 from lowrank.pipeline import Layout, StageResult, get_stage
+from lowrank.pipeline.store import StoreLayout
 
 from .lineage import dvc_md5
 
@@ -162,13 +164,21 @@ def flow_run(params: Params, run_name: str, extra_tags: dict[str, str] | None = 
         yield run
 
 
+@functools.lru_cache(maxsize=None)
+def _stored_md5(path: str) -> str | None:
+    # A finished store entry never changes (computed again, it has the same bytes), so its hash is taken once per
+    # process: the dense model that every configuration of a sweep reads is not hashed again for each of them.
+    return dvc_md5(path)
+
+
 def lineage(name: str, layout: Layout) -> dict[str, str]:
     """DVC md5 of every input and output artifact of a stage, at its path in the store (or the workspace)."""
     stage = get_stage(name)
+    md5 = (lambda path: _stored_md5(str(path))) if isinstance(layout, StoreLayout) else dvc_md5
     tags = {}
     for kind, paths in (("input", stage.input_paths(layout)), ("output", stage.output_paths(layout))):
         for key, path in paths.items():
-            tags[f"lineage.{kind}.{key}"] = f"{path}@{dvc_md5(path)}"
+            tags[f"lineage.{kind}.{key}"] = f"{path}@{md5(path)}"
     return tags
 
 

@@ -122,20 +122,13 @@ def run_stored(name: str, params: Params, layout: StoreLayout, refresh: bool = F
             return result, True
         if entry.exists():  # an attempt that died, or outputs someone deleted part of
             shutil.rmtree(entry)
-        result = get_stage(name).run(params, layout)
-        write_json(entry / RECORD, _record(result))
-    return StageResult(**read_json(entry / RECORD)), False
-
-
-def _link_tree(source: Path, target: Path) -> None:
-    """Hard-link a file or folder (a copy where links fail): the workspace view costs no space."""
-    if source.is_dir():
-        shutil.copytree(source, target, copy_function=_link_file)
-    else:
-        _link_file(source, target)
+        record = _record(get_stage(name).run(params, layout))
+        write_json(entry / RECORD, record)
+    return StageResult(**record), False  # the JSON form, as a later hit reads it
 
 
 def _link_file(source: str | Path, target: str | Path) -> None:
+    """Hard-link a file (a copy where links fail): the workspace view costs no space."""
     try:
         os.link(source, target)
     except OSError:
@@ -156,8 +149,8 @@ def materialize(name: str, layout: StoreLayout) -> None:
             continue
         if source.is_dir():
             with atomic_dir(dest) as tmp:
-                tmp.rmdir()
-                _link_tree(source, tmp)
+                tmp.rmdir()  # copytree makes it
+                shutil.copytree(source, tmp, copy_function=_link_file)
         elif not (dest.exists() and os.path.samefile(source, dest)):
             # (renaming a link onto another link of the same file does nothing and would leave the temporary name)
             dest.parent.mkdir(parents=True, exist_ok=True)

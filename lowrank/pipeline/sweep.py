@@ -7,7 +7,7 @@ where every job comes after the jobs it reads (the stages' registration order).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,7 +51,6 @@ class Job:
     cached: bool | None = None
     costs: dict[str, float | None] | None = None  # seconds, peak_rss_mib (of the worker process while it ran)
     error: str | None = None
-    configurations: list[int] = field(default_factory=list)
 
 
 def sweep_spec(params_path: str | Path, spec_path: str | Path | None, overrides: Sequence[str]) -> SweepConfig:
@@ -83,7 +82,6 @@ def plan(params_path: str | Path, spec: SweepConfig, overrides: Sequence[str] = 
             if job_id not in jobs:
                 after = [config.job(up) for up in get_stage(name).after]
                 jobs[job_id] = Job(job_id, name, config.params, config.layout, after)
-            jobs[job_id].configurations.append(config.number)
     return configs, jobs
 
 
