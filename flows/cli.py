@@ -99,6 +99,9 @@ def sweep(
                 str(params), str(spec) if spec else None, overrides, run_engine.threads, gpu, yes, not lifecycle.quiet(),
             )
     _print({**summary, "engine": run_engine.describe()})
+    if (summary.get("champion") or {}).get("error"):  # the sweep ran; its select section named nothing it logged
+        typer.echo(f"error: {summary['champion']['error']}", err=True)
+        raise typer.Exit(2)
     if any(config["status"] != "completed" for config in summary["configs"]):
         raise typer.Exit(1)
 
@@ -161,8 +164,11 @@ def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET
         layout = Layout.from_params(config)
         result = get_stage(name).run(config, layout)
         if tracking.configure(config.tracking):
+            from tasks.models import log_results
+
             with tracking.flow_run(config, name, {"driver": "dvc"}):
                 tracking.log_stage(name, config, result, cached=False, layout=layout, nested=True)
+                log_results({name: result}, config, layout)
     _print({"stage": name, "outputs": result.outputs, "metrics": result.metrics})
 
 

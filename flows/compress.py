@@ -10,6 +10,7 @@ from lowrank.config import load_params
 from lowrank.pipeline import pipeline, preflight
 from lowrank.pipeline.store import StoreLayout
 from tasks import tracking
+from tasks.models import log_results
 
 from . import lifecycle
 from .steps import execute
@@ -28,11 +29,14 @@ def compress(params_path: str = "params.yaml", overrides: list[str] | None = Non
     names = pipeline(params)
     layout = StoreLayout.for_params(params, names)
     summary: dict[str, dict] = {}
+    results, scored = {}, None
     with tracking.flow_run(params, tracking.run_name(params)) if track else contextlib.nullcontext():
         for name in names:
-            result, cached, seconds = execute(name, params, layout, track=track)
-            summary[name] = {"cached": cached, "seconds": seconds, "metrics": result.metrics}
-            if track and name == "prepare":
-                tracking.log_datasets(params, layout)
+            results[name], cached, seconds = execute(name, params, layout, track=track)
+            summary[name] = {"cached": cached, "seconds": seconds, "metrics": results[name].metrics}
+            if track and name == "prepare":  # the splits as inputs, as soon as they exist
+                scored = tracking.log_datasets(params, layout)
+        if track:  # every stage's metrics, each evaluation's against the model it scored (on the evaluation split)
+            log_results(results, params, layout, scored)
     return summary
 

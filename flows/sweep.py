@@ -20,9 +20,11 @@ from typing import Any
 from prefect import flow
 from prefect.futures import as_completed
 
+from lowrank.config import InputError
 from lowrank.pipeline.store import finished
 from lowrank.pipeline.sweep import config_summary, plan, stage_counts, status, sweep_spec
 from tasks import tracking
+from tasks.models import register_champion
 from tasks.stages import run_stage
 
 from . import lifecycle
@@ -51,7 +53,8 @@ def sweep(
     """Run every configuration of the sweep; returns each one's status, score and model, and per stage how often it ran."""
     started = time.perf_counter()
     overrides = list(overrides or [])
-    configs, jobs = plan(params_path, sweep_spec(params_path, spec_path, overrides), overrides, yes=yes, check=False)
+    spec = sweep_spec(params_path, spec_path, overrides)
+    configs, jobs = plan(params_path, spec, overrides, yes=yes, check=False)
     lifecycle.crash_stale_flow_runs()
     track = tracking.configure(configs[0].params.tracking)
     sweep_id = uuid.uuid4().hex[:12]
@@ -89,13 +92,18 @@ def sweep(
     summaries = []
     for config in configs:
         summaries.append({**config_summary(config, jobs), "mlflow_run_id": run_ids.get(config.number)})
-    sweep_run = None
+    sweep_run, champion = None, None
     if track and any(run_ids.values()):
         ids = [run_id for run_id in run_ids.values() if run_id]
-        sweep_run = tracking.log_sweep(configs[0].params.tracking, sweep_id, ids, Path(configs[0].params.paths.metrics))
+        try:
+            champion = register_champion(spec.select, configs[0].params.data.task, ids)
+        except InputError as err:  # a metric no configuration logged: the sweep's work stands, nothing is registered
+            champion = {"registered": False, "error": str(err)}
+        sweep_run = tracking.log_sweep(configs[0].params.tracking, sweep_id, ids, Path(configs[0].params.paths.metrics), champion)
     return {
         "sweep": sweep_id,
         "mlflow_sweep_run_id": sweep_run,
+        "champion": champion,
         "configs": summaries,
         "stages": stage_counts(jobs),
         "seconds": round(time.perf_counter() - started, 2),

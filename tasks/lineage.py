@@ -6,6 +6,7 @@ points at the exact data and model in DVC's cache, whichever driver made it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from dvc_data.hashfile.build import build
@@ -22,3 +23,13 @@ def dvc_md5(path: str | Path) -> str | None:
     odb = HashFileDB(MemoryFileSystem(), "/lowrank-lineage")
     _, _, obj = build(odb, str(path), LocalFileSystem(), "md5", dry_run=True)
     return obj.hash_info.value
+
+
+@functools.lru_cache(maxsize=None)
+def stored_md5(path: str) -> str | None:
+    """`dvc_md5` of a store entry's artifact, taken once per process.
+
+    A finished store entry never changes (computed again, it has the same bytes): the dense model that
+    every configuration of a sweep reads is not hashed again for each of them.
+    """
+    return dvc_md5(path)

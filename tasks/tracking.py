@@ -7,7 +7,6 @@ that talks to MLflow, so the tracking backend can change without touching it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import subprocess
 from pathlib import Path
@@ -22,7 +21,8 @@ from lowrank.methods import get_method
 from lowrank.pipeline import Layout, StageResult, get_stage
 from lowrank.pipeline.store import StoreLayout
 
-from .lineage import dvc_md5
+from .lineage import dvc_md5, stored_md5
+from .models import log_results
 
 # MLflow caps a param value at 6000 characters.
 _MAX_PARAM = 6000
@@ -48,7 +48,8 @@ def configure(cfg: TrackingConfig) -> bool:
     mlflow.set_tracking_uri(cfg.uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is None:
-        location = Path(cfg.artifact_location).resolve().as_uri()
+        # A tracking server keeps the artifacts where it was told to (mlflow-artifacts:/); a local store, in the project.
+        location = None if cfg.uri.startswith(("http://", "https://")) else Path(cfg.artifact_location).resolve().as_uri()
         mlflow.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
     elif any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
         for key, value in EXPERIMENT_TAGS.items():
@@ -65,11 +66,12 @@ def run_name(params: Params, label: str | None = None) -> str:
     return " ".join([name, *extra])
 
 
-def log_datasets(params: Params, layout: Layout) -> None:
+def log_datasets(params: Params, layout: Layout) -> Any:
     """The task's splits as the active run's inputs (context training or evaluation), named by where they came from.
 
     The rows are the raw text of the subsample the run trained and scored on (what prepare tokenized); the
-    digest is MLflow's, of those rows, so two runs on the same subsample show the same dataset.
+    digest is MLflow's, of those rows, so two runs on the same subsample show the same dataset. Returns the
+    first evaluation split's dataset, which the evaluations' metrics are logged against.
     """
     import mlflow.data
 
@@ -77,6 +79,7 @@ def log_datasets(params: Params, layout: Layout) -> None:
     from lowrank.data.tasks import split_path
 
     spec, glue_dir = resolve_task(params.data), params.data.resolved_glue_dir()
+    scored = None
     for split, rows in load_raw_from_config(params.data, spec).items():
         text = rows.to_pandas()
         if reads_from_hub(spec, glue_dir):
@@ -89,6 +92,9 @@ def log_datasets(params: Params, layout: Layout) -> None:
         target = "label" if "label" in text.columns else None
         dataset = mlflow.data.from_pandas(text, source=source, targets=target, name=f"{spec.name}-{split}")
         mlflow.log_input(dataset, context="training" if split == "train" else "evaluation")
+        if split == spec.eval_splits[0]:
+            scored = dataset
+    return scored
 
 
 def git_commit() -> dict[str, str]:
@@ -164,17 +170,10 @@ def flow_run(params: Params, run_name: str, extra_tags: dict[str, str] | None = 
         yield run
 
 
-@functools.lru_cache(maxsize=None)
-def _stored_md5(path: str) -> str | None:
-    # A finished store entry never changes (computed again, it has the same bytes), so its hash is taken once per
-    # process: the dense model that every configuration of a sweep reads is not hashed again for each of them.
-    return dvc_md5(path)
-
-
 def lineage(name: str, layout: Layout) -> dict[str, str]:
     """DVC md5 of every input and output artifact of a stage, at its path in the store (or the workspace)."""
     stage = get_stage(name)
-    md5 = (lambda path: _stored_md5(str(path))) if isinstance(layout, StoreLayout) else dvc_md5
+    md5 = (lambda path: stored_md5(str(path))) if isinstance(layout, StoreLayout) else dvc_md5
     tags = {}
     for kind, paths in (("input", stage.input_paths(layout)), ("output", stage.output_paths(layout))):
         for key, path in paths.items():
@@ -183,7 +182,8 @@ def lineage(name: str, layout: Layout) -> dict[str, str]:
 
 
 def log_stage(name: str, params: Params, result: StageResult, cached: bool, layout: Layout, nested: bool = True) -> None:
-    """A run for one stage: its metrics, its metrics file and the hashes of what it read and wrote."""
+    """A run for one stage: its metrics, its metrics file and the hashes of what it read and wrote (the parent run
+    gets the metrics of all stages at the end, with the models: `models.log_results`)."""
     tags = {"stage": name, "cached": str(cached).lower(), **owner_tag(), **lineage(name, layout)}
     with mlflow.start_run(run_name=name, nested=nested, tags=tags):
         section = {key: select(params, key) for key in get_stage(name).params}
@@ -198,8 +198,6 @@ def log_stage(name: str, params: Params, result: StageResult, cached: bool, layo
             mlflow.log_artifact(str(metrics_file))
         for plot in result.info.get("plots", []):
             mlflow.log_artifact(plot)
-    if result.metrics and mlflow.active_run() is not None and nested:
-        mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
 
 
 FINGERPRINT_TAG = "lowrank.fingerprint"
@@ -227,20 +225,17 @@ def log_configuration(
     override_tags = {f"sweep.{key}": _param_value(value) for key, value in overrides.items()}
     with mlflow.start_run(run_name=run_name(params, name), tags={**run_tags(params), **override_tags, **tags}) as run:
         _log_params(params)
-        log_datasets(params, layout)
-        metrics, lineage_tags, cached = {}, {}, []
-        for name, (result, was_cached) in results.items():
-            metrics.update({f"{name}.{k}": v for k, v in result.metrics.items()})
-            lineage_tags.update({f"{name}.{k}": v for k, v in lineage(name, layout).items()})
-            if was_cached:
-                cached.append(name)
-        mlflow.log_metrics(metrics)
+        scored = log_datasets(params, layout)
+        log_results({name: result for name, (result, _) in results.items()}, params, layout, scored)
+        lineage_tags = {f"{name}.{k}": v for name in results for k, v in lineage(name, layout).items()}
+        cached = [name for name, (_, was_cached) in results.items() if was_cached]
         mlflow.set_tags({**lineage_tags, "cached_stages": ",".join(cached)})
         return run.info.run_id
 
 
 SWEEP_RUN_TAG = "lowrank.sweep_run"  # marks a sweep's own run
 SWEEP_RUNS_TAG = "lowrank.sweep_runs"  # on it: its configurations' run ids (a rerun reuses runs an earlier sweep made)
+CHAMPION_TAG = "lowrank.champion_run"  # on it: the configuration run registered as the champion
 
 
 def sweep_rows(cfg: TrackingConfig, sweep: str | None = None) -> tuple[str, list[dict[str, Any]]]:
@@ -267,6 +262,7 @@ def configuration_rows(run_ids: list[str]) -> list[dict[str, Any]]:
             "keep_ratio": float(run.data.tags.get("keep_ratio", "nan")),
             "score": metrics.get(f"{evaluation}.task.score"),
             "dense_score": metrics.get("evaluate_dense.task.score"),
+            **{f"dense_latency_ms.batch_{b}": metrics.get(f"evaluate_dense.latency.batch_{b}.median_ms") for b in (1, 32)},
             "params_kept": metrics[f"{evaluation}.params.target_linear"] / dense if dense else None,
             **{f"latency_ms.batch_{b}": metrics.get(f"{evaluation}.latency.batch_{b}.median_ms") for b in (1, 32)},
         })
@@ -276,19 +272,33 @@ def configuration_rows(run_ids: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def log_sweep(cfg: TrackingConfig, sweep: str, run_ids: list[str], metrics_dir: Path) -> str:
-    """The sweep's own run: its configurations as an MLflow table and `metrics/sweep.json` (for DVC), and the Pareto plot."""
+def log_sweep(cfg: TrackingConfig, sweep: str, run_ids: list[str], metrics_dir: Path, champion: dict[str, Any] | None = None) -> str:
+    """The sweep's own run: its configurations as an MLflow table and `metrics/sweep.json` (for DVC), the Pareto plots."""
     from lowrank.io.files import write_json
     from lowrank.pipeline.plots import plot_pareto
 
+    from lowrank.pipeline.summary import pareto
+
     rows = configuration_rows(run_ids)
     dense = next((r["dense_score"] for r in rows if r["dense_score"] is not None), None)
-    table = write_json(metrics_dir / "sweep.json", {"sweep": sweep, "configurations": rows})
-    plot = plot_pareto([r for r in rows if r["score"] is not None and r["params_kept"] is not None], dense, metrics_dir / "sweep_pareto.png")
+    table = write_json(metrics_dir / "sweep.json", {"sweep": sweep, "configurations": rows, "champion": champion})
+    scored = [r for r in rows if r["score"] is not None and r["params_kept"] is not None]
+    plots = [plot_pareto(scored, dense, metrics_dir / "sweep_pareto.png")]
+    for batch in (1, 32):  # the trade-off against CPU latency, where the evaluations measured it
+        x = f"latency_ms.batch_{batch}"
+        timed = [r for r in scored if r[x] is not None]
+        if timed:
+            front = pareto([(r["score"], r[x]) for r in timed])
+            dense_x = next((r[f"dense_{x}"] for r in timed if r[f"dense_{x}"] is not None), None)
+            plots.append(plot_pareto(timed, dense, metrics_dir / f"sweep_latency_batch_{batch}.png", x=x,
+                                     xlabel=f"CPU latency at batch {batch} (ms, eager PyTorch)", front=front, dense_x=dense_x))
     tags = {"sweep": sweep, SWEEP_RUN_TAG: "true", SWEEP_RUNS_TAG: ",".join(run_ids), **owner_tag()}
+    if champion and champion.get("registered"):
+        tags[CHAMPION_TAG] = champion["run_id"]
     with mlflow.start_run(run_name=f"sweep {sweep}", tags=tags) as run:
         mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "sweep_table.json")
         mlflow.log_artifact(str(table))
-        mlflow.log_artifact(str(plot))
+        for plot in plots:
+            mlflow.log_artifact(str(plot))
         mlflow.log_metrics({"configurations": len(rows), "pareto": sum(r["pareto"] for r in rows)})
         return run.info.run_id

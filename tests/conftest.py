@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -133,3 +134,26 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     """A Prefect server for the module's runs."""
     with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
         yield url
+
+
+LOWRANK = [sys.executable, "-m", "flows.cli"]
+
+
+def run_sweep(project: Path, env: dict[str, str], *args: str) -> tuple[int, dict, str]:
+    """`lowrank --quiet sweep ARGS` in `project`: exit code, the JSON summary, stderr."""
+    done = subprocess.run([*LOWRANK, "--quiet", "sweep", *args], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {}, done.stderr
+
+
+@pytest.fixture(scope="session")
+def failing_sweep(tmp_path_factory: pytest.TempPathFactory):
+    """Four configurations and a fifth that fails, tracked in the default SQLite store: run once for every test that reads it."""
+    root = tmp_path_factory.mktemp("sweep")
+    model = save_tiny_model(root / "model")
+    sweep = {"grid": {"factorize.method": ["svd", "fwsvd"], "factorize.keep_ratio": [0.5, 0.3]},
+             "configs": [{"factorize.targets": [r"no\.such\.layer"]}]}
+    tiny_params(root, model, GLUE_DIR, evaluate={"latency": False}, sweep=sweep)
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as api:
+        env = lowrank_env(PREFECT_API_URL=api)
+        code, summary, err = run_sweep(root, env, "--workers", "2", "--threads", "1")
+        yield {"root": root, "env": env, "code": code, "summary": summary, "err": err, "uri": f"sqlite:///{root / 'mlflow.db'}"}

@@ -83,6 +83,9 @@ ROWS = [
     ("label outside the task's", {"edit": ("train.tsv", _sst2_bad_label)}, "train.tsv:6: label 'positive' is not one of"),
     ("row with a missing column", {"edit": ("dev.tsv", _sst2_short_row)}, "dev.tsv:8: expected 2 columns, found 1"),
     ("bad device", {"env": {"LOWRANK_DEVICE": "gpu"}}, "LOWRANK_DEVICE='gpu' is not a torch device"),
+    ("tracking server down", {"set": ["tracking.uri=http://127.0.0.1:9"]}, "tracking.uri: http://127.0.0.1:9 does not answer"),
+    ("tracking database down", {"set": ["tracking.uri=postgresql://u@127.0.0.1:9/x"]}, "tracking.uri: postgresql://u@127.0.0.1:9/x does not answer"),
+    ("select metric not evaluated", {"set": ["sweep.select.metric=accuracy"]}, "sweep.select.metric: accuracy is not a metric of the evaluate stage"),
     ("params file missing", {"params": "missing"}, "params file not found"),
     ("params not YAML", {"params": "broken"}, "not valid YAML"),
 ]

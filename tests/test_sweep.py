@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GLUE_DIR, REPO, lowrank_env, prefect_api, save_tiny_model, tiny_params  # noqa: F401  (a fixture)
+from conftest import GLUE_DIR, REPO, lowrank_env, prefect_api, run_sweep as _sweep, save_tiny_model, tiny_params  # noqa: F401  (a fixture)
 from lowrank.config import ConfigError, InputError, SweepConfig, build, configurations, expand, load_params
 from lowrank.pipeline import pipeline
 from lowrank.pipeline.store import StoreLayout, fingerprints
@@ -131,21 +131,11 @@ def test_two_processes_compute_each_store_entry_once(tmp_path: Path, glue_dir: P
     assert entries == [layout.entry("finetune")]
 
 
-def _sweep(project: Path, env: dict[str, str], *args: str) -> tuple[int, dict, str]:
-    done = subprocess.run([*LOWRANK, "--quiet", "sweep", *args], cwd=project, env=env, capture_output=True, text=True, timeout=600)
-    return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {}, done.stderr
-
-
 @pytest.mark.slow
-def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone(tmp_path: Path, prefect_api: str) -> None:
+def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone(failing_sweep: dict) -> None:
     import mlflow
 
-    model = save_tiny_model(tmp_path / "model")
-    sweep = {"grid": GRID, "configs": [{"factorize.targets": [r"no\.such\.layer"]}]}
-    tiny_params(tmp_path, model, GLUE_DIR, evaluate={"latency": False}, sweep=sweep)
-    env = lowrank_env(PREFECT_API_URL=prefect_api)
-
-    code, summary, err = _sweep(tmp_path, env, "--workers", "2", "--threads", "1")
+    tmp_path, env, code, summary, err = (failing_sweep[k] for k in ("root", "env", "code", "summary", "err"))
     assert code == 1, err[-3000:]  # the fifth configuration fails, alone
     configs = summary["configs"]
     assert [c["status"] for c in configs] == ["completed"] * 4 + ["failed"]

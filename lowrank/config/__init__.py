@@ -14,7 +14,7 @@ from lowrank.config.base import (
     CompressedTrainConfig, ConfigError, DistillationConfig, InputError, MissingInputError, TrainConfig, check,
 )
 from lowrank.config.lpaf import RANK_PULL_IMPORTANCE, MrftConfig, PruneConfig
-from lowrank.config.sweep import MAX_CONFIGS, SweepConfig, expand, label
+from lowrank.config.sweep import MAX_CONFIGS, SelectConfig, SweepConfig, expand, label
 from lowrank.config.sections import (
     DEFAULT_MODEL, LATENCY_RUNTIMES, CustomDataConfig, DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig,
     ModelConfig, OrchestrationConfig, Params, PathsConfig, TrackingConfig, check_lpaf_factorize,
@@ -24,6 +24,6 @@ __all__ = [
     "DEFAULT_MODEL", "CompressedTrainConfig", "InputError", "MissingInputError", "LATENCY_RUNTIMES", "RANK_PULL_IMPORTANCE", "TRAIN_SECTIONS", "ConfigError", "CustomDataConfig",
     "DataConfig", "DistillationConfig", "EvaluateConfig", "FactorizeConfig", "FisherConfig", "ModelConfig",
     "MrftConfig", "OrchestrationConfig", "Params", "PathsConfig", "PruneConfig", "TrackingConfig", "TrainConfig",
-    "MAX_CONFIGS", "SweepConfig", "apply_overrides", "build", "configurations", "expand", "label", "load_spec", "check", "check_lpaf_factorize", "flatten", "load_params", "params_schema",
+    "MAX_CONFIGS", "SelectConfig", "SweepConfig", "apply_overrides", "build", "configurations", "expand", "label", "load_spec", "check", "check_lpaf_factorize", "flatten", "load_params", "params_schema",
     "read_yaml", "select", "to_dict",
 ]

@@ -15,17 +15,49 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowrank.config.base import ConfigError, InputError
+from lowrank.config.base import ConfigError, InputError, check
 
 MAX_CONFIGS = 50  # more needs --yes: a typo in a grid should not queue days of training
 
 
+# What the evaluate stage logs of a model: `metric` must name one of these families (e.g. task.score, latency.batch_1.median_ms).
+EVALUATE_METRICS = ("task", "params", "size_bytes", "eval_seconds", "latency", "latency_onnxruntime")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Which configuration a sweep ships: the best `metric` of its final model among those within the budgets.
+
+    The winner is registered in the MLflow Model Registry as `name` (default `lowrank-<task>`) with the alias
+    `champion`; `register: false` only reports it. A budget that no configuration meets registers nothing.
+    """
+
+    metric: str = "task.score"
+    goal: str = "max"  # max or min (a latency or a size)
+    max_keep_ratio: float | None = None  # the configured factorize.keep_ratio, at most this
+    max_latency_ms: float | None = None  # `latency_metric` of the final model, at most this
+    latency_metric: str = "latency.batch_1.median_ms"
+    register: bool = True
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("metric", "latency_metric"):
+            value = getattr(self, key)
+            check(value.split(".", 1)[0] in EVALUATE_METRICS, f"sweep.select.{key}",
+                  f"{value} is not a metric of the evaluate stage (its metrics start with {', '.join(EVALUATE_METRICS)})")
+        check(self.goal in ("max", "min"), "sweep.select.goal", f"max or min, got {self.goal}")
+        check(self.max_keep_ratio is None or 0 < self.max_keep_ratio <= 1, "sweep.select.max_keep_ratio", "must be in (0, 1] or null")
+        check(self.max_latency_ms is None or self.max_latency_ms > 0, "sweep.select.max_latency_ms", "must be positive or null")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    """grid: dotted key -> list of values (their product); configs: further configurations, each a mapping of overrides."""
+    """grid: dotted key -> list of values (their product); configs: further configurations, each a mapping of overrides;
+    select: which configuration becomes the registered champion."""
 
     grid: dict[str, list[Any]] = field(default_factory=dict)
     configs: list[dict[str, Any]] = field(default_factory=list)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
 
 def expand(spec: SweepConfig) -> list[dict[str, Any]]:

@@ -119,8 +119,12 @@ def evaluate(p: Params, io: StageIO) -> StageResult:
     return io.finish(metrics)
 
 
+EVALUATIONS: dict[str, str] = {}  # evaluate stage -> the model it scores ("<stage>.<output>"): what a run ships
+
+
 def register_evaluation(name: str, model: str) -> None:
     """An evaluate stage for the model folder `model` ("<stage>.<output>")."""
+    EVALUATIONS[name] = model
     stage(name, params=("evaluate",), inputs={"model": model, "data": "prepare.data"})(evaluate)
 
 

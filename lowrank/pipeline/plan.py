@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowrank.config import InputError, MissingInputError, Params
+from lowrank.config import InputError, MissingInputError, Params, TrackingConfig
 from lowrank.pipeline.stage import STAGES, Layout, get_stage
 
 # The last stage of each `orchestration.path`.
@@ -66,10 +66,28 @@ def preflight(params: Params) -> None:
     check_writable(params.paths.metrics, "paths.metrics")
     check_model(params.model)
     check_sources(params.data)
+    check_tracking(params.tracking)
     try:
         default_device()  # a bad LOWRANK_DEVICE fails here, not at the first stage that trains
     except ValueError as err:
         raise InputError(str(err)) from None
+
+
+def check_tracking(cfg: TrackingConfig, timeout: float = 3.0) -> None:
+    """A tracking server or database named by host must answer now, not after the first hour of training."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(cfg.uri)
+    if not cfg.enabled or not parsed.hostname:  # sqlite:///file, a folder: nothing to reach
+        return
+    port = parsed.port or {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306}.get(parsed.scheme.split("+")[0])
+    if port is None:
+        return
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        raise InputError(f"tracking.uri: {cfg.uri} does not answer ({err.strerror or err})") from None
 
 
 def preflight_stage(name: str, params: Params) -> None:

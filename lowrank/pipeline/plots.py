@@ -71,19 +71,26 @@ def plot_rank_report(reports: Mapping[str, list[dict]], path: str | Path) -> Pat
     return _save(fig, path)
 
 
-def plot_pareto(rows: list[dict], dense_score: float | None, path: str | Path) -> Path:
-    """Score against parameters kept, one series per method, the dense score as a line, the Pareto front circled."""
+def plot_pareto(
+    rows: list[dict], dense_score: float | None, path: str | Path, x: str = "params_kept",
+    xlabel: str = "parameters kept (targeted Linear layers)", front: list[bool] | None = None, dense_x: float | None = None,
+) -> Path:
+    """Score against `x` (parameters kept, or a latency), one series per method, the dense model as a line (and a
+    point where its `x` is known), the Pareto front (`front`, default the rows' `pareto`) circled."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(row["method"] for row in rows):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params_kept"])
-        ax.plot([r["params_kept"] for r in mine], [r["score"] for r in mine], marker="o", label=method)
-    front = [r for r in rows if r["pareto"]]
-    ax.scatter([r["params_kept"] for r in front], [r["score"] for r in front], s=160, facecolors="none",
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r[x])
+        ax.plot([r[x] for r in mine], [r["score"] for r in mine], marker="o", label=method)
+    marks = front if front is not None else [r["pareto"] for r in rows]
+    on_front = [r for r, mark in zip(rows, marks) if mark]
+    ax.scatter([r[x] for r in on_front], [r["score"] for r in on_front], s=160, facecolors="none",
                edgecolors="black", label="Pareto front")
     if dense_score is not None:
         ax.axhline(dense_score, color="grey", linestyle="--", label="dense")
-    ax.set_xlabel("parameters kept (targeted Linear layers)")
+        if dense_x is not None:
+            ax.scatter([dense_x], [dense_score], marker="*", s=120, color="grey")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("task score")
     ax.legend(fontsize=8)
     fig.tight_layout()

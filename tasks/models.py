@@ -1,0 +1,174 @@
+"""MLflow logged models and the Model Registry: every model a run scores, loadable and servable; a sweep's champion.
+
+Each model folder an evaluate stage scored is logged once per experiment (found again by its DVC md5, so the
+dense model that every configuration of a sweep shares is one logged model) as a pyfunc (tasks/pyfunc_model.py,
+logged as code: no pickle). Its evaluation metrics are logged against it, so its page in the UI shows them with
+the dataset they were measured on. `register_champion` names a sweep's best configuration under a budget
+(`sweep.select`) and registers its final model as `lowrank-<task>@champion`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from lowrank.config import Params, SelectConfig
+from lowrank.pipeline import EVALUATIONS, Layout, get_stage
+from lowrank.pipeline.plan import shipped
+
+from .lineage import stored_md5
+
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+MD5_TAG = "lowrank.md5"
+MODEL_TAG = "model."  # on a run: model.<evaluation> = the logged model id of what that evaluation scored
+CHAMPION = "champion"
+
+_EXAMPLES = {
+    False: {"text": ["a gripping, funny and moving film", "the plot goes nowhere"]},
+    True: {"text": ["The company reported higher profits.", "He left early."],
+           "text_pair": ["Profits at the company rose.", "The meeting ran late."]},
+}
+
+
+def _signature(pair: bool, regression: bool):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = [ColSpec("string", "text")] + ([ColSpec("string", "text_pair")] if pair else [])
+    outputs = [ColSpec("double", "score")] if regression else [ColSpec("string", "label"), ColSpec("double", "score")]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+def _requirements() -> list[str]:
+    # Written down, not inferred: MLflow's inference imports and runs the model in a subprocess, seconds per model.
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "safetensors", "pandas", "mlflow")]
+
+
+def model_name(params: Params, maker: str) -> str:
+    """The logged model's name: the task and what made it (the dense model has no method); MLflow forbids dots."""
+    if maker == "finetune":
+        return f"{params.data.task}-dense"
+    return f"{params.data.task}-{params.factorize.method}-keep{params.factorize.keep_ratio * 100:g}-{maker}".replace(".", "p")
+
+
+def log_model(evaluation: str, params: Params, layout: Layout) -> str:
+    """The logged model id of the folder `evaluation` scored: found by its md5 in the experiment, else logged now."""
+    from lowrank.data.loading import resolve_task
+
+    folder = get_stage(evaluation).input_paths(layout)["model"]
+    md5 = stored_md5(str(folder))
+    experiment = mlflow.active_run().info.experiment_id
+    found = mlflow.search_logged_models([experiment], filter_string=f"tags.`{MD5_TAG}` = '{md5}'", max_results=1, output_format="list")
+    if found:
+        return found[0].model_id
+    maker = EVALUATIONS[evaluation].split(".", 1)[0]
+    spec = resolve_task(params.data)
+    method = "dense" if maker == "finetune" else ("pruned" if maker == "prune" else params.factorize.method)
+    info = mlflow.pyfunc.log_model(
+        name=model_name(params, maker),
+        python_model=str(MODEL_CODE),
+        artifacts={"model": str(folder)},
+        model_config={"max_length": params.data.max_length, "batch_size": params.evaluate.batch_size,
+                      "text_pair": spec.is_pair, "method": method},
+        signature=_signature(spec.is_pair, spec.is_regression),
+        input_example=_EXAMPLES[spec.is_pair],
+        pip_requirements=_requirements(),
+        tags={MD5_TAG: md5, "task": params.data.task, "stage": maker, "method": method,
+              "keep_ratio": "1.0" if method == "dense" else str(params.factorize.keep_ratio)},
+    )
+    return info.model_id
+
+
+def log_results(results: dict[str, Any], params: Params, layout: Layout, dataset: Any = None) -> dict[str, str]:
+    """Every stage's metrics on the active run as `<stage>.<metric>`; each evaluation's against the model it scored
+    (logged or found first) and `dataset`. Returns the model id of each evaluation.
+
+    The models come first: logging a model links every metric its run already has to it, and the metrics of
+    other stages go in as plain run metrics (MLflow's fluent call would link them to the run's models too).
+    """
+    import time
+
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    client, run = mlflow.MlflowClient(), mlflow.active_run()
+    ids = {name: log_model(name, params, layout) for name in results if name in EVALUATIONS}
+    outputs = {output.model_id for output in (client.get_run(run.info.run_id).outputs.model_outputs or [])}
+    found = [LoggedModelOutput(model_id, step=0) for model_id in dict.fromkeys(ids.values()) if model_id not in outputs]
+    if found:  # a model an earlier run logged: an output of this run too, in its Models column
+        client.log_outputs(run.info.run_id, found)
+    now = int(time.time() * 1000)
+    plain = [Metric(f"{name}.{k}", v, now, 0) for name, result in results.items() if name not in ids for k, v in result.metrics.items()]
+    if plain:
+        client.log_batch(run.info.run_id, metrics=plain)
+    for name, model_id in ids.items():
+        mlflow.log_metrics({f"{name}.{k}": v for k, v in results[name].metrics.items()}, model_id=model_id, dataset=dataset)
+    mlflow.set_tags({f"{MODEL_TAG}{name}": model_id for name, model_id in ids.items()})
+    return ids
+
+
+# ---- the champion --------------------------------------------------------------------------------------------------
+
+
+def _value(run: Any, metric: str) -> float | None:
+    value = run.data.metrics.get(f"{shipped(run.data.tags['path'])[0]}.{metric}")
+    return None if value is None or math.isnan(value) else value
+
+
+def choose(select: SelectConfig, runs: list[Any]) -> tuple[Any | None, str]:
+    """The best run under the budgets, and why (or why none); a metric that no run logged is an error."""
+    from lowrank.config import ConfigError
+
+    if not any(_value(run, select.metric) is not None for run in runs):
+        raise ConfigError(f"sweep.select.metric: no configuration logged {select.metric}")
+    within = [run for run in runs if _value(run, select.metric) is not None]
+    if select.max_keep_ratio is not None:
+        within = [run for run in within if float(run.data.tags["keep_ratio"]) <= select.max_keep_ratio + 1e-9]
+    if select.max_latency_ms is not None:
+        if not any(_value(run, select.latency_metric) is not None for run in runs):
+            raise ConfigError(f"sweep.select.max_latency_ms: no configuration logged {select.latency_metric} (is evaluate.latency on?)")
+        within = [run for run in within if (_value(run, select.latency_metric) or math.inf) <= select.max_latency_ms]
+    budget = ", ".join(f"{k}={getattr(select, k)}" for k in ("max_keep_ratio", "max_latency_ms") if getattr(select, k) is not None)
+    if not within:
+        return None, f"no configuration meets {budget}: nothing registered"
+    best = (max if select.goal == "max" else min)(within, key=lambda run: _value(run, select.metric))
+    return best, f"best {select.metric} ({select.goal}) of {len(within)} configuration(s)" + (f" within {budget}" if budget else "")
+
+
+def register_champion(select: SelectConfig, task: str, run_ids: list[str]) -> dict[str, Any]:
+    """Choose among the sweep's configuration runs and register the winner's final model with the alias `champion`."""
+    client = mlflow.MlflowClient()
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    best, reason = choose(select, runs)
+    if best is None:
+        sys.stderr.write(f"warning: sweep.select: {reason}\n")
+        return {"registered": False, "reason": reason}
+    evaluation = shipped(best.data.tags["path"])[0]
+    report = {"run_id": best.info.run_id, "run": best.info.run_name, "metric": select.metric,
+              "value": _value(best, select.metric), "reason": reason, "registered": False}
+    if not select.register:
+        return report
+    name = select.name or f"lowrank-{task}"
+    model_id = best.data.tags[f"{MODEL_TAG}{evaluation}"]
+    version = mlflow.register_model(f"models:/{model_id}", name, tags=_champion_tags(best, evaluation, select))
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    return {**report, "registered": True, "name": name, "version": version.version, "model_id": model_id,
+            "uri": f"models:/{name}@{CHAMPION}"}
+
+
+def _champion_tags(run: Any, evaluation: str, select: SelectConfig) -> dict[str, str]:
+    """What the registry shows of a version: method, keep ratio, score, parameters, latency, and the lineage hashes."""
+    metric = lambda key: run.data.metrics.get(f"{evaluation}.{key}")  # noqa: E731
+    tags = {
+        "method": run.data.tags.get("method"), "keep_ratio": run.data.tags.get("keep_ratio"),
+        "task.score": metric("task.score"), "params.target_linear": metric("params.target_linear"),
+        "params.total": metric("params.total"), select.latency_metric: metric(select.latency_metric),
+        "selected_by": f"{select.goal} {select.metric}", "source_run": run.info.run_id, "sweep": run.data.tags.get("sweep"),
+    }
+    tags.update({k: v for k, v in run.data.tags.items() if ".lineage." in k})
+    return {k: str(v) for k, v in tags.items() if v is not None}

@@ -1,0 +1,80 @@
+"""A lowrank model as an MLflow pyfunc, logged as code (MLflow's "models from code").
+
+MLflow would otherwise cloudpickle a PythonModel instance into the model and
+unpickle it at load time; logged as this file, the model holds no pickle at
+all: MLflow runs this file, and the weights come from the model folder (an
+artifact of the logged model) through `lowrank.load_compressed`, safetensors
+only.
+
+predict takes a DataFrame with a column `text` (and `text_pair` for pair
+tasks, as transformers' pipelines name them) and returns one row per input:
+`label` (the class name) and `score` (its probability), or for a regression
+task `score` alone (the predicted value). The rows are tokenized and batched
+as the evaluate stage does (truncated to the run's `max_length`, padded per
+batch), so the predictions are the evaluation's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+MODEL_ARTIFACT = "model"  # the key of the model folder among the logged model's artifacts
+
+
+class LowrankClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from transformers import AutoTokenizer
+
+        from lowrank import load_compressed
+
+        folder = Path(context.artifacts[MODEL_ARTIFACT])
+        config = context.model_config or {}
+        check_folder(folder, expect_recipe=config.get("method", "dense") != "dense")
+        self.model = load_compressed(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.max_length = int(config.get("max_length", 128))
+        self.batch_size = int(config.get("batch_size", 64))
+        self.pair = bool(config.get("text_pair", False))
+        self.regression = self.model.config.problem_type == "regression" or self.model.config.num_labels == 1
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+        import torch
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        columns = ["text", "text_pair"] if self.pair else ["text"]
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input needs the column(s) {missing}; got {list(frame.columns)}")
+        texts = [frame[c].astype(str).tolist() for c in columns]
+        rows = []
+        for start in range(0, len(frame), self.batch_size):
+            batch = [t[start:start + self.batch_size] for t in texts]
+            encoded = self.tokenizer(*batch, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+            with torch.inference_mode():
+                logits = self.model(**encoded).logits.float()
+            if self.regression:
+                rows += [{"score": float(v)} for v in logits[:, 0]]
+            else:
+                probs = logits.softmax(-1)
+                best = probs.argmax(-1)
+                names = self.model.config.id2label
+                rows += [{"label": str(names[int(i)]), "score": float(p[i])} for i, p in zip(best, probs)]
+        return pd.DataFrame(rows)
+
+
+def check_folder(folder: Path, expect_recipe: bool) -> None:
+    """A clear error for a folder that is not a model lowrank wrote (before transformers fails somewhere deeper)."""
+    config = folder / "config.json"
+    if not config.is_file() or not (folder / "model.safetensors").is_file():
+        raise ValueError(f"{folder}: not a lowrank model folder (it needs config.json and model.safetensors)")
+    if expect_recipe and not json.loads(config.read_text()).get("lowrank"):
+        raise ValueError(f"{folder}/config.json: no lowrank recipe (the `lowrank` entry with method and ranks); "
+                         "a compressed model must be saved with lowrank.save_compressed")
+
+
+set_model(LowrankClassifier())
