@@ -129,6 +129,38 @@ def prefect_server(home: Path, **extra: str):
         server.wait(30)
 
 
+@contextlib.contextmanager
+def mlflow_server(root: Path, backend: str):
+    """`mlflow server` on loopback over the `backend` store, serving artifacts from `root`; yields its URL."""
+    port = _free_port()
+    env = lowrank_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # it starts uvicorn from the PATH
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
+         (root / "mlartifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited: {server.stderr.read()[-2000:]}")
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not answer within 2 minutes")
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     """A Prefect server for the module's runs."""

@@ -248,32 +248,55 @@ def _task_runs(api: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_parallel_sweep_on_postgresql_loses_no_run(tmp_path: Path) -> None:
-    from conftest import prefect_server
+def test_parallel_sweep_on_an_mlflow_server_over_postgresql_loses_no_run(tmp_path: Path) -> None:
+    """Prefect's server and `mlflow server` both on PostgreSQL; what the UI shows is checked over MLflow's REST API."""
+    import httpx
+
+    from conftest import mlflow_server, prefect_server
 
     suffix = f"{os.getpid()}_{int(time.time())}"
     mlflow_db, prefect_db = f"lowrank_mlflow_{suffix}", f"lowrank_prefect_{suffix}"
     admin = _postgres_databases(mlflow_db, prefect_db)
     try:
         model = save_tiny_model(tmp_path / "model")
-        uri = f"postgresql://postgres@127.0.0.1:5432/{mlflow_db}"
-        tiny_params(tmp_path, model, GLUE_DIR, evaluate={"latency": False}, tracking={"uri": uri}, sweep={"grid": GRID})
+        backend = f"postgresql://postgres@127.0.0.1:5432/{mlflow_db}"
         database = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{prefect_db}"
-        with prefect_server(tmp_path / "prefect-home", PREFECT_SERVER_DATABASE_CONNECTION_URL=database) as api:
+        with mlflow_server(tmp_path, backend) as uri, prefect_server(tmp_path / "prefect-home", PREFECT_SERVER_DATABASE_CONNECTION_URL=database) as api:
+            tiny_params(tmp_path, model, GLUE_DIR, evaluate={"latency": False}, tracking={"uri": uri}, sweep={"grid": GRID})
             code, summary, err = _sweep(tmp_path, lowrank_env(PREFECT_API_URL=api), "--workers", "2")
             assert code == 0, err[-3000:]
             ran = sum(row["ran"] for row in summary["stages"].values())
             task_runs = _task_runs(api)
-        assert len(task_runs) == ran == 4 + 4 * 5  # prepare, finetune, evaluate_dense, fisher; five stages per configuration
-        assert {run["state"]["type"] for run in task_runs} == {"COMPLETED"}
-        import mlflow
+            assert len(task_runs) == ran == 4 + 4 * 5  # prepare, finetune, evaluate_dense, fisher; five stages per configuration
+            assert {run["state"]["type"] for run in task_runs} == {"COMPLETED"}
 
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        runs = client.search_runs([client.get_experiment_by_name("lowrank").experiment_id])
-        configurations = [r for r in runs if "lowrank.sweep_run" not in r.data.tags]
-        assert sorted(r.info.run_id for r in configurations) == sorted(c["mlflow_run_id"] for c in summary["configs"])
-        assert [r.info.run_id for r in runs if "lowrank.sweep_run" in r.data.tags] == [summary["mlflow_sweep_run_id"]]
-        assert {r.info.status for r in runs} == {"FINISHED"}
+            rest = f"{uri}/api/2.0/mlflow"
+            experiment = httpx.get(f"{rest}/experiments/get-by-name", params={"experiment_name": "lowrank"}).json()["experiment"]
+            runs = httpx.post(f"{rest}/runs/search", json={"experiment_ids": [experiment["experiment_id"]], "max_results": 100}).json()["runs"]
+            sweep_runs = [r["info"]["run_id"] for r in runs if any(t["key"] == "lowrank.sweep_run" for t in r["data"].get("tags", []))]
+            assert sweep_runs == [summary["mlflow_sweep_run_id"]]
+            assert sorted(r["info"]["run_id"] for r in runs if r["info"]["run_id"] not in sweep_runs) == sorted(c["mlflow_run_id"] for c in summary["configs"])
+            assert {r["info"]["status"] for r in runs} == {"FINISHED"}
+
+            # The champion, its metrics and its datasets, as the UI reads them.
+            champion = summary["champion"]
+            best = max(summary["configs"], key=lambda c: c["score"])
+            version = httpx.get(f"{rest}/registered-models/alias", params={"name": "lowrank-sst2", "alias": "champion"}).json()["model_version"]
+            tags = {t["key"]: t["value"] for t in version["tags"]}
+            assert champion["registered"] and version["version"] == str(champion["version"])
+            assert tags["source_run"] == best["mlflow_run_id"] and float(tags["task.score"]) == best["score"]
+            run = httpx.get(f"{rest}/runs/get", params={"run_id": best["mlflow_run_id"]}).json()["run"]
+            metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+            assert metrics["evaluate_compressed.task.score"] == best["score"]
+            assert sorted(d["dataset"]["name"] for d in run["inputs"]["dataset_inputs"]) == ["sst2-train", "sst2-validation"]
+            assert {o["model_id"] for o in run["outputs"]["model_outputs"]} >= {champion["model_id"]}
+
+            import mlflow
+            import pandas as pd
+
+            mlflow.set_tracking_uri(uri)  # the weights come back through the server's artifact proxy
+            predicted = mlflow.pyfunc.load_model("models:/lowrank-sst2@champion").predict(pd.DataFrame({"text": ["a fine film"]}))
+            assert list(predicted.columns) == ["label", "score"] and 0.5 <= predicted["score"][0] <= 1
     finally:
         with admin.cursor() as cursor:
             for name in (mlflow_db, prefect_db):
