@@ -94,7 +94,7 @@ def sweep(
         summaries.append({**config_summary(config, jobs), "mlflow_run_id": run_ids.get(config.number)})
     sweep_run, champion = None, None
     if track and any(run_ids.values()):
-        ids = [run_id for run_id in run_ids.values() if run_id]
+        ids = [run_ids[number] for number in sorted(run_ids) if run_ids[number]]  # in configuration order, not finishing order
         try:
             champion = register_champion(spec.select, configs[0].params.data.task, ids)
         except InputError as err:  # a metric no configuration logged: the sweep's work stands, nothing is registered

@@ -136,7 +136,8 @@ def choose(select: SelectConfig, runs: list[Any]) -> tuple[Any | None, str]:
     budget = ", ".join(f"{k}={getattr(select, k)}" for k in ("max_keep_ratio", "max_latency_ms") if getattr(select, k) is not None)
     if not within:
         return None, f"no configuration meets {budget}: nothing registered"
-    best = (max if select.goal == "max" else min)(within, key=lambda run: _value(run, select.metric))
+    sign = 1 if select.goal == "max" else -1  # a tie goes to the smaller model, then to the earlier configuration
+    best = max(within, key=lambda run: (sign * _value(run, select.metric), -(_value(run, "params.target_linear") or 0)))
     return best, f"best {select.metric} ({select.goal}) of {len(within)} configuration(s)" + (f" within {budget}" if budget else "")
 
 
@@ -157,6 +158,7 @@ def register_champion(select: SelectConfig, task: str, run_ids: list[str]) -> di
     model_id = best.data.tags[f"{MODEL_TAG}{evaluation}"]
     version = mlflow.register_model(f"models:/{model_id}", name, tags=_champion_tags(best, evaluation, select))
     client.set_registered_model_alias(name, CHAMPION, version.version)
+    client.update_model_version(name, version.version, description=f"{best.info.run_name}: {reason}; {select.metric} {report['value']:.4g}")
     return {**report, "registered": True, "name": name, "version": version.version, "model_id": model_id,
             "uri": f"models:/{name}@{CHAMPION}"}
 
@@ -170,5 +172,7 @@ def _champion_tags(run: Any, evaluation: str, select: SelectConfig) -> dict[str,
         "params.total": metric("params.total"), select.latency_metric: metric(select.latency_metric),
         "selected_by": f"{select.goal} {select.metric}", "source_run": run.info.run_id, "sweep": run.data.tags.get("sweep"),
     }
-    tags.update({k: v for k, v in run.data.tags.items() if ".lineage." in k})
+    maker = shipped(run.data.tags["path"])[1]
+    tags["lineage.model"] = run.data.tags.get(f"{maker}.lineage.output.model")  # path@md5 of the weights, and of the data
+    tags["lineage.data"] = run.data.tags.get("prepare.lineage.output.data")
     return {k: str(v) for k, v in tags.items() if v is not None}

@@ -18,6 +18,11 @@ def _completed(summary: dict) -> list[dict]:
     return [c for c in summary["configs"] if c["status"] == "completed"]
 
 
+def _best(summary: dict) -> dict:
+    """The best score; a tie goes to the smaller model, then the earlier configuration."""
+    return max(_completed(summary), key=lambda c: (c["score"], -c["keep_ratio_reached"]))
+
+
 @pytest.mark.slow
 def test_every_scored_model_is_logged_once_and_the_best_is_the_champion(failing_sweep: dict) -> None:
     import mlflow
@@ -38,13 +43,13 @@ def test_every_scored_model_is_logged_once_and_the_best_is_the_champion(failing_
         assert {m.dataset_name for m in final.metrics} == {"sst2-validation"}
 
     champion = summary["champion"]
-    best = max(_completed(summary), key=lambda c: c["score"])
+    best = _best(summary)
     assert champion["registered"] and champion["name"] == "lowrank-sst2" and champion["value"] == best["score"]
     version = client.get_model_version_by_alias("lowrank-sst2", "champion")
     assert version.tags["method"] == best["overrides"]["factorize.method"]
     assert float(version.tags["keep_ratio"]) == best["overrides"]["factorize.keep_ratio"]
     assert float(version.tags["task.score"]) == best["score"]
-    assert version.tags["finetune_compressed.lineage.output.model"].startswith(best["model"])
+    assert version.tags["lineage.model"].startswith(best["model"])
     assert client.get_run(summary["mlflow_sweep_run_id"]).data.tags["lowrank.champion_run"] == best["mlflow_run_id"]
 
 
@@ -72,7 +77,7 @@ def test_the_champion_predicts_what_the_pipeline_scored(failing_sweep: dict) -> 
     from lowrank.evaluation import predict
 
     summary = failing_sweep["summary"]
-    best = max(_completed(summary), key=lambda c: c["score"])
+    best = _best(summary)
     raw, prepared = _validation(failing_sweep, best)
     mlflow.set_tracking_uri(failing_sweep["uri"])
     served = mlflow.pyfunc.load_model("models:/lowrank-sst2@champion").predict(pd.DataFrame({"text": raw["text_a"]}))
@@ -120,7 +125,9 @@ def test_mlflow_models_serve_answers_invocations(failing_sweep: dict) -> None:
 
 
 def _run(path: str, keep_ratio: float, score: float | None, latency: float | None = None):
-    metrics = {} if score is None else {"evaluate_compressed.task.score": score}
+    metrics = {"evaluate_compressed.params.target_linear": keep_ratio * 1000}
+    if score is not None:
+        metrics["evaluate_compressed.task.score"] = score
     if latency is not None:
         metrics["evaluate_compressed.latency.batch_1.median_ms"] = latency
     return SimpleNamespace(data=SimpleNamespace(metrics=metrics, tags={"path": path, "keep_ratio": str(keep_ratio)}))
@@ -134,6 +141,8 @@ def test_select_takes_the_best_within_the_budget() -> None:
     assert choose(SelectConfig(max_keep_ratio=0.3), runs)[0] is runs[1]
     assert choose(SelectConfig(max_latency_ms=2.5), runs)[0] is runs[2]
     assert choose(SelectConfig(metric="latency.batch_1.median_ms", goal="min"), runs)[0] is runs[2]
+    tied = [_run("factorize", 0.5, 0.8), _run("factorize", 0.3, 0.8), _run("factorize", 0.3, 0.8)]
+    assert choose(SelectConfig(), tied)[0] is tied[1]  # a tie goes to the smaller model, then the earlier configuration
     best, reason = choose(SelectConfig(max_keep_ratio=0.1), runs)
     assert best is None and reason == "no configuration meets max_keep_ratio=0.1: nothing registered"
     with pytest.raises(ConfigError, match="sweep.select.metric: no configuration logged task.f1"):
