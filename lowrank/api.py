@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ from lowrank.methods import get_method
 from lowrank.modules.matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, Targets, find_targets, matrix_type
 from lowrank.modules.surgery import dense_weights, factorize_model
 from lowrank.train.importance import Importance, collect_importance
+from lowrank.train.rank_search import search_ranks
 
 Scores = Mapping[str, Tensor] | Importance
 
@@ -46,6 +47,7 @@ class CompressReport:
     ranks: dict[str, int | None]
     layers: list[dict[str, Any]] = field(default_factory=list)
     solve_seconds: float = 0.0
+    allocation: dict[str, float] = field(default_factory=dict)  # allocation search: what it measured and cost
 
     def metrics(self) -> dict[str, Any]:
         """The stage metrics of a factorization: the ratio reached, layer counts, mean errors, the rows."""
@@ -56,6 +58,7 @@ class CompressReport:
             "layers_factorized": len(factorized),
             "layers_dense": len(self.layers) - len(factorized),
             "solve_seconds": self.solve_seconds,
+            **self.allocation,
         }
         for key in ("fisher_error", "error", "kept_error"):
             if factorized and key in factorized[0]:
@@ -87,6 +90,7 @@ def compress_(
     *,
     masks: Mapping[str, Tensor] | None = None,
     fisher: Scores | None = None,
+    loss_fn: Callable[[nn.Module], float] | None = None,
     **settings: Any,
 ) -> CompressReport:
     """Factorize the targeted Linear layers of `model` in place; returns what was done.
@@ -104,6 +108,8 @@ def compress_(
             ones, each as `W * M` (the sparse methods need them).
         fisher: Fisher scores for `allocation="fisher"` and the `fisher_error`
             column; defaults to `importance` when the method weighs by Fisher.
+        loss_fn: for `allocation="search"`, the model's task loss on calibration
+            batches (e.g. the mean `model(**batch).loss` over a few of them).
         settings: the other keys of the `factorize` params section (solver,
             solver_steps, allocation, min_rank_share, pruned_weight, ...).
 
@@ -127,10 +133,12 @@ def compress_(
         raise ValueError("masks: none of them names a module of the model")
     if spec.needs_masks and masks is None:
         raise ValueError(f"method {spec.name!r} factorizes pruned matrices: pass their masks")
-    if spec.importance in ("fisher", "taylor"):
+    if spec.importance not in ("none", "sparse"):
         _check_covers(scores, names, f"method {spec.name!r} weighs entries by {spec.importance} importance")
     if cfg.allocation == "fisher":
         _check_covers(fisher_scores, names, "allocation 'fisher' spreads ranks by Fisher-weighted spectra")
+    if cfg.allocation == "search" and loss_fn is None:
+        raise ValueError("allocation 'search' measures the task loss: pass loss_fn (the model's loss on calibration batches)")
 
     weights = dense_weights(model, names)
     device = next(iter(weights.values())).device
@@ -138,9 +146,22 @@ def compress_(
     spectra = None
     if cfg.allocation == "fisher":
         spectra = {name: weighted_spectrum(weights[name], fisher_scores[name].to(device)) for name in names}
-    ranks = allocate_ranks(shapes, cfg.keep_ratio, cfg.allocation, cfg.rank_multiple, spectra, cfg.min_rank_share)
-
     options = asdict(cfg)
+
+    def solve(name: str, rank: int, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        entry_scores = None if scores is None or spec.importance == "none" else scores[name].to(device)
+        return spec.fn(target, rank, importance=entry_scores, mask=mask, **options)  # (out, rank), (rank, in)
+
+    searched: dict[str, float] = {}
+    if cfg.allocation == "search":
+        uniform = allocate_ranks(shapes, cfg.keep_ratio, "uniform", cfg.rank_multiple)
+        ranks, searched = search_ranks(
+            model, uniform, shapes, lambda name, rank: solve(name, rank, weights[name], None), loss_fn,
+            min_share=cfg.min_rank_share, max_share=cfg.search_max_share, points=cfg.search_points, multiple=cfg.rank_multiple,
+        )
+    else:
+        ranks = allocate_ranks(shapes, cfg.keep_ratio, cfg.allocation, cfg.rank_multiple, spectra, cfg.min_rank_share)
+
     factors, rows = {}, []
     started = time.perf_counter()
     for name in names:
@@ -150,9 +171,8 @@ def compress_(
         if mask is not None:
             row["density"] = float(mask.float().mean())
         if ranks[name] is not None:
-            entry_scores = None if scores is None or spec.importance == "none" else scores[name].to(device)
             layer_started = time.perf_counter()
-            a, b = spec.fn(target, ranks[name], importance=entry_scores, mask=mask, **options)  # (out, rank), (rank, in)
+            a, b = solve(name, ranks[name], target, mask)
             factors[name] = (a, b)
             row["seconds"] = time.perf_counter() - layer_started
             if fisher_scores is not None:
@@ -163,7 +183,7 @@ def compress_(
         rows.append(row)
     solve_seconds = time.perf_counter() - started
     factorize_model(model, factors)
-    return CompressReport(cfg.method, cfg.keep_ratio, kept_ratio(shapes, ranks), ranks, rows, solve_seconds)
+    return CompressReport(cfg.method, cfg.keep_ratio, kept_ratio(shapes, ranks), ranks, rows, solve_seconds, searched)
 
 
 def _check_covers(scores: Mapping[str, Tensor] | None, names: list[str], why: str) -> None:

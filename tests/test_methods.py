@@ -27,8 +27,8 @@ def tiny_bert() -> nn.Module:
 
 def test_the_table_holds_the_seed_methods_with_their_needs() -> None:
     rows = {name: method.row() for name, method in METHODS.items()}
-    assert list(rows) == ["svd", "fwsvd", "tfwsvd", "tvd", "sparse_svd", "sparse_tfwsvd"]
-    assert [rows[m]["importance"] for m in rows] == ["none", "fisher", "fisher", "taylor", "sparse", "sparse"]
+    assert list(rows) == ["svd", "fwsvd", "tfwsvd", "tvd", "asvd", "svd_llm", "sparse_svd", "sparse_tfwsvd"]
+    assert [rows[m]["importance"] for m in rows] == ["none", "fisher", "fisher", "taylor", "abs_mean", "gram", "sparse", "sparse"]
     assert method_names("lpaf") == ["svd", "sparse_svd", "sparse_tfwsvd"]
     assert get_method("tfwsvd").solver_name("adam_sgd") == "adam_sgd" and get_method("fwsvd").solver_name("als") == "fwsvd"
     assert all(METHODS[m].needs_masks == m.startswith("sparse") for m in METHODS)

@@ -108,8 +108,17 @@ class FactorizeConfig:
         sparse_tfwsvd the pruned model (the lpaf path, where svd is the ablation).
     solver: the element-wise solver of the methods that take one (tfwsvd, tvd, sparse_tfwsvd).
 
-    min_rank_share: under `allocation: fisher`, every layer keeps at least this
-        share of the uniform rank (0: no floor).
+    allocation: `uniform` (the papers), `fisher` (ranks from Fisher-weighted
+        spectra) or `search` (ranks from the measured task-loss increase of each
+        matrix at each rank on `search_samples` training examples, at exactly the
+        uniform allocation's parameters; lowrank/train/rank_search.py).
+    min_rank_share: under `allocation: fisher` or `search`, every layer keeps at
+        least this share of the uniform rank (0: no floor); `search_max_share`
+        caps it at that multiple; `search_points` ranks per matrix are measured.
+    asvd_alpha: asvd scales input feature j by mean|x_j|^alpha (0: plain SVD).
+    whitening_damp: svd_llm adds this times the mean diagonal to X^T X before
+        its Cholesky factor; `whitening_update` refits the left factor by least
+        squares under the undamped X^T X.
     sparse_importance: the importance of the sparse methods: `fisher` (of the
         pruned model, collected by factorize_pruned with the fisher section's
         settings) or `scores` (the pruning scores).
@@ -119,7 +128,7 @@ class FactorizeConfig:
 
     method: str = "fwsvd"
     keep_ratio: float = 0.5
-    allocation: Literal["uniform", "fisher"] = "uniform"
+    allocation: Literal["uniform", "fisher", "search"] = "uniform"
     rank_multiple: int = 1
     targets: str | list[str] | None = None
     exclude: str | list[str] | None = None
@@ -129,6 +138,12 @@ class FactorizeConfig:
     min_rank_share: float = 0.5
     sparse_importance: Literal["fisher", "scores"] = "fisher"
     pruned_weight: float = DEFAULT_PRUNED_WEIGHT
+    asvd_alpha: float = 0.5
+    whitening_damp: float = 0.01
+    whitening_update: bool = False
+    search_samples: int = 128
+    search_points: int = 5
+    search_max_share: float = 2.0
 
     def __post_init__(self) -> None:
         check(self.method in METHODS, "factorize.method", f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
@@ -149,6 +164,11 @@ class FactorizeConfig:
         check(self.pruned_weight >= 0, "factorize.pruned_weight", f"must be >= 0, got {self.pruned_weight}")
         check(self.rank_multiple >= 1, "factorize.rank_multiple", "must be >= 1")
         check(self.solver_steps >= 1, "factorize.solver_steps", "must be >= 1")
+        check(self.asvd_alpha >= 0, "factorize.asvd_alpha", f"must be >= 0, got {self.asvd_alpha}")
+        check(self.whitening_damp >= 0, "factorize.whitening_damp", f"must be >= 0, got {self.whitening_damp}")
+        check(self.search_samples >= 1, "factorize.search_samples", "must be >= 1")
+        check(self.search_points >= 2, "factorize.search_points", "must be >= 2")
+        check(self.search_max_share >= 1, "factorize.search_max_share", f"must be >= 1, got {self.search_max_share}")
 
 
 LATENCY_RUNTIMES = ("torch", "onnxruntime")  # eager PyTorch; the checked ONNX export in onnxruntime

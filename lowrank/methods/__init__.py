@@ -9,6 +9,7 @@ from lowrank.methods.registry import (
     IMPORTANCE_KINDS, METHODS, PATHS, Method, get_method, method_names, register_method, unregister_method,
 )
 from lowrank.methods import weighted  # noqa: E402,F401  fill the table, in the order `lowrank methods` lists
+from lowrank.methods import activation  # noqa: E402,F401
 from lowrank.methods import sparse  # noqa: E402,F401
 
 __all__ = [

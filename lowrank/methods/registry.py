@@ -17,9 +17,10 @@ from typing import Any, Callable, Protocol
 
 from torch import Tensor
 
-# What a method weighs entries by: nothing; the dense model's Fisher or Taylor scores (the fisher
-# stage's artifacts); or, on the lpaf path, the pruned model's (`factorize.sparse_importance`).
-IMPORTANCE_KINDS = ("none", "fisher", "taylor", "sparse")
+# What a method weighs by: nothing; the dense model's Fisher or Taylor scores, or its layers' input statistics
+# (mean |x| per feature, the Gram matrix X^T X), all artifacts of the fisher stage; or, on the lpaf path,
+# the pruned model's importance (`factorize.sparse_importance`).
+IMPORTANCE_KINDS = ("none", "fisher", "taylor", "abs_mean", "gram", "sparse")
 PATHS = ("factorize", "lpaf")  # the dense fine-tuned model, or the pruned one
 
 

@@ -30,7 +30,8 @@ from lowrank.pipeline.stage import StageIO, StageResult, stage
     outputs={"importance": "fisher"},
 )
 def fisher(p: Params, io: StageIO) -> StageResult:
-    """Fisher and Taylor importance of every targeted weight (`<kind>.safetensors`), computed once for all methods."""
+    """Fisher and Taylor importance of every targeted weight, and the statistics of each one's input (ASVD's
+    `abs_mean`, SVD-LLM's `gram`), one `<kind>.safetensors` each, computed in one pass for all methods."""
     from lowrank.io.checkpoints import load_compressed
     from lowrank.train.importance import collect_importance, save_importance
 
@@ -41,13 +42,35 @@ def fisher(p: Params, io: StageIO) -> StageResult:
     started = time.perf_counter()
     scores = collect_importance(
         model, prepared.loader("train", cfg.batch_size), names, max_samples=cfg.max_samples,
-        per_example=cfg.per_example, only_misclassified=cfg.only_misclassified,
+        per_example=cfg.per_example, only_misclassified=cfg.only_misclassified, activations=True,
     )
     with atomic_dir(io.outputs["importance"]) as tmp:
         for kind, importance in scores.items():
             save_importance(importance, tmp / f"{kind}.safetensors")
     metrics = {"layers": len(names), "samples": scores["fisher"].num_samples, "seconds": time.perf_counter() - started}
     return io.finish(metrics)
+
+
+def calibration_loss(prepared: PreparedData, samples: int, batch_size: int):
+    """The model's mean task loss on the first `samples` training examples (the rank search's measure)."""
+    from lowrank.devices import model_device, to_device
+
+    batches, seen = [], 0
+    for batch in prepared.loader("train", batch_size):
+        take = min(batch["input_ids"].shape[0], samples - seen)
+        batches.append({k: v[:take] for k, v in batch.items()})
+        seen += take
+        if seen >= samples:
+            break
+
+    @torch.no_grad()
+    def loss(model: torch.nn.Module) -> float:
+        model.eval()
+        device = model_device(model)
+        total = sum(float(model(**to_device(b, device)).loss) * b["input_ids"].shape[0] for b in batches)
+        return total / seen
+
+    return loss
 
 
 def _mean_by_type(rows: list[dict], key: str) -> dict[str, float]:
@@ -60,7 +83,7 @@ def _mean_by_type(rows: list[dict], key: str) -> dict[str, float]:
 @stage(
     "factorize",
     params=("factorize",),
-    inputs={"model": "finetune.model", "importance": "fisher.importance"},
+    inputs={"model": "finetune.model", "importance": "fisher.importance", "data": "prepare.data"},
     outputs={"model": "factorize/model"},
     plots={"phi": "factorize_phi.png"},
 )
@@ -86,7 +109,8 @@ def factorize(p: Params, io: StageIO) -> StageResult:
     missing = [n for n in names if n not in fisher_scores]
     if missing:
         raise ValueError(f"importance at {importance_dir} lacks {missing[0]}: rerun the fisher stage for these targets")
-    report = compress_(model, importance=importance, fisher=fisher_scores, **asdict(cfg))
+    loss_fn = calibration_loss(PreparedData.open(io.inputs["data"]), cfg.search_samples, p.fisher.batch_size) if cfg.allocation == "search" else None
+    report = compress_(model, importance=importance, fisher=fisher_scores, loss_fn=loss_fn, **asdict(cfg))
     phi = svd_risks({n: fisher_scores[n] for n in names})
     # The paper's phi shrinks as 1/N; times N it compares matrices of different shapes.
     phi_scaled = svd_risks({n: fisher_scores[n] for n in names}, size_invariant=True)

@@ -9,6 +9,7 @@ entries cost 340 MB per score.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,7 +28,8 @@ KINDS = ("fisher", "taylor")
 
 @dataclass
 class Importance:
-    """Per-entry scores `(out, in)` by layer name, and how many examples they average over."""
+    """Scores by layer name (per entry `(out, in)`; per input feature `(in,)` or `(in, in)` for the activation kinds),
+    and how many examples they average over."""
 
     scores: dict[str, Tensor]
     num_samples: int
@@ -60,6 +62,7 @@ def collect_importance(
     per_example: bool = False,
     only_misclassified: bool = False,
     progress: bool = True,
+    activations: bool = False,
 ) -> dict[str, Importance]:
     """Fisher and Taylor importance of the named Linear weights, in one pass over `loader`.
 
@@ -70,10 +73,16 @@ def collect_importance(
         only_misclassified: use only the examples the model gets wrong
             (TFWSVD's appendix: 1-2% of the data, nearly the same result).
 
+        activations: also record each layer's input statistics in the same pass
+            (`abs_mean` and `gram`, lowrank.train.activations), over the same examples.
+
     Returns:
         {"fisher": ..., "taylor": ...}, each an `Importance` averaged over the
-        gradient units (examples or batches) that were used.
+        gradient units (examples or batches) that were used; with `activations`,
+        also "abs_mean" (in,) and "gram" (in, in) per layer, averaged over tokens.
     """
+    from lowrank.train.activations import ActivationRecorder
+
     weights = linear_weights(model, names, "importance target")
     if max_samples is not None and max_samples <= 0:
         raise ValueError(f"fisher.max_samples: must be positive, got {max_samples}")
@@ -89,6 +98,7 @@ def collect_importance(
     device = model_device(model)
     seen = used = units = 0
     bar = progress_bar(progress, total=max_samples, desc="importance", unit="ex")
+    recorder = ActivationRecorder(model, names) if activations else None
     try:
         for batch in loader:
             if max_samples is not None and seen >= max_samples:
@@ -105,7 +115,10 @@ def collect_importance(
             parts = _examples(batch) if per_example else [batch]
             for part in parts:
                 model.zero_grad(set_to_none=True)
-                model(**part).loss.backward()
+                mask = part.get("attention_mask", torch.ones_like(part["input_ids"]))
+                with recorder.counting(mask) if recorder else contextlib.nullcontext():
+                    loss = model(**part).loss
+                loss.backward()
                 for name, weight in weights.items():
                     grad = weight.grad.float()
                     fisher[name].addcmul_(grad, grad)
@@ -114,6 +127,8 @@ def collect_importance(
             used += batch["input_ids"].shape[0]
     finally:
         bar.close()
+        if recorder:
+            recorder.remove()
         model.zero_grad(set_to_none=True)
         for param, flag in grad_flags.items():
             param.requires_grad_(flag)
@@ -123,7 +138,10 @@ def collect_importance(
     for scores in (fisher, taylor):
         for tensor in scores.values():
             tensor.div_(units)
-    return {"fisher": Importance(fisher, used, "fisher"), "taylor": Importance(taylor, used, "taylor")}
+    found = {"fisher": Importance(fisher, used, "fisher"), "taylor": Importance(taylor, used, "taylor")}
+    for kind, scores in (recorder.results() if recorder else {}).items():
+        found[kind] = Importance(scores, used, kind)
+    return found
 
 
 def save_importance(importance: Importance, path: str | Path) -> Path:

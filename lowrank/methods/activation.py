@@ -1,0 +1,71 @@
+"""Methods that weigh by what the layer's input looks like: ASVD and SVD-LLM, the ones users pick instead.
+
+Both scale W's input side before a truncated SVD and undo the scaling on the right factor, so the
+truncation discards what the *outputs* need least rather than what the weights hold least:
+- ASVD (Yuan et al. 2023): W diag(s), s_j = mean|x_j|^alpha;
+- SVD-LLM (Wang et al. 2024): W S with S the Cholesky factor of the input's second moment X^T X, which
+  makes the truncation the minimiser of the layer's output error ||(W - AB) X^T||_F.
+Their statistics come from the fisher stage's pass (lowrank.train.activations).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lowrank.linalg.solvers import get_solver
+from lowrank.methods.registry import register_method
+
+
+@register_method(
+    "asvd", importance="abs_mean", solver="svd", paths=("factorize",),
+    summary="activation-aware SVD (Yuan et al. 2023): SVD of W diag(mean|x|^alpha), factorize.asvd_alpha",
+)
+def asvd(weight: Tensor, rank: int, *, importance: Tensor | None, asvd_alpha: float = 0.5, **_: Any) -> tuple[Tensor, Tensor]:
+    if importance is None:
+        raise ValueError("asvd needs each layer's mean absolute input (the fisher stage's abs_mean)")
+    scale = importance.to(weight.device, torch.float64)
+    scale = scale.clamp_min(scale.max() * 1e-6).pow(asvd_alpha)  # a feature never active would divide by zero
+    a, b = get_solver("svd")((weight.double() * scale), rank)
+    return a.to(weight.dtype), (b / scale).to(weight.dtype)
+
+
+def whitening(gram: Tensor, damp: float) -> Tensor:
+    """Lower-triangular S with S S^T = gram + damp * mean(diag) * I; the damping grows tenfold until Cholesky succeeds.
+
+    A Gram matrix of fewer tokens than features, or of a feature that is always zero, is singular: SVD-LLM's
+    users report the Cholesky failing there. Damping relative to the mean diagonal keeps the scale of the data.
+    """
+    gram = gram.double()
+    level = float(gram.diagonal().mean().clamp_min(1e-12)) * max(damp, 1e-10)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(gram + level * eye)
+        if int(info) == 0:
+            return factor
+        level *= 10
+    raise ValueError("whitening: the input's Gram matrix is not positive definite even with heavy damping")
+
+
+@register_method(
+    "svd_llm", importance="gram", solver="svd", paths=("factorize",),
+    summary="truncation-aware whitening (SVD-LLM, Wang et al. 2024): SVD of W S, S the Cholesky factor of X^T X",
+)
+def svd_llm(
+    weight: Tensor, rank: int, *, importance: Tensor | None, whitening_damp: float = 0.01, whitening_update: bool = False, **_: Any,
+) -> tuple[Tensor, Tensor]:
+    if importance is None:
+        raise ValueError("svd_llm needs each layer's input Gram matrix (the fisher stage's gram)")
+    gram = importance.to(weight.device, torch.float64)
+    s = whitening(gram, whitening_damp)
+    w = weight.double()
+    a, b = get_solver("svd")(w @ s, rank)
+    b = torch.linalg.solve_triangular(s, b, upper=False, left=False)  # B S^-1
+    if whitening_update:
+        # Least squares for A with B fixed, under the undamped second moment: A = W G B^T (B G B^T)^-1.
+        inner = b @ gram @ b.T
+        inner = inner + 1e-10 * inner.diagonal().mean().clamp_min(1e-12) * torch.eye(inner.shape[0], dtype=inner.dtype, device=inner.device)
+        a = torch.linalg.solve(inner, (w @ gram @ b.T).T).T
+    return a.to(weight.dtype), b.to(weight.dtype)

@@ -1,0 +1,161 @@
+"""ASVD, SVD-LLM, the input statistics they weigh by, and the rank search, against answers known in closed form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowrank
+from conftest import GLUE_DIR, tiny_params
+from lowrank.config import load_params
+from lowrank.linalg.solvers import get_solver
+from lowrank.methods import get_method
+from lowrank.pipeline import Layout, get_stage, preflight
+from lowrank.train.activations import ActivationRecorder
+from lowrank.train.rank_search import candidate_ranks, search_ranks, solve
+
+
+def _inputs(tokens: int, features: int, correlated: bool, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=g, dtype=torch.float64)
+    if correlated:  # a few strong directions, mixed into every feature
+        x = x @ torch.diag(torch.logspace(1, -2, features, dtype=torch.float64)) @ torch.randn(features, features, generator=g, dtype=torch.float64)
+    return x
+
+
+def _output_error(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> float:
+    return float(torch.linalg.norm((w - a @ b) @ x.T))
+
+
+def test_svd_llm_minimises_the_output_error_on_correlated_inputs() -> None:
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 16, dtype=torch.float64), _inputs(4000, 16, correlated=True)
+    gram = x.T @ x / x.shape[0]
+    a_svd, b_svd = get_method("svd").fn(w, 4, importance=None, mask=None)
+    a_llm, b_llm = get_method("svd_llm").fn(w, 4, importance=gram, mask=None, whitening_damp=0.0)
+    assert _output_error(w, a_llm, b_llm, x) < 0.5 * _output_error(w, a_svd, b_svd, x)
+    # the known optimum: the tail singular values of W S, S S^T = X^T X (Eckart-Young on the whitened matrix)
+    tail = torch.linalg.svdvals(w @ torch.linalg.cholesky(x.T @ x))[4:]
+    assert _output_error(w, a_llm, b_llm, x) == pytest.approx(float(tail.norm()), rel=1e-6)
+
+
+def test_svd_llm_equals_svd_on_white_inputs_and_survives_a_singular_gram() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(24, 16, dtype=torch.float64)
+    a_svd, b_svd = get_method("svd").fn(w, 5, importance=None, mask=None)
+    a_llm, b_llm = get_method("svd_llm").fn(w, 5, importance=torch.eye(16, dtype=torch.float64), mask=None)
+    torch.testing.assert_close(a_llm @ b_llm, a_svd @ b_svd, rtol=1e-9, atol=1e-9)
+
+    few = _inputs(3, 16, correlated=False)  # 3 tokens for 16 features, and one feature always zero: rank 3
+    few[:, 7] = 0
+    gram = few.T @ few / 3
+    assert torch.linalg.cholesky_ex(gram)[1] != 0  # Cholesky alone fails here
+    for damp in (0.0, 0.01):
+        a, b = get_method("svd_llm").fn(w.float(), 5, importance=gram.float(), mask=None, whitening_damp=damp)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all() and a.dtype == torch.float32
+
+
+def test_the_least_squares_update_recovers_what_heavy_damping_loses() -> None:
+    torch.manual_seed(2)
+    w, x = torch.randn(24, 16, dtype=torch.float64), _inputs(4000, 16, correlated=True, seed=2)
+    gram = x.T @ x / x.shape[0]
+    plain = get_method("svd_llm").fn(w, 4, importance=gram, mask=None, whitening_damp=1.0)
+    updated = get_method("svd_llm").fn(w, 4, importance=gram, mask=None, whitening_damp=1.0, whitening_update=True)
+    assert _output_error(w, *updated, x) < 0.9 * _output_error(w, *plain, x)
+
+
+def test_asvd_at_alpha_zero_is_svd_and_otherwise_scales_columns() -> None:
+    torch.manual_seed(3)
+    w, scale = torch.randn(20, 12), torch.rand(12) + 0.1
+    a, b = get_method("asvd").fn(w, 4, importance=scale, mask=None, asvd_alpha=0.0)
+    a0, b0 = get_solver("svd")(w, 4)
+    torch.testing.assert_close(a @ b, a0 @ b0, rtol=1e-5, atol=1e-5)
+    a, b = get_method("asvd").fn(w, 4, importance=scale, mask=None, asvd_alpha=1.0)
+    a1, b1 = get_solver("svd")(w.double() * scale.double(), 4)  # the SVD of W diag(s), s undone on B
+    torch.testing.assert_close((a @ b).double(), a1 @ (b1 / scale.double()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_recorder_averages_over_real_tokens_only() -> None:
+    layer = nn.Linear(4, 3)
+    model = nn.ModuleDict({"layer": layer})
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    recorder = ActivationRecorder(model, ["layer"])
+    layer(x)  # outside `counting`: not recorded
+    with recorder.counting(mask):
+        layer(x)
+    recorder.remove()
+    stats = recorder.results()
+    real = x.reshape(-1, 4)[mask.reshape(-1).bool()].double().numpy()
+    np.testing.assert_allclose(stats["abs_mean"]["layer"].numpy(), np.abs(real).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["gram"]["layer"].numpy(), real.T @ real / 8, rtol=1e-5)
+    assert recorder.tokens == 8
+
+
+def test_solve_spends_exactly_the_budget_on_what_hurts_most() -> None:
+    ranks = {"a": list(range(1, 11)), "b": list(range(1, 11))}
+    costs = {n: [r * 10 for r in ranks[n]] for n in ranks}
+    losses = {"a": np.array([100.0 / r for r in ranks["a"]]), "b": np.array([1.0 / r for r in ranks["b"]])}
+    chosen = solve(costs, losses, ranks, budget=100)
+    assert sum(chosen[n] * 10 for n in chosen) == 100 and chosen["a"] > chosen["b"]
+
+
+class _TwoLayers(nn.Module):
+    """y = L2(L1 x): L1 full rank (every direction matters), L2 nearly rank 2 (truncating it costs little)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.first, self.second = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+        q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+        self.first.weight.data = 3 * q
+        low = torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g)
+        self.second.weight.data = low + 0.01 * torch.randn(16, 16, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def test_the_search_gives_the_sensitive_layer_the_larger_rank_at_exactly_the_uniform_size() -> None:
+    model = _TwoLayers()
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    target = model(x).detach()
+    loss_fn = lambda m: float(((m(x) - target) ** 2).mean())  # noqa: E731
+    shapes = {"first": (16, 16), "second": (16, 16)}
+    uniform = {"first": 4, "second": 4}
+    weights = {n: dict(model.named_modules())[n].weight.detach().clone() for n in shapes}
+    ranks, report = search_ranks(
+        model, uniform, shapes, lambda n, r: get_solver("svd")(weights[n], r), loss_fn,
+        min_share=0.5, max_share=2.0, points=4, multiple=1,
+    )
+    assert sum(r * 32 for r in ranks.values()) == sum(r * 32 for r in uniform.values())
+    assert ranks["first"] > ranks["second"] >= 2  # the floor: half the uniform rank
+    assert report["search_increase_chosen"] < report["search_increase_uniform"]
+    assert candidate_ranks((16, 16), 4, 0.5, 2.0, 1) == [2, 3, 4, 5, 6, 7]  # 8 would hold as much as the dense 16 x 16
+    torch.testing.assert_close(model.first.weight, weights["first"])  # measuring left the model as it was
+
+
+@pytest.mark.parametrize("method", ["asvd", "svd_llm"])
+def test_the_new_methods_and_the_search_run_through_the_stages(tmp_path: Path, tiny_model_dir: Path, method: str) -> None:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    params = load_params(tiny_params(
+        tmp_path, tiny_model_dir, GLUE_DIR, factorize={"method": method, "keep_ratio": 0.5, "allocation": "search", "search_samples": 16},
+        evaluate={"latency": False},
+    ))
+    preflight(params)
+    for name in ("prepare", "finetune", "fisher", "factorize", "evaluate_factorized"):
+        result = get_stage(name).run(params)
+    layout = Layout.from_params(params)
+    assert {p.name for p in layout.output("fisher", "importance").iterdir()} >= {"abs_mean.safetensors", "gram.safetensors"}
+    factorize = json.loads((tmp_path / "metrics" / "factorize.json").read_text())
+    uniform = lowrank.api.allocate_ranks({r["layer"]: tuple(r["shape"]) for r in factorize["layers"]}, 0.5, "uniform", 1)
+    spent = sum(r["rank"] * sum(r["shape"]) for r in factorize["layers"])
+    assert spent == sum(uniform[r["layer"]] * sum(r["shape"]) for r in factorize["layers"])  # exactly the uniform size
+    assert factorize["search_evaluations"] >= 12 * 2 and factorize["search_solve_seconds"] >= 0
+    assert 0 <= result.metrics["task.score"] <= 1
