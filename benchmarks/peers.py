@@ -1,0 +1,113 @@
+"""Benchmark (issue 21): SVD, FWSVD, TFWSVD, ASVD and SVD-LLM side by side, and the rank search against uniform ranks.
+
+Per task, one `lowrank sweep` of benchmarks/specs/peers.yaml: every method at keep ratios 0.5 (before + ft),
+0.3 and 0.15 (before and after 1 epoch of + ft). Then the two methods with the best mean score before + ft
+over the tasks and ratios get a second sweep with `factorize.allocation: search` at 0.3 and 0.15, at exactly
+the uniform ranks' parameters. One setting for every task (params.yaml's); the store keeps every model, so a
+rerun only computes what is missing.
+
+    .venv/bin/python benchmarks/peers.py --tasks sst2 mrpc stsb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import mean
+
+from lowrank.io.files import read_json
+from lowrank.pipeline import get_stage
+from lowrank.pipeline.sweep import plan, sweep_spec
+from product import run_sweep
+
+from report import ROOT, table, write_section
+
+SPEC = ROOT / "benchmarks" / "specs" / "peers.yaml"
+RUNS = ROOT / "benchmarks" / "runs" / "peers"
+
+
+def _rows(spec: Path, overrides: list[str], summary: dict) -> list[dict]:
+    """One row per configuration: method, allocation, ratio, reached, seconds of the solve (and the search), scores."""
+    configs, _ = plan("params.yaml", sweep_spec("params.yaml", spec, overrides), overrides, check=False)
+    rows = []
+    for config, result in zip(configs, summary["configs"]):
+        cfg, info = config.params.factorize, read_json(get_stage("factorize").metrics_path(config.layout))
+        rows.append({
+            "method": cfg.method, "allocation": cfg.allocation, "keep_ratio": cfg.keep_ratio, "reached": info["keep_ratio_reached"],
+            "solve_s": info["solve_seconds"], "search_s": info.get("search_measure_seconds", 0) + info.get("search_solve_seconds", 0),
+            "before": result["scores"]["evaluate_factorized"], "dense": result["scores"]["evaluate_dense"],
+            "after": result["scores"].get("evaluate_compressed"),
+        })
+    return rows
+
+
+def _sweep(task: str, spec: Path, train: int, workers: int | None) -> list[dict]:
+    overrides = [f"data.task={task}", f"data.max_train_samples={train}", "evaluate.latency=false", "finetune_compressed.epochs=1"]
+    summary, _ = run_sweep(spec, overrides, ["--workers", str(workers)] if workers else [])
+    return _rows(spec, overrides, summary)
+
+
+def _search_spec(methods: list[str]) -> Path:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    path = RUNS / "search.yaml"
+    configs = [{"factorize.method": m, "factorize.keep_ratio": r, "factorize.allocation": "search"} for m in methods for r in (0.3, 0.15)]
+    path.write_text(json.dumps({"configs": configs}))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "stsb"])
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args()
+
+    rows = {task: _sweep(task, SPEC, args.train, args.workers) for task in args.tasks}
+    score = lambda r: r["before"]  # noqa: E731
+    methods = list(dict.fromkeys(r["method"] for r in rows[args.tasks[0]]))
+    best = sorted(methods, key=lambda m: -mean(score(r) for t in args.tasks for r in rows[t] if r["method"] == m))[:2]
+    search = _search_spec(best)
+    for task in args.tasks:
+        rows[task] += _sweep(task, search, args.train, args.workers)
+    (RUNS / "rows.json").write_text(json.dumps(rows, indent=1))
+
+    fmt = lambda v: "not run" if v is None else v  # noqa: E731
+    sections = []
+    for task in args.tasks:
+        body = table(["method", "allocation", "keep ratio", "reached", "solve s", "search s", "score", "score + ft"],
+                     [[r["method"], r["allocation"], r["keep_ratio"], r["reached"], r["solve_s"], r["search_s"], r["before"], fmt(r["after"])]
+                      for r in sorted(rows[task], key=lambda r: (-r["keep_ratio"], r["allocation"] != "uniform", methods.index(r["method"])))])
+        sections.append(f"### {task.upper()} (dense {rows[task][0]['dense']:.4f})\n\n{body}")
+    keys = sorted({(r["method"], r["allocation"], r["keep_ratio"]) for r in rows[args.tasks[0]]}, key=lambda k: (-k[2], k[1] != "uniform", methods.index(k[0])))
+    mean_rows = []
+    for method, allocation, ratio in keys:
+        found = [r for t in args.tasks for r in rows[t] if (r["method"], r["allocation"], r["keep_ratio"]) == (method, allocation, ratio)]
+        afters = [r["after"] for r in found if r["after"] is not None]
+        mean_rows.append([method, allocation, ratio, mean(r["before"] for r in found), mean(afters) if afters else "not run",
+                          mean(r["solve_s"] + r["search_s"] for r in found)])
+    means = table(["method", "allocation", "keep ratio", "mean score", "mean score + ft", "mean solve + search s"], mean_rows)
+    dense = mean(rows[t][0]["dense"] for t in args.tasks)
+    intro = (f"all-MiniLM-L6-v2 fine-tuned on {args.train} training examples per task (params.yaml), the input statistics and Fisher over "
+             f"the same examples, scored on the full dev sets; STS-B's score is the mean of Pearson and Spearman. + ft: 1 epoch. "
+             f"Search: the two methods with the best mean before + ft ({', '.join(best)}), {json.dumps({k: v for k, v in read_json_params().items()})}. "
+             f"Mean dense score over {', '.join(args.tasks)}: {dense:.4f}.")
+    write_section(
+        "peers", "Peer methods: ASVD and SVD-LLM beside SVD, FWSVD, TFWSVD; the rank search (issue 21)",
+        f"python benchmarks/peers.py --tasks {' '.join(args.tasks)} --train {args.train}",
+        intro + "\n\n### Mean over the tasks\n\n" + means + "\n\n" + "\n\n".join(sections),
+        results="peers.md", headline=intro + "\n\n" + means, add_headline=True,
+    )
+
+
+def read_json_params() -> dict:
+    """The search settings every configuration used (params.yaml's)."""
+    from lowrank.config import load_params
+
+    cfg = load_params("params.yaml").factorize
+    return {"search_samples": cfg.search_samples, "search_points": cfg.search_points, "min_rank_share": cfg.min_rank_share,
+            "search_max_share": cfg.search_max_share}
+
+
+if __name__ == "__main__":
+    main()
