@@ -16,7 +16,6 @@ import argparse
 import datetime
 import fcntl
 import os
-import platform
 import re
 from pathlib import Path
 from typing import Sequence
@@ -40,19 +39,13 @@ LOCK = REPORT.with_name(".BENCHMARKS.md.lock")
 
 def machine() -> str:
     """A one-line description of where the numbers were measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from lowrank.devices import default_device
+    from lowrank.devices import default_device, runtime_versions
 
+    where = runtime_versions()
     device = default_device()
     gpu = f"stages on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "no GPU"
-    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, {gpu}"
+    return (f"{where['cores']} cores ({where['cpu']}), torch {where['torch']}, onnxruntime {where['onnxruntime']}, "
+            f"{torch.get_num_threads()} threads, {gpu}")
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:

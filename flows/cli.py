@@ -222,12 +222,52 @@ def schema() -> None:
 
 
 @app.command()
-def export(model_dir: Path, out: Path = typer.Option(None, help="ONNX file (default: MODEL_DIR/model.onnx).")) -> None:
-    """Export a (compressed) model folder to ONNX and check its outputs against PyTorch."""
-    from lowrank import load_compressed
-    from lowrank.io.export import export_onnx
+def export(
+    model_dir: Path,
+    out: Path = typer.Option(None, help="ONNX file (default: MODEL_DIR/model.onnx)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write the graph with int8 weights (OUT with .int8.onnx) and a parity report."),
+    params: Optional[Path] = typer.Option(None, "--params", "-p", help="With --int8: score both graphs on this params file's task (its dev set)."),
+) -> None:
+    """Export a (compressed) model folder to ONNX and check its outputs against PyTorch (with --int8, the quantized graph too).
 
-    _print(export_onnx(load_compressed(model_dir), out or model_dir / "model.onnx"))
+    The graph takes input_ids, attention_mask and, for a model with token types (BERT), token_type_ids.
+    """
+    with lifecycle.user_errors():
+        from lowrank import load_compressed
+        from lowrank.io.export import export_onnx, onnx_session, parity, quantize_int8, takes_token_types
+
+        config = None
+        if params is not None:
+            from lowrank.config import load_params
+
+            config = load_params(params)  # a bad params file fails before the export
+        model = load_compressed(model_dir)
+        path = out or model_dir / "model.onnx"
+        report = {"fp32": {"path": str(path), **export_onnx(model, path, token_types=takes_token_types(model))}}
+        if int8:
+            quantized = path.with_suffix(".int8.onnx")
+            report["int8"] = {"path": str(quantized), **quantize_int8(path, quantized),
+                              "max_abs_diff": parity(model, onnx_session(quantized))}
+            if config is not None:
+                report["task"] = _dev_scores(model, model_dir, config, {"torch": model, "onnxruntime": onnx_session(path),
+                                                                        "onnxruntime_int8": onnx_session(quantized)})
+            quantized.with_suffix(".json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    _print(report)
+
+
+def _dev_scores(model, model_dir: Path, config, scored: dict) -> dict:
+    """Each of `scored` (the model and its graphs) on the dev set of the params file's task, tokenized as prepare does."""
+    from transformers import AutoTokenizer
+
+    from lowrank.data import loading as data_lib
+    from lowrank.pipeline import PreparedData
+
+    spec = data_lib.resolve_task(config.data)
+    raw = data_lib.load_raw_from_config(config.data, spec)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    prepared = PreparedData(spec, data_lib.tokenize(raw, spec, tokenizer, config.data.max_length), tokenizer, config.data.group_by_length)
+    evaluate = prepared.evaluate_fn(config.evaluate.batch_size)
+    return {name: evaluate(what) for name, what in scored.items()}
 
 
 @app.command()

@@ -45,3 +45,29 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
 def place(model: nn.Module) -> nn.Module:
     """The model moved to the default device, for a stage to work on."""
     return model.to(default_device())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (latency figures depend on it: BENCHMARKS.md, section 3)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def runtime_versions() -> dict[str, str]:
+    """Where a latency was measured: the CPU model, its cores, and the torch and onnxruntime versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ort = version("onnxruntime")
+    except PackageNotFoundError:
+        ort = "not installed"
+    return {"cpu": cpu_model(), "cores": str(os.cpu_count()), "torch": torch.__version__, "onnxruntime": ort}
+

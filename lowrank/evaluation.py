@@ -19,7 +19,7 @@ from lowrank.modules.layers import FactorizedLinear
 
 @torch.inference_mode()
 def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over a whole loader, in order."""
+    """Logits and labels over a whole loader, in the dataset's order (also when the loader sorts by length)."""
     model.eval()
     device = model_device(model)
     logits, labels = [], []
@@ -27,7 +27,16 @@ def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> tupl
         batch = dict(batch)
         labels.append(batch.pop("labels"))
         logits.append(model(**to_device(batch, device)).logits.float().cpu())
-    return torch.cat(logits), torch.cat(labels)
+    return in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
+
+
+def in_dataset_order(loader: Iterable, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Outputs of a pass over `loader` put back in the dataset's order when the loader sorted rows by length."""
+    order = getattr(getattr(loader, "sampler", None), "order", None)
+    if order is None:
+        return outputs
+    where = torch.as_tensor(order)
+    return tuple(torch.empty_like(out).index_copy_(0, where, out) for out in outputs)
 
 
 def _weight_params(module: nn.Module) -> int:
@@ -97,20 +106,23 @@ def _time_batches(
     return results
 
 
-def _onnx_latency(model: nn.Module, batch_sizes: Sequence[int], seq_len: int, warmup: int, repeats: int) -> dict[str, Any]:
-    from lowrank.io.export import export_onnx, onnx_session
+def _onnx_latency(model: nn.Module, batch_sizes: Sequence[int], seq_len: int, warmup: int, repeats: int, int8: bool = False) -> dict[str, Any]:
+    from lowrank.io.export import export_onnx, feed, onnx_session, parity, quantize_int8
 
     with tempfile.TemporaryDirectory(prefix="lowrank-onnx-") as folder:  # the session holds the graph in memory
         path = Path(folder) / "model.onnx"
-        parity = export_onnx(model, path)
+        checked = export_onnx(model, path)
+        if int8:
+            quantize_int8(path, path.with_suffix(".int8.onnx"))
+            path = path.with_suffix(".int8.onnx")
         session = onnx_session(path)  # as many threads as torch has now
 
     def prepare(input_ids: torch.Tensor) -> Callable[[], object]:
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": np.ones_like(input_ids.numpy())}
-        return lambda: session.run(None, feed)
+        inputs = feed(session, input_ids.numpy(), np.ones_like(input_ids.numpy()))
+        return lambda: session.run(None, inputs)
 
     results: dict[str, Any] = _time_batches(prepare, _vocab_size(model), batch_sizes, seq_len, warmup, repeats)
-    results["onnx_max_abs_diff"] = parity["max_abs_diff"]
+    results["onnx_max_abs_diff"] = parity(model, session) if int8 else checked["max_abs_diff"]
     return results
 
 
@@ -130,7 +142,8 @@ def measure_latency(
     restored afterwards so a measurement does not change the process.
     `runtime="onnxruntime"` times the model's checked ONNX export instead, where
     a compressed model gains most on CPU (BENCHMARKS.md), and adds the export's
-    largest logit difference from PyTorch (`onnx_max_abs_diff`).
+    largest logit difference from PyTorch (`onnx_max_abs_diff`);
+    `"onnxruntime_int8"` the same graph with its MatMul weights quantized to int8.
     """
     if runtime not in LATENCY_RUNTIMES:
         raise ValueError(f"runtime: {runtime!r} is not one of {', '.join(LATENCY_RUNTIMES)}")
@@ -144,8 +157,8 @@ def measure_latency(
         return lambda: model(input_ids=input_ids, attention_mask=attention_mask)
 
     try:
-        if runtime == "onnxruntime":
-            return _onnx_latency(model, batch_sizes, seq_len, warmup, repeats)
+        if runtime.startswith("onnxruntime"):
+            return _onnx_latency(model, batch_sizes, seq_len, warmup, repeats, int8=runtime == "onnxruntime_int8")
         with torch.inference_mode():
             return _time_batches(prepare, _vocab_size(model), batch_sizes, seq_len, warmup, repeats)
     finally:

@@ -108,6 +108,37 @@ def test_tokenized_batches_pad_to_their_longest_row(glue_dir: Path, tiny_model_d
     assert batches[0]["labels"].dtype == torch.int64
 
 
+def test_length_grouped_batches_see_every_row_once_and_predict_in_order(glue_dir: Path, tiny_model_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from lowrank.data.loading import make_loader, tokenize
+    from lowrank.evaluation import predict
+
+    spec = get_task("sst2")
+    raw = load_raw(spec, glue_dir, max_train_samples=400, max_eval_samples=100)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    data = tokenize(raw, spec, tokenizer, max_length=64)
+    train = data["train"].map(lambda row, i: {"labels": i}, with_indices=True)  # each row's label is its index
+    padded = {}
+    for group in (False, True):
+        for epoch_seed in (1, 2):
+            batches = list(make_loader(train, tokenizer, batch_size=8, shuffle=True, seed=epoch_seed, group_by_length=group))
+            seen = torch.cat([b["labels"] for b in batches])
+            assert sorted(seen.tolist()) == list(range(400))  # every row once per epoch
+            padded[group, epoch_seed] = sum(b["input_ids"].numel() for b in batches)
+    assert padded[True, 1] < 0.8 * padded[False, 1]  # far less padding
+    assert make_loader(train, tokenizer, 8, shuffle=True, seed=1, group_by_length=True).sampler is not None
+
+    # A "model" whose logits are a function of each row's tokens: sorted for speed, returned in the dataset's order.
+    model = torch.nn.Module()
+    model.forward = lambda input_ids, attention_mask, **_: SimpleNamespace(logits=(input_ids * attention_mask).sum(-1, keepdim=True).float())
+    plain = predict(model, make_loader(data["validation"], tokenizer, 16))
+    grouped = predict(model, make_loader(data["validation"], tokenizer, 16, group_by_length=True))
+    assert torch.equal(plain[0], grouped[0]) and torch.equal(plain[1], grouped[1])
+
+
 def _logits(predictions: list[int]) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(predictions), 2).float()
 

@@ -56,6 +56,9 @@ class DataConfig:
     max_length: int = 128
     seed: int = 42
     custom: CustomDataConfig | None = None
+    # Batches of similar lengths (transformers' group_by_length): training shuffles mega-batches sorted by
+    # length, evaluation runs sorted by length and puts predictions back in order. A batch pads to its longest row.
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         for key in ("max_train_samples", "max_eval_samples"):
@@ -171,7 +174,8 @@ class FactorizeConfig:
         check(self.search_max_share >= 1, "factorize.search_max_share", f"must be >= 1, got {self.search_max_share}")
 
 
-LATENCY_RUNTIMES = ("torch", "onnxruntime")  # eager PyTorch; the checked ONNX export in onnxruntime
+# eager PyTorch; the checked ONNX export in onnxruntime; that graph with int8 weights (dynamic quantization)
+LATENCY_RUNTIMES = ("torch", "onnxruntime", "onnxruntime_int8")
 
 
 @dataclass(frozen=True)

@@ -203,21 +203,45 @@ def tokenize(raw: DatasetDict, spec: TaskSpec, tokenizer: Any, max_length: int) 
     return DatasetDict(out)
 
 
-def make_loader(dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+class SortedSampler(torch.utils.data.Sampler[int]):
+    """Every index once, shortest row first; `order` lets a caller put outputs back in the dataset's order."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.order = sorted(range(len(lengths)), key=lengths.__getitem__)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def make_loader(
+    dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool = False, seed: int = 0, group_by_length: bool = False,
+) -> DataLoader:
     """Batches of tensors that `model(**batch)` takes, each padded to its longest row.
 
     With `shuffle`, the order comes from its own generator seeded by `seed`:
     the same seed gives the same batches whatever else used the global RNG.
+    With `group_by_length`, rows of similar length share a batch, so little of it is padding: shuffled,
+    transformers' LengthGroupedSampler (random mega-batches of 50 batches, each sorted by length); not
+    shuffled, every row sorted by length (`loader.sampler.order` gives the way back).
     """
     from transformers import DataCollatorWithPadding
+    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    sampler = None
+    if group_by_length:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator) if shuffle else SortedSampler(lengths)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        generator=generator if sampler is None else None,
         collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"),
     )

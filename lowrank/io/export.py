@@ -33,8 +33,58 @@ class _Logits(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+def takes_token_types(model: nn.Module) -> bool:
+    """Whether the model tells sentence pairs apart by token type (BERT: type_vocab_size 2); its export then takes them."""
+    return int(getattr(getattr(model, "config", None), "type_vocab_size", 0) or 0) > 1
+
+
+def feed(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The inputs a session's graph takes, from a batch (token types zero when the batch has none)."""
+    given = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "token_type_ids": np.zeros_like(input_ids) if token_type_ids is None else token_type_ids}
+    return {i.name: given[i.name] for i in session.get_inputs()}
+
+
+def predict_onnx(session, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of an onnxruntime session over a loader, in the dataset's order (as `evaluation.predict`)."""
+    from lowrank.evaluation import in_dataset_order
+
+    logits, labels = [], []
+    for batch in loader:
+        labels.append(batch["labels"])
+        types = batch.get("token_type_ids")
+        inputs = feed(session, batch["input_ids"].numpy(), batch["attention_mask"].numpy(), None if types is None else types.numpy())
+        logits.append(torch.from_numpy(session.run(["logits"], inputs)[0]).float())
+    return in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
+
+
+def quantize_int8(source: str | Path, path: str | Path) -> dict[str, float]:
+    """onnxruntime's dynamic int8 quantization of an exported graph: every MatMul's constant weights (both thin
+    products of a factorized layer) stored as int8, activations quantized on the fly. Returns the file's size."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
+        atomic_write_bytes(path, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"bytes": path.stat().st_size}
+
+
+def parity(model: nn.Module, session, seq_len: int = 21) -> float:
+    """The largest absolute logit difference between a session and the PyTorch model on a fresh padded batch."""
+    input_ids, attention_mask = _example(model, 3, seq_len, 1)
+    with torch.no_grad():
+        expected = _Logits(model.eval())(input_ids, attention_mask).numpy()
+    got = session.run(["logits"], feed(session, input_ids.numpy(), attention_mask.numpy()))[0]
+    return float(np.abs(got - expected).max())
 
 
 @contextmanager
@@ -99,12 +149,15 @@ def onnx_node_kind(event: dict) -> str | None:
 
 
 def export_onnx(
-    model: nn.Module, path: str | Path, *, seq_len: int = 16, opset: int = 18, atol: float = 1e-4, eager_attention: bool = True
+    model: nn.Module, path: str | Path, *, seq_len: int = 16, opset: int = 18, atol: float = 1e-4, eager_attention: bool = True,
+    token_types: bool = False,
 ) -> dict[str, float]:
     """Write `model` as ONNX (dynamic batch and length) and check it against PyTorch on fresh inputs.
 
     `eager_attention=False` exports the model's attention as it is set (for
-    comparing the two graphs' speed).
+    comparing the two graphs' speed). `token_types` adds the input
+    `token_type_ids` (what a sentence-pair task needs); without it the graph
+    takes token type 0 everywhere.
 
     Returns the largest absolute logit difference; raises if it exceeds `atol`
     (the file is then not left behind).
@@ -115,19 +168,18 @@ def export_onnx(
     wrapper = _Logits(model).eval()  # the exporter sets the mode of the whole tree from the wrapper
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+    names = [*INPUTS, "token_type_ids"] if token_types else list(INPUTS)
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
+    example = _example(model, 2, seq_len, 0)
+    example = (*example, torch.zeros_like(example[0])) if token_types else example
     with torch.no_grad(), (_eager_attention(model) if eager_attention else nullcontext()):
         torch.onnx.export(
-            wrapper, _example(model, 2, seq_len, 0), str(tmp), input_names=list(INPUTS), output_names=["logits"],
+            wrapper, example, str(tmp), input_names=names, output_names=["logits"],
             dynamic_axes=dynamic, opset_version=opset, dynamo=False,
         )
     try:
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        input_ids, attention_mask = _example(model, 3, seq_len + 5, 1)  # another batch and length than traced
-        with torch.no_grad():
-            expected = wrapper(input_ids, attention_mask).numpy()
-        got = session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
-        difference = float(np.abs(got - expected).max())
+        difference = parity(model, session, seq_len + 5)  # another batch and length than traced
         if not difference <= atol:
             raise AssertionError(f"ONNX export of {type(model).__name__} differs from PyTorch by {difference:.3g} > {atol}")
         atomic_write_bytes(path, tmp.read_bytes())

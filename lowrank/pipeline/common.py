@@ -30,6 +30,7 @@ def prepare(p: Params, io: StageIO) -> StageResult:
         tokenized.save_to_disk(str(tmp / "dataset"))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         write_json(tmp / "task.json", data_lib.task_to_dict(spec))
+        write_json(tmp / "batching.json", {"group_by_length": p.data.group_by_length})
     metrics: dict[str, Any] = {split: {"rows": len(ds)} for split, ds in tokenized.items()}
     for split, ds in tokenized.items():
         lengths = [len(ids) for ids in ds["input_ids"]]
@@ -116,7 +117,27 @@ def evaluate(p: Params, io: StageIO) -> StageResult:
     }
     for runtime in cfg.latency_runtimes if cfg.latency else ():
         metrics["latency" if runtime == "torch" else f"latency_{runtime}"] = measure_latency(model, runtime=runtime, **timing)
+    if cfg.latency and "onnxruntime_int8" in cfg.latency_runtimes:
+        metrics["task_onnxruntime_int8"] = int8_scores(model, prepared, cfg.batch_size)
+    if cfg.latency:
+        from lowrank.devices import runtime_versions
+
+        metrics["latency_machine"] = runtime_versions()  # a latency holds on the CPU and the versions that measured it
     return io.finish(metrics)
+
+
+def int8_scores(model: torch.nn.Module, prepared: PreparedData, batch_size: int) -> dict[str, float]:
+    """The task scores of the model's ONNX export with int8 weights (what `onnxruntime_int8` times), on the eval splits."""
+    import tempfile
+
+    from lowrank.io.export import export_onnx, onnx_session, quantize_int8, takes_token_types
+
+    with tempfile.TemporaryDirectory(prefix="lowrank-int8-") as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(model, path, token_types=prepared.spec.is_pair and takes_token_types(model))
+        quantize_int8(path, path.with_suffix(".int8.onnx"))
+        session = onnx_session(path.with_suffix(".int8.onnx"))
+    return prepared.evaluate_fn(batch_size)(session)
 
 
 EVALUATIONS: dict[str, str] = {}  # evaluate stage -> the model it scores ("<stage>.<output>"): what a run ships

@@ -41,7 +41,7 @@ def fisher(p: Params, io: StageIO) -> StageResult:
     names = target_names(model, p.factorize.targets, p.factorize.exclude)
     started = time.perf_counter()
     scores = collect_importance(
-        model, prepared.loader("train", cfg.batch_size), names, max_samples=cfg.max_samples,
+        model, prepared.pass_loader("train", cfg.batch_size, p.data.seed), names, max_samples=cfg.max_samples,
         per_example=cfg.per_example, only_misclassified=cfg.only_misclassified, activations=True,
     )
     with atomic_dir(io.outputs["importance"]) as tmp:
@@ -51,12 +51,12 @@ def fisher(p: Params, io: StageIO) -> StageResult:
     return io.finish(metrics)
 
 
-def calibration_loss(prepared: PreparedData, samples: int, batch_size: int):
+def calibration_loss(prepared: PreparedData, samples: int, batch_size: int, seed: int):
     """The model's mean task loss on the first `samples` training examples (the rank search's measure)."""
     from lowrank.devices import model_device, to_device
 
     batches, seen = [], 0
-    for batch in prepared.loader("train", batch_size):
+    for batch in prepared.pass_loader("train", batch_size, seed):
         take = min(batch["input_ids"].shape[0], samples - seen)
         batches.append({k: v[:take] for k, v in batch.items()})
         seen += take
@@ -109,7 +109,7 @@ def factorize(p: Params, io: StageIO) -> StageResult:
     missing = [n for n in names if n not in fisher_scores]
     if missing:
         raise ValueError(f"importance at {importance_dir} lacks {missing[0]}: rerun the fisher stage for these targets")
-    loss_fn = calibration_loss(PreparedData.open(io.inputs["data"]), cfg.search_samples, p.fisher.batch_size) if cfg.allocation == "search" else None
+    loss_fn = calibration_loss(PreparedData.open(io.inputs["data"]), cfg.search_samples, p.fisher.batch_size, p.data.seed) if cfg.allocation == "search" else None
     report = compress_(model, importance=importance, fisher=fisher_scores, loss_fn=loss_fn, **asdict(cfg))
     phi = svd_risks({n: fisher_scores[n] for n in names})
     # The paper's phi shrinks as 1/N; times N it compares matrices of different shapes.

@@ -147,7 +147,7 @@ def prune(p: Params, io: StageIO) -> StageResult:
 
 def pruned_importance(
     cfg: FactorizeConfig, fisher_cfg: FisherConfig, model: torch.nn.Module, names: list[str],
-    scores: dict[str, torch.Tensor], prepared: PreparedData,
+    scores: dict[str, torch.Tensor], prepared: PreparedData, seed: int = 0,
 ) -> dict[str, torch.Tensor] | None:
     """The importance the sparse methods weigh entries by: the pruned model's Fisher, or the pruning scores.
 
@@ -161,7 +161,7 @@ def pruned_importance(
     if cfg.sparse_importance == "scores":
         return dict(scores)
     collected = collect_importance(
-        model, prepared.loader("train", fisher_cfg.batch_size), names, max_samples=fisher_cfg.max_samples,
+        model, prepared.pass_loader("train", fisher_cfg.batch_size, seed), names, max_samples=fisher_cfg.max_samples,
         per_example=fisher_cfg.per_example, only_misclassified=fisher_cfg.only_misclassified,
     )
     return collected["fisher"].scores
@@ -187,7 +187,7 @@ def factorize_pruned(p: Params, io: StageIO) -> StageResult:
     masks, scores = ({n: t.to(device) for n, t in state.items()} for state in load_pruning_state(io.inputs["masks"]))
     names = [name for name, _ in model.named_modules() if name in masks]  # model order
     started = time.perf_counter()
-    importance = pruned_importance(cfg, p.fisher, model, names, scores, PreparedData.open(io.inputs["data"]))
+    importance = pruned_importance(cfg, p.fisher, model, names, scores, PreparedData.open(io.inputs["data"]), p.data.seed)
     importance_seconds = time.perf_counter() - started
     report = compress_(model, importance=importance, masks=masks, **asdict(cfg))
 

@@ -19,6 +19,7 @@ class PreparedData:
     spec: data_lib.TaskSpec
     dataset: Any
     tokenizer: Any
+    group_by_length: bool = False  # as `data.group_by_length` was when prepare ran (batching.json)
 
     @classmethod
     def open(cls, data_dir: Path) -> "PreparedData":
@@ -30,14 +31,22 @@ class PreparedData:
         spec = data_lib.task_from_dict(read_json(data_dir / "task.json"))
         dataset = load_from_disk(str(data_dir / "dataset"))
         tokenizer = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
-        return cls(spec, dataset, tokenizer)
+        batching = read_json(data_dir / "batching.json") if (data_dir / "batching.json").is_file() else {}
+        return cls(spec, dataset, tokenizer, bool(batching.get("group_by_length", False)))
 
     @property
     def label_names(self) -> list[str] | None:
         return list(self.spec.label_names) if self.spec.label_names else None
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0):
-        return data_lib.make_loader(self.dataset[split], self.tokenizer, batch_size, shuffle=shuffle, seed=seed)
+        return data_lib.make_loader(self.dataset[split], self.tokenizer, batch_size, shuffle=shuffle, seed=seed,
+                                    group_by_length=self.group_by_length)
+
+    def pass_loader(self, split: str, batch_size: int, seed: int):
+        """A pass over a split for statistics (Fisher, input statistics, the rank search's calibration): in the
+        dataset's order, or, grouped by length, grouped batches in a seeded random order (sorted, the first
+        `max_samples` rows would be the shortest)."""
+        return self.loader(split, batch_size, shuffle=self.group_by_length, seed=seed)
 
     def majority_score(self) -> float:
         """The `score` of answering the eval splits' most frequent class everywhere: where a collapsed model ends."""
@@ -49,15 +58,20 @@ class PreparedData:
         return sum(majority_score(self.spec, torch.tensor(self.dataset[s]["labels"])) for s in splits) / len(splits)
 
     def evaluate_fn(self, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
-        """Score on every evaluation split; `score` is the mean of their main scores."""
+        """Score on every evaluation split; `score` is the mean of their main scores.
+
+        The model may also be an onnxruntime session (an exported graph), scored the same way.
+        """
         from lowrank.data.metrics import compute_metrics
         from lowrank.evaluation import predict
+        from lowrank.io.export import predict_onnx
 
-        def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        def evaluate(model: Any) -> dict[str, float]:
             results: dict[str, float] = {}
             scores = []
             for split in self.spec.eval_splits:
-                logits, labels = predict(model, self.loader(split, batch_size))
+                run = predict if isinstance(model, torch.nn.Module) else predict_onnx
+                logits, labels = run(model, self.loader(split, batch_size))
                 split_metrics = compute_metrics(self.spec, logits, labels)
                 scores.append(split_metrics["score"])
                 prefix = "" if len(self.spec.eval_splits) == 1 else f"{split}."
