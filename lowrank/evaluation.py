@@ -27,16 +27,10 @@ def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> tupl
         batch = dict(batch)
         labels.append(batch.pop("labels"))
         logits.append(model(**to_device(batch, device)).logits.float().cpu())
+    from lowrank.data.loading import in_dataset_order
+
     return in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
 
-
-def in_dataset_order(loader: Iterable, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Outputs of a pass over `loader` put back in the dataset's order when the loader sorted rows by length."""
-    order = getattr(getattr(loader, "sampler", None), "order", None)
-    if order is None:
-        return outputs
-    where = torch.as_tensor(order)
-    return tuple(torch.empty_like(out).index_copy_(0, where, out) for out in outputs)
 
 
 def _weight_params(module: nn.Module) -> int:

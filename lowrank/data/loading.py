@@ -216,6 +216,15 @@ class SortedSampler(torch.utils.data.Sampler[int]):
         return len(self.order)
 
 
+def in_dataset_order(loader: Any, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Outputs of a pass over `loader` put back in the dataset's order when the loader sorted rows by length."""
+    order = getattr(getattr(loader, "sampler", None), "order", None)
+    if order is None:
+        return outputs
+    where = torch.as_tensor(order)
+    return tuple(torch.empty_like(out).index_copy_(0, where, out) for out in outputs)
+
+
 def make_loader(
     dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool = False, seed: int = 0, group_by_length: bool = False,
 ) -> DataLoader:

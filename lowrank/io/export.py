@@ -52,7 +52,7 @@ def feed(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_
 
 def predict_onnx(session, loader) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of an onnxruntime session over a loader, in the dataset's order (as `evaluation.predict`)."""
-    from lowrank.evaluation import in_dataset_order
+    from lowrank.data.loading import in_dataset_order
 
     logits, labels = [], []
     for batch in loader:
