@@ -102,63 +102,52 @@ def lowrank_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def serving(command: list[str], env: dict[str, str], health: str, what: str, cwd: Path | None = None):
+    """A server process on loopback, up once `health` answers 200 (at most 2 minutes); stopped after the block."""
+    import httpx
+
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"}  # servers start uvicorn from the PATH
+    server = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(health, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if server.poll() is not None:
+                    pytest.fail(f"{what} exited: {server.stderr.read()[-2000:]}")
+                time.sleep(0.2)
+        else:
+            pytest.fail(f"{what} did not answer within 2 minutes")
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@contextlib.contextmanager
 def prefect_server(home: Path, **extra: str):
     """`prefect server start` on loopback (on SQLite under `home`, or the database `extra` names); yields its API URL."""
     port = _free_port()
     env = lowrank_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", **extra)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    import httpx
-
     url = f"http://127.0.0.1:{port}/api"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("prefect server start did not answer within 2 minutes")
-    try:
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with serving(command, env, f"{url}/health", "prefect server start"):
         yield url
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 @contextlib.contextmanager
 def mlflow_server(root: Path, backend: str):
     """`mlflow server` on loopback over the `backend` store, serving artifacts from `root`; yields its URL."""
     port = _free_port()
-    env = lowrank_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # it starts uvicorn from the PATH
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
-         (root / "mlartifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    import httpx
-
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited: {server.stderr.read()[-2000:]}")
-            time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not answer within 2 minutes")
-    try:
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
+               (root / "mlartifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with serving(command, lowrank_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), f"{url}/health", "mlflow server"):
         yield url
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 @pytest.fixture(scope="module")

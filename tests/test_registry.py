@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import _free_port, failing_sweep, save_tiny_model  # noqa: F401  (a fixture)
+from conftest import _free_port, save_tiny_model, serving
 from lowrank.config import ConfigError, SelectConfig
 
 
@@ -97,21 +95,10 @@ def test_mlflow_models_serve_answers_invocations(failing_sweep: dict) -> None:
     import pandas as pd
 
     port = _free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/lowrank-sst2@champion", "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port)]
     env = {**failing_sweep["env"], "MLFLOW_TRACKING_URI": failing_sweep["uri"]}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # MLflow starts `uvicorn` from the PATH
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/lowrank-sst2@champion", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=failing_sweep["root"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                time.sleep(0.2)
+    with serving(command, env, f"http://127.0.0.1:{port}/ping", "mlflow models serve", cwd=failing_sweep["root"]):
         texts = ["a gripping , funny film", "the plot goes nowhere", "dull"]
         answer = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
                             json={"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}})
@@ -119,9 +106,6 @@ def test_mlflow_models_serve_answers_invocations(failing_sweep: dict) -> None:
         mlflow.set_tracking_uri(failing_sweep["uri"])
         local = mlflow.pyfunc.load_model("models:/lowrank-sst2@champion").predict(pd.DataFrame({"text": texts}))
         assert answer.json()["predictions"] == local.to_dict(orient="records")
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def _run(path: str, keep_ratio: float, score: float | None, latency: float | None = None):
