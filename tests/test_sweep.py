@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GLUE_DIR, REPO, lowrank_env, prefect_api, run_sweep as _sweep, save_tiny_model, tiny_params  # noqa: F401  (a fixture)
+from conftest import GLUE_DIR, lowrank_env, run_sweep as _sweep, save_tiny_model, tiny_params
 from lowrank.config import ConfigError, InputError, SweepConfig, build, configurations, expand, load_params
 from lowrank.pipeline import pipeline
 from lowrank.pipeline.store import StoreLayout, fingerprints
