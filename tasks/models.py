@@ -9,8 +9,10 @@ the dataset they were measured on. `register_champion` names a sweep's best conf
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +72,25 @@ def log_model(evaluation: str, params: Params, layout: Layout) -> str:
     maker = EVALUATIONS[evaluation].split(".", 1)[0]
     spec = resolve_task(params.data)
     method = "dense" if maker == "finetune" else ("pruned" if maker == "prune" else params.factorize.method)
-    info = mlflow.pyfunc.log_model(
+    with tempfile.TemporaryDirectory(prefix="lowrank-serving-") as folder_tmp:
+        serving = Path(folder_tmp) / "serving.json"
+        serving.write_text(json.dumps({"max_length": params.data.max_length, "batch_size": params.evaluate.batch_size,
+                                       "text_pair": spec.is_pair, "method": method}))
+        info = _log_pyfunc(maker, params, folder, serving, spec, md5, method)
+    return info.model_id
+
+
+def _log_pyfunc(maker: str, params: Params, folder: Path, serving: Path, spec: Any, md5: str, method: str) -> Any:
+    return mlflow.pyfunc.log_model(
         name=model_name(params, maker),
         python_model=str(MODEL_CODE),
-        artifacts={"model": str(folder)},
-        model_config={"max_length": params.data.max_length, "batch_size": params.evaluate.batch_size,
-                      "text_pair": spec.is_pair, "method": method},
+        artifacts={"model": str(folder), "serving": str(serving)},
         signature=_signature(spec.is_pair, spec.is_regression),
         input_example=_EXAMPLES[spec.is_pair],
         pip_requirements=_requirements(),
         tags={MD5_TAG: md5, "task": params.data.task, "stage": maker, "method": method,
               "keep_ratio": "1.0" if method == "dense" else str(params.factorize.keep_ratio)},
     )
-    return info.model_id
 
 
 def log_results(results: dict[str, Any], params: Params, layout: Layout, dataset: Any = None) -> dict[str, str]:

@@ -20,9 +20,12 @@ import json
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.models import set_model
 
 MODEL_ARTIFACT = "model"  # the key of the model folder among the logged model's artifacts
+SERVING_ARTIFACT = "serving"  # a JSON file: max_length, batch_size, text_pair, method (an artifact: MLflow would log a
+# model_config as the run's params, where two models of one run with different methods clash)
 
 
 class LowrankClassifier(mlflow.pyfunc.PythonModel):
@@ -32,7 +35,8 @@ class LowrankClassifier(mlflow.pyfunc.PythonModel):
         from lowrank import load_compressed
 
         folder = Path(context.artifacts[MODEL_ARTIFACT])
-        config = context.model_config or {}
+        serving = context.artifacts.get(SERVING_ARTIFACT)
+        config = json.loads(Path(serving).read_text()) if serving else {}
         check_folder(folder, expect_recipe=config.get("method", "dense") != "dense")
         self.model = load_compressed(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -41,8 +45,7 @@ class LowrankClassifier(mlflow.pyfunc.PythonModel):
         self.pair = bool(config.get("text_pair", False))
         self.regression = self.model.config.problem_type == "regression" or self.model.config.num_labels == 1
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import torch
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -90,8 +91,10 @@ def log_datasets(params: Params, layout: Layout) -> Any:
             except ValueError:  # a split the task's files do not name (made by splitting another)
                 source = Path(get_stage("prepare").output_paths(layout)["data"]).resolve().as_uri()
         target = "label" if "label" in text.columns else None
-        dataset = mlflow.data.from_pandas(text, source=source, targets=target, name=f"{spec.name}-{split}")
-        mlflow.log_input(dataset, context="training" if split == "train" else "evaluation")
+        with warnings.catch_warnings():  # the file URI is a local file (MLflow asks itself which kind); int labels are ids
+            warnings.filterwarnings("ignore", message=".*(interpreted in multiple ways|integer column)", category=UserWarning)
+            dataset = mlflow.data.from_pandas(text, source=source, targets=target, name=f"{spec.name}-{split}")
+            mlflow.log_input(dataset, context="training" if split == "train" else "evaluation")
         if split == spec.eval_splits[0]:
             scored = dataset
     return scored

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,9 +142,14 @@ def test_the_pyfunc_loader_refuses_a_folder_without_the_recipe(tmp_path: Path) -
     module = importlib.import_module("tasks.pyfunc_model")
     dense = save_tiny_model(tmp_path / "dense")
     model = module.LowrankClassifier()
+
+    def context(folder: Path, **serving) -> SimpleNamespace:
+        (tmp_path / "serving.json").write_text(json.dumps(serving))
+        return SimpleNamespace(artifacts={"model": str(folder), "serving": str(tmp_path / "serving.json")})
+
     with pytest.raises(ValueError, match="config.json: no lowrank recipe"):
-        model.load_context(SimpleNamespace(artifacts={"model": str(dense)}, model_config={"method": "svd"}))
+        model.load_context(context(dense, method="svd"))
     with pytest.raises(ValueError, match="not a lowrank model folder"):
-        model.load_context(SimpleNamespace(artifacts={"model": str(tmp_path)}, model_config={"method": "dense"}))
-    model.load_context(SimpleNamespace(artifacts={"model": str(dense)}, model_config={"method": "dense", "max_length": 16}))
+        model.load_context(context(tmp_path, method="dense"))
+    model.load_context(context(dense, method="dense", max_length=16))
     assert list(model.predict(None, {"text": ["abc", "de"]}).columns) == ["label", "score"]
