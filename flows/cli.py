@@ -61,7 +61,7 @@ def run(params: Path = PARAMS, set_param: Optional[List[str]] = SET, no_cache: b
         from .compress import compress
 
         with tags(lifecycle.OWNER_PREFECT_TAG + owner):
-            summary = compress(str(params), overrides)
+            summary = compress(str(params), overrides, checked=True)
     _print(summary)
 
 

@@ -17,13 +17,14 @@ from .steps import execute
 
 
 @flow(name="compress", log_prints=True)
-def compress(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def compress(params_path: str = "params.yaml", overrides: list[str] | None = None, checked: bool = False) -> dict:
     """Run the pipeline that `params.yaml` describes; every stage is cached in the store, then linked into the workspace.
 
     Returns, per stage, whether it came from the cache, its wall-clock seconds and its metrics.
     """
     params = load_params(params_path, overrides or [])
-    preflight(params)
+    if not checked:  # `lowrank run` checked every input before Prefect started; a served deployment has not
+        preflight(params)
     lifecycle.crash_stale_flow_runs()
     track = tracking.configure(params.tracking)
     names = pipeline(params)
