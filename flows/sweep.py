@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from pathlib import Path
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from prefect import flow

@@ -32,7 +32,6 @@ def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> tupl
     return in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
 
 
-
 def _weight_params(module: nn.Module) -> int:
     if isinstance(module, FactorizedLinear):
         return module.down.weight.numel() + module.up.weight.numel()
