@@ -2,11 +2,14 @@
 
 Per task, one `lowrank sweep` of benchmarks/specs/peers.yaml: every method at keep ratios 0.5 (before + ft),
 0.3 and 0.15 (before and after 1 epoch of + ft). Then the two methods with the best mean score before + ft
-over the tasks and ratios get a second sweep with `factorize.allocation: search` at 0.3 and 0.15, at exactly
-the uniform ranks' parameters. One setting for every task (params.yaml's); the store keeps every model, so a
-rerun only computes what is missing.
+over the tasks and ratios (or those `--search` names, without the first sweep) get a second sweep with
+`factorize.allocation: search` at 0.3 and 0.15, at exactly the uniform ranks' parameters, beside their uniform
+configurations (the same store entries as the first sweep's). Its section also gives the search's seconds
+against one epoch of the task's dense fine-tuning, the budget the search should stay under. One setting for
+every task (params.yaml's); the store keeps every model, so a rerun only computes what is missing.
 
     .venv/bin/python benchmarks/peers.py --tasks sst2 mrpc stsb
+    .venv/bin/python benchmarks/peers.py --search tfwsvd svd_llm   # the search section only
 """
 
 from __future__ import annotations
@@ -37,9 +40,15 @@ def _rows(spec: Path, overrides: list[str], summary: dict) -> list[dict]:
             "method": cfg.method, "allocation": cfg.allocation, "keep_ratio": cfg.keep_ratio, "reached": info["keep_ratio_reached"],
             "solve_s": info["solve_seconds"], "search_s": info.get("search_measure_seconds", 0) + info.get("search_solve_seconds", 0),
             "before": result["scores"]["evaluate_factorized"], "dense": result["scores"]["evaluate_dense"],
-            "after": result["scores"].get("evaluate_compressed"),
+            "after": result["scores"].get("evaluate_compressed"), "epoch_s": _epoch_seconds(config.layout),
         })
     return rows
+
+
+def _epoch_seconds(layout) -> float:
+    """Seconds per epoch of the dense fine-tuning the configuration shares."""
+    run = read_json(get_stage("finetune").metrics_path(layout))
+    return run["train_seconds"] / len(run["history"])
 
 
 def _sweep(task: str, spec: Path, train: int, workers: int | None) -> list[dict]:
@@ -51,7 +60,8 @@ def _sweep(task: str, spec: Path, train: int, workers: int | None) -> list[dict]
 def _search_spec(methods: list[str]) -> Path:
     RUNS.mkdir(parents=True, exist_ok=True)
     path = RUNS / "search.yaml"
-    configs = [{"factorize.method": m, "factorize.keep_ratio": r, "factorize.allocation": "search"} for m in methods for r in (0.3, 0.15)]
+    configs = [{"factorize.method": m, "factorize.keep_ratio": r, "factorize.allocation": a}
+               for m in methods for r in (0.3, 0.15) for a in ("uniform", "search")]
     path.write_text(json.dumps({"configs": configs}))
     return path
 
@@ -61,46 +71,88 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "stsb"])
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--search", nargs="+", default=None, help="only the search section, for these methods")
     args = parser.parse_args()
 
-    rows = {task: _sweep(task, SPEC, args.train, args.workers) for task in args.tasks}
-    score = lambda r: r["before"]  # noqa: E731
-    methods = list(dict.fromkeys(r["method"] for r in rows[args.tasks[0]]))
-    best = sorted(methods, key=lambda m: -mean(score(r) for t in args.tasks for r in rows[t] if r["method"] == m))[:2]
+    best = args.search
+    if best is None:
+        rows = {task: _sweep(task, SPEC, args.train, args.workers) for task in args.tasks}
+        peers_section(args, rows)
+        methods = list(dict.fromkeys(r["method"] for r in rows[args.tasks[0]]))
+        best = sorted(methods, key=lambda m: -mean(r["before"] for t in args.tasks for r in rows[t] if r["method"] == m))[:2]
     search = _search_spec(best)
-    for task in args.tasks:
-        rows[task] += _sweep(task, search, args.train, args.workers)
-    (RUNS / "rows.json").write_text(json.dumps(rows, indent=1))
+    rows = {task: _sweep(task, search, args.train, args.workers) for task in args.tasks}
+    (RUNS / "search-rows.json").write_text(json.dumps(rows, indent=1))
+    search_section(args, best, rows)
 
+
+def _key(r: dict) -> tuple:
+    return (-r["keep_ratio"], r["method"], r["allocation"] != "uniform")
+
+
+def _mean_rows(args: argparse.Namespace, rows: dict[str, list[dict]], cells) -> list[list]:
+    """One row per (method, allocation, keep ratio), `cells(found)` over the tasks' rows of it."""
+    keys = sorted({(r["method"], r["allocation"], r["keep_ratio"]) for r in rows[args.tasks[0]]}, key=lambda k: _key(
+        {"method": k[0], "allocation": k[1], "keep_ratio": k[2]}))
+    out = []
+    for method, allocation, ratio in keys:
+        found = [r for t in args.tasks for r in rows[t] if (r["method"], r["allocation"], r["keep_ratio"]) == (method, allocation, ratio)]
+        out.append([method, allocation, ratio, *cells(found)])
+    return out
+
+
+def _after(found: list[dict]):
+    afters = [r["after"] for r in found if r["after"] is not None]
+    return mean(afters) if afters else "not run"
+
+
+def peers_section(args: argparse.Namespace, rows: dict[str, list[dict]]) -> None:
+    """Every method at every ratio, uniform ranks: the means over the tasks, then one table per task."""
+    order = list(dict.fromkeys(r["method"] for r in rows[args.tasks[0]]))
     fmt = lambda v: "not run" if v is None else v  # noqa: E731
     sections = []
     for task in args.tasks:
-        body = table(["method", "allocation", "keep ratio", "reached", "solve s", "search s", "score", "score + ft"],
-                     [[r["method"], r["allocation"], r["keep_ratio"], r["reached"], r["solve_s"], r["search_s"], r["before"], fmt(r["after"])]
-                      for r in sorted(rows[task], key=lambda r: (-r["keep_ratio"], r["allocation"] != "uniform", methods.index(r["method"])))])
+        body = table(["method", "keep ratio", "reached", "solve s", "score", "score + ft"],
+                     [[r["method"], r["keep_ratio"], r["reached"], r["solve_s"], r["before"], fmt(r["after"])]
+                      for r in sorted(rows[task], key=lambda r: (-r["keep_ratio"], order.index(r["method"])))])
         sections.append(f"### {task.upper()} (dense {rows[task][0]['dense']:.4f})\n\n{body}")
-    keys = sorted({(r["method"], r["allocation"], r["keep_ratio"]) for r in rows[args.tasks[0]]}, key=lambda k: (-k[2], k[1] != "uniform", methods.index(k[0])))
-    mean_rows = []
-    for method, allocation, ratio in keys:
-        found = [r for t in args.tasks for r in rows[t] if (r["method"], r["allocation"], r["keep_ratio"]) == (method, allocation, ratio)]
-        afters = [r["after"] for r in found if r["after"] is not None]
-        mean_rows.append([method, allocation, ratio, mean(r["before"] for r in found), mean(afters) if afters else "not run",
-                          mean(r["solve_s"] + r["search_s"] for r in found)])
-    means = table(["method", "allocation", "keep ratio", "mean score", "mean score + ft", "mean solve + search s"], mean_rows)
+    means = table(["method", "allocation", "keep ratio", "mean score", "mean score + ft", "mean solve s"], _mean_rows(
+        args, rows, lambda found: [mean(r["before"] for r in found), _after(found), mean(r["solve_s"] for r in found)]))
     dense = mean(rows[t][0]["dense"] for t in args.tasks)
     intro = (f"all-MiniLM-L6-v2 fine-tuned on {args.train} training examples per task (params.yaml), the input statistics and Fisher over "
              f"the same examples, scored on the full dev sets; STS-B's score is the mean of Pearson and Spearman. + ft: 1 epoch. "
-             f"Search: the two methods with the best mean before + ft ({', '.join(best)}), {json.dumps({k: v for k, v in read_json_params().items()})}. "
              f"Mean dense score over {', '.join(args.tasks)}: {dense:.4f}.")
     write_section(
-        "peers", "Peer methods: ASVD and SVD-LLM beside SVD, FWSVD, TFWSVD; the rank search (issue 21)",
+        "peers", "Peer methods: ASVD and SVD-LLM beside SVD, FWSVD, TFWSVD (issue 21)",
         f"python benchmarks/peers.py --tasks {' '.join(args.tasks)} --train {args.train}",
-        intro + "\n\n### Mean over the tasks\n\n" + means + "\n\n" + "\n\n".join(sections),
-        results="peers.md", headline=intro + "\n\n" + means, add_headline=True,
+        intro + "\n\n### Mean over the tasks\n\n" + means + "\n\n" + "\n\n".join(sections), results="peers.md",
     )
 
 
-def read_json_params() -> dict:
+def search_section(args: argparse.Namespace, methods: list[str], rows: dict[str, list[dict]]) -> None:
+    """Uniform ranks against the search, per method and ratio; the search's seconds against one dense epoch."""
+    fmt = lambda v: "not run" if v is None else v  # noqa: E731
+    sections = []
+    for task in args.tasks:
+        body = table(["method", "keep ratio", "allocation", "score", "score + ft", "solve s", "search s", "one epoch s"],
+                     [[r["method"], r["keep_ratio"], r["allocation"], r["before"], fmt(r["after"]), r["solve_s"], r["search_s"],
+                       f"{r['epoch_s']:.0f}"] for r in sorted(rows[task], key=_key)])
+        sections.append(f"### {task.upper()} (dense {rows[task][0]['dense']:.4f})\n\n{body}")
+    under = sum(r["search_s"] < r["epoch_s"] for t in args.tasks for r in rows[t] if r["allocation"] == "search")
+    runs = sum(r["allocation"] == "search" for t in args.tasks for r in rows[t])
+    means = table(["method", "allocation", "keep ratio", "mean score", "mean score + ft", "mean search s"], _mean_rows(
+        args, rows, lambda found: [mean(r["before"] for r in found), _after(found), mean(r["search_s"] for r in found)]))
+    intro = (f"{', '.join(methods)} with `factorize.allocation: search` against uniform ranks at the same parameter count, "
+             f"{args.train} training examples per task, + ft 1 epoch; search settings {json.dumps(search_params())}. "
+             f"The search took less than one epoch of the task's dense fine-tuning in {under} of {runs} runs.")
+    write_section(
+        "peers-search", "The rank search against uniform ranks (issue 21)",
+        f"python benchmarks/peers.py --tasks {' '.join(args.tasks)} --train {args.train} --search {' '.join(methods)}",
+        intro + "\n\n### Mean over the tasks\n\n" + means + "\n\n" + "\n\n".join(sections), results="peers.md",
+    )
+
+
+def search_params() -> dict:
     """The search settings every configuration used (params.yaml's)."""
     from lowrank.config import load_params
 

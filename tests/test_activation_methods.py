@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 import lowrank
-from conftest import GLUE_DIR, tiny_params
+from conftest import GLUE_DIR, tiny_bert_config, tiny_params
 from lowrank.config import load_params
 from lowrank.linalg.solvers import get_solver
 from lowrank.methods import get_method
 from lowrank.pipeline import Layout, get_stage, preflight
 from lowrank.train.activations import ActivationRecorder
-from lowrank.train.rank_search import candidate_ranks, search_ranks, solve
+from lowrank.train.rank_search import BlockReplay, candidate_ranks, measure, search_ranks, solve
 
 
 def _inputs(tokens: int, features: int, correlated: bool, seed: int = 0) -> torch.Tensor:
@@ -138,6 +138,35 @@ def test_the_search_gives_the_sensitive_layer_the_larger_rank_at_exactly_the_uni
     assert report["search_increase_chosen"] < report["search_increase_uniform"]
     assert candidate_ranks((16, 16), 4, 0.5, 2.0, 1) == [2, 3, 4, 5, 6, 7]  # 8 would hold as much as the dense 16 x 16
     torch.testing.assert_close(model.first.weight, weights["first"])  # measuring left the model as it was
+
+
+def test_replaying_the_blocks_before_a_matrix_measures_what_the_full_forward_does() -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_bert_config()).eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(5, model.config.vocab_size, (4, 9), generator=g), "attention_mask": torch.ones(4, 9, dtype=torch.long),
+                "labels": torch.randint(0, 2, (4,), generator=g)} for _ in range(3)]
+    batches[1]["attention_mask"][:, 6:] = 0  # padding: the blocks get the mask they would get
+    loss_fn = lambda m: sum(float(m(**b).loss) for b in batches) / len(batches)  # noqa: E731
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layer." in n]
+    weights = {n: dict(model.named_modules())[n].weight.detach().clone() for n in names}
+    grids = {n: [2, 4] for n in names}
+    factorize = lambda n, r: get_solver("svd")(weights[n], r)  # noqa: E731
+    calls = []
+    for block in model.bert.encoder.layer:
+        block.attention.register_forward_pre_hook(lambda m, a: calls.append(1))  # runs only when the block computes
+    full_base, full = measure(model, names, grids, factorize, loss_fn, replay=False)
+    full_calls, calls[:] = len(calls), []
+    base, replayed = measure(model, names, grids, factorize, loss_fn)
+    assert base == full_base and replayed == full  # the same floats: the replayed outputs are the ones computed
+    blocks = len(model.bert.encoder.layer)
+    per_block = len(names) // blocks * len(grids[names[0]]) * len(batches)  # calls per block index of a full forward
+    assert full_calls == (1 + len(names) * 2) * len(batches) * blocks
+    assert len(calls) == len(batches) * blocks + sum(per_block * (blocks - i) for i in range(blocks))  # blocks before: skipped
+    assert BlockReplay(model, ["classifier"]).index("classifier") == 0  # outside the blocks: nothing skipped
+    torch.testing.assert_close(model.bert.encoder.layer[1].attention.self.query.weight, weights["bert.encoder.layer.1.attention.self.query"])
 
 
 @pytest.mark.parametrize("method", ["asvd", "svd_llm"])

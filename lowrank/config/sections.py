@@ -144,8 +144,8 @@ class FactorizeConfig:
     asvd_alpha: float = 0.5
     whitening_damp: float = 0.01
     whitening_update: bool = False
-    search_samples: int = 64
-    search_points: int = 4
+    search_samples: int = 32
+    search_points: int = 3
     search_max_share: float = 2.0
 
     def __post_init__(self) -> None:

@@ -7,13 +7,18 @@ allocation's parameter count (so the comparison with uniform ranks is at equal s
 program: one binary per (matrix, rank), one rank per matrix, the parameters summing to the budget, solved by
 scipy's `milp` (HiGHS). The uniform ranks are always a feasible answer, so the search can only predict
 a smaller increase than they have.
+
+Most of the search's time is forward passes. Changing one matrix leaves every block before it as it was, so
+the blocks' outputs on the calibration batches are recorded once (`BlockReplay`) and replayed: a measurement
+runs the embeddings and only the blocks from the changed one on.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -45,14 +50,64 @@ def interpolate(measured: Mapping[int, float], candidates: Sequence[int]) -> np.
     return np.minimum.accumulate(values)  # a larger rank can always do what a smaller one does
 
 
+class BlockReplay:
+    """The outputs of a model's blocks (the ModuleList that holds most of the target matrices) on the calibration
+    batches, recorded in one pass and handed back instead of recomputed for the blocks before a changed matrix."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        lists = [(prefix, m) for prefix, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        held = lambda prefix: sum(n.startswith(prefix + ".") for n in names)  # noqa: E731
+        prefix, blocks = max(lists, key=lambda item: held(item[0]), default=("", nn.ModuleList()))
+        self.blocks = list(blocks) if held(prefix) else []
+        self.prefixes = [f"{prefix}.{i}." for i in range(len(self.blocks))]
+        self.outputs: list[list[Any]] = [[] for _ in self.blocks]
+
+    def index(self, name: str) -> int:
+        """How many blocks come before the one holding `name` (0 for a matrix outside the blocks: nothing skipped)."""
+        return next((i for i, prefix in enumerate(self.prefixes) if name.startswith(prefix)), 0)
+
+    @contextmanager
+    def _patched(self, forwards: Mapping[int, Callable[..., Any]]) -> Iterator[None]:
+        for i, fn in forwards.items():
+            self.blocks[i].forward = fn  # an instance attribute: nn.Module.__call__ finds it before the class's
+        try:
+            yield
+        finally:
+            for i in forwards:
+                del self.blocks[i].forward
+
+    def record(self) -> Any:
+        """Within it, every block's output is kept, in call order."""
+        def keep(i: int, forward: Callable[..., Any]) -> Callable[..., Any]:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                out = forward(*args, **kwargs)
+                self.outputs[i].append(out)
+                return out
+            return run
+        self.outputs = [[] for _ in self.blocks]
+        return self._patched({i: keep(i, block.forward) for i, block in enumerate(self.blocks)})
+
+    def replay(self, before: int) -> Any:
+        """Within it, the first `before` blocks return what they returned while recording, in the same order."""
+        def give(i: int) -> Callable[..., Any]:
+            recorded = iter(self.outputs[i])
+            return lambda *args, **kwargs: next(recorded)
+        return self._patched({i: give(i) for i in range(before)})
+
+
 @torch.no_grad()
 def measure(
     model: nn.Module, names: Sequence[str], grids: Mapping[str, Sequence[int]], factorize: Factorize,
-    loss_fn: Callable[[nn.Module], float],
+    loss_fn: Callable[[nn.Module], float], replay: bool = True,
 ) -> tuple[float, dict[str, dict[int, float]]]:
-    """The base loss, and per matrix and grid rank the loss increase with only that matrix factorized."""
+    """The base loss, and per matrix and grid rank the loss increase with only that matrix factorized.
+
+    `loss_fn` must run the same batches in the same order at every call (the replay depends on it).
+    """
     modules = dict(model.named_modules())
-    base = loss_fn(model)
+    blocks = BlockReplay(model, names if replay else [])
+    with blocks.record():
+        base = loss_fn(model)
     increases: dict[str, dict[int, float]] = {}
     for name in names:
         weight = modules[name].weight
@@ -62,7 +117,8 @@ def measure(
             for rank in grids[name]:
                 a, b = factorize(name, rank)
                 weight.copy_((a @ b).to(weight.dtype))
-                increases[name][rank] = loss_fn(model) - base
+                with blocks.replay(blocks.index(name)):
+                    increases[name][rank] = loss_fn(model) - base
         finally:
             weight.copy_(original)
     return base, increases
