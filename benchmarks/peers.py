@@ -35,20 +35,18 @@ def _rows(spec: Path, overrides: list[str], summary: dict) -> list[dict]:
     configs, _ = plan("params.yaml", sweep_spec("params.yaml", spec, overrides), overrides, check=False)
     rows = []
     for config, result in zip(configs, summary["configs"]):
-        cfg, info = config.params.factorize, read_json(get_stage("factorize").metrics_path(config.layout))
+        lpaf = config.params.orchestration.path == "lpaf"  # before: pruned and factorized; after: mixed-rank fine-tuning
+        cfg, info = config.params.factorize, read_json(get_stage("factorize_pruned" if lpaf else "factorize").metrics_path(config.layout))
+        scores = result["scores"]
         rows.append({
-            "method": cfg.method, "allocation": cfg.allocation, "keep_ratio": cfg.keep_ratio, "reached": info["keep_ratio_reached"],
-            "solve_s": info["solve_seconds"], "search_s": info.get("search_measure_seconds", 0) + info.get("search_solve_seconds", 0),
-            "before": result["scores"]["evaluate_factorized"], "dense": result["scores"]["evaluate_dense"],
-            "after": result["scores"].get("evaluate_compressed"), "epoch_s": _epoch_seconds(config.layout),
+            "method": "lpaf" if lpaf else cfg.method, "allocation": cfg.allocation, "keep_ratio": cfg.keep_ratio,
+            "reached": info["keep_ratio_reached"], "solve_s": info["solve_seconds"],
+            "search_s": info.get("search_measure_seconds", 0) + info.get("search_solve_seconds", 0),
+            "before": scores["evaluate_pruned_factorized" if lpaf else "evaluate_factorized"], "dense": scores["evaluate_dense"],
+            "after": scores.get("evaluate_lpaf" if lpaf else "evaluate_compressed"),
+            "epoch_s": read_json(get_stage("finetune").metrics_path(config.layout))["train_seconds"] / config.params.train.epochs,
         })
     return rows
-
-
-def _epoch_seconds(layout) -> float:
-    """Seconds per epoch of the dense fine-tuning the configuration shares."""
-    run = read_json(get_stage("finetune").metrics_path(layout))
-    return run["train_seconds"] / len(run["history"])
 
 
 def _sweep(task: str, spec: Path, train: int, workers: int | None) -> list[dict]:
@@ -57,11 +55,13 @@ def _sweep(task: str, spec: Path, train: int, workers: int | None) -> list[dict]
     return _rows(spec, overrides, summary)
 
 
-def _search_spec(methods: list[str]) -> Path:
+def _search_spec(methods: list[str], lpaf: bool) -> Path:
+    """The two methods with uniform ranks and the search at 0.3 and 0.15; with `lpaf`, LPAF with its defaults beside them."""
     RUNS.mkdir(parents=True, exist_ok=True)
     path = RUNS / "search.yaml"
     configs = [{"factorize.method": m, "factorize.keep_ratio": r, "factorize.allocation": a}
                for m in methods for r in (0.3, 0.15) for a in ("uniform", "search")]
+    configs += [{"orchestration.path": "lpaf", "factorize.method": "sparse_tfwsvd", "factorize.keep_ratio": r} for r in (0.3, 0.15) if lpaf]
     path.write_text(json.dumps({"configs": configs}))
     return path
 
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--search", nargs="+", default=None, help="only the search section, for these methods")
+    parser.add_argument("--lpaf", action="store_true", help="LPAF (prune, sparse TFWSVD, mixed-rank fine-tuning) in the search section")
     args = parser.parse_args()
 
     best = args.search
@@ -80,7 +81,7 @@ def main() -> None:
         peers_section(args, rows)
         methods = list(dict.fromkeys(r["method"] for r in rows[args.tasks[0]]))
         best = sorted(methods, key=lambda m: -mean(r["before"] for t in args.tasks for r in rows[t] if r["method"] == m))[:2]
-    search = _search_spec(best)
+    search = _search_spec(best, args.lpaf)
     rows = {task: _sweep(task, search, args.train, args.workers) for task in args.tasks}
     (RUNS / "search-rows.json").write_text(json.dumps(rows, indent=1))
     search_section(args, best, rows)
@@ -139,15 +140,16 @@ def search_section(args: argparse.Namespace, methods: list[str], rows: dict[str,
                        f"{r['epoch_s']:.0f}"] for r in sorted(rows[task], key=_key)])
         sections.append(f"### {task.upper()} (dense {rows[task][0]['dense']:.4f})\n\n{body}")
     under = sum(r["search_s"] < r["epoch_s"] for t in args.tasks for r in rows[t] if r["allocation"] == "search")
+    lpaf = " LPAF: taylor pruning during fine-tuning, sparse TFWSVD, mixed-rank fine-tuning (params.yaml's defaults); its score is after pruning and factorizing, its + ft after mixed-rank fine-tuning." if args.lpaf else ""
     runs = sum(r["allocation"] == "search" for t in args.tasks for r in rows[t])
     means = table(["method", "allocation", "keep ratio", "mean score", "mean score + ft", "mean search s"], _mean_rows(
         args, rows, lambda found: [mean(r["before"] for r in found), _after(found), mean(r["search_s"] for r in found)]))
     intro = (f"{', '.join(methods)} with `factorize.allocation: search` against uniform ranks at the same parameter count, "
              f"{args.train} training examples per task, + ft 1 epoch; search settings {json.dumps(search_params())}. "
-             f"The search took less than one epoch of the task's dense fine-tuning in {under} of {runs} runs.")
+             f"The search took less than one epoch of the task's dense fine-tuning in {under} of {runs} runs.{lpaf}")
     write_section(
-        "peers-search", "The rank search against uniform ranks (issue 21)",
-        f"python benchmarks/peers.py --tasks {' '.join(args.tasks)} --train {args.train} --search {' '.join(methods)}",
+        "peers-search", "The rank search against uniform ranks" + (", and LPAF" if args.lpaf else "") + " (issue 21)",
+        f"python benchmarks/peers.py --tasks {' '.join(args.tasks)} --train {args.train} --search {' '.join(methods)}" + " --lpaf" * args.lpaf,
         intro + "\n\n### Mean over the tasks\n\n" + means + "\n\n" + "\n\n".join(sections), results="peers.md",
     )
 
