@@ -44,7 +44,7 @@ def machine() -> str:
     where = runtime_versions()
     device = default_device()
     gpu = f"stages on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "no GPU"
-    return (f"{where['cores']} cores ({where['cpu']}), torch {where['torch']}, onnxruntime {where['onnxruntime']}, "
+    return (f"{where['cores']} cores ({where['cpu']}; {where['cpu_features']}), torch {where['torch']}, onnxruntime {where['onnxruntime']}, "
             f"{torch.get_num_threads()} threads, {gpu}")
 
 

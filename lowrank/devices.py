@@ -61,13 +61,33 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The vector extensions a CPU's GEMM kernels use: two CPUs that /proc/cpuinfo names alike ("AMD EPYC" in a VM)
+# differ here, and with them the share of a forward pass that the Linear products take (BENCHMARKS.md, section 3).
+GEMM_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "BF16", "amx_tile": "AMX"}
+
+
+def cpu_features(cpuinfo: str | None = None) -> str:
+    """The GEMM-relevant vector extensions in /proc/cpuinfo's flags (or in `cpuinfo`), e.g. "AVX2, AVX-512, VNNI"."""
+    from pathlib import Path
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return "unknown"
+    return ", ".join(name for flag, name in GEMM_FEATURES.items() if flag in flags) or "none of " + ", ".join(GEMM_FEATURES.values())
+
+
 def runtime_versions() -> dict[str, str]:
-    """Where a latency was measured: the CPU model, its cores, and the torch and onnxruntime versions."""
+    """Where a latency was measured: the CPU model and vector extensions, its cores, and the torch and onnxruntime versions."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         ort = version("onnxruntime")
     except PackageNotFoundError:
         ort = "not installed"
-    return {"cpu": cpu_model(), "cores": str(os.cpu_count()), "torch": torch.__version__, "onnxruntime": ort}
+    return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": str(os.cpu_count()), "torch": torch.__version__, "onnxruntime": ort}
 

@@ -117,7 +117,7 @@ def test_the_int8_runtime_times_the_quantized_graph(tmp_path: Path) -> None:
 def test_the_evaluate_stage_scores_and_times_the_int8_graph_and_names_the_machine(tmp_path: Path) -> None:
     from conftest import GLUE_DIR, tiny_params
     from lowrank.config import load_params
-    from lowrank.devices import cpu_model
+    from lowrank.devices import cpu_features, cpu_model
     from lowrank.pipeline import get_stage
 
     if not (GLUE_DIR / "SST-2" / "dev.tsv").is_file():
@@ -130,3 +130,13 @@ def test_the_evaluate_stage_scores_and_times_the_int8_graph_and_names_the_machin
     assert 0 <= metrics["task_onnxruntime_int8"]["score"] <= 1 and abs(metrics["task_onnxruntime_int8"]["score"] - metrics["task"]["score"]) <= 0.25
     assert metrics["latency_onnxruntime_int8"]["batch_2"]["median_ms"] > 0
     assert metrics["latency_machine"]["cpu"] == cpu_model() and metrics["latency_machine"]["onnxruntime"][0].isdigit()
+    assert metrics["latency_machine"]["cpu_features"] == cpu_features()
+
+
+def test_the_machine_names_the_vector_extensions_its_gemms_use() -> None:
+    from lowrank.devices import cpu_features
+
+    info = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+    assert cpu_features(info) == "AVX2, AVX-512, VNNI"
+    assert cpu_features("flags\t: fpu sse2\n") == "none of AVX2, AVX-512, VNNI, BF16, AMX"
+    assert cpu_features("model name\t: ARM\n") == "unknown"
