@@ -1,0 +1,87 @@
+"""Benchmark (issue 21): what the rank search's measurement costs, before and after its speed-ups, side by side.
+
+Reads the dense model, its input statistics and the prepared data that a `lowrank sweep` (peers.py) left in
+the store for `--task`, and times the measurement of the factorize stage's search (`rank_search.measure`,
+every targeted matrix at every grid rank) for SVD-LLM at keep ratio 0.3 three ways in one process: the first
+search's settings (64 calibration examples, 4 grid ranks, every forward from the embeddings), the same with
+the recorded block outputs replayed, and today's defaults (32 examples, 3 grid ranks, replayed). Also checks
+that replaying gives the same loss increases.
+
+    .venv/bin/python benchmarks/search_cost.py --task sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from lowrank.api import target_names
+from lowrank.config import load_params
+from lowrank.io.checkpoints import load_compressed
+from lowrank.linalg.ranks import allocate_ranks
+from lowrank.methods import get_method
+from lowrank.modules.surgery import dense_weights
+from lowrank.pipeline import get_stage
+from lowrank.pipeline.factorize import calibration_loss
+from lowrank.pipeline.plan import path_stages
+from lowrank.pipeline.prepared import PreparedData
+from lowrank.pipeline.store import StoreLayout
+from lowrank.train.importance import load_importance
+from lowrank.train.rank_search import candidate_ranks, grid, measure
+
+from report import table, write_section
+
+SETTINGS = {  # label: (calibration examples, grid ranks, replay)
+    "first search: 64 examples, 4 ranks, full forwards": (64, 4, False),
+    "64 examples, 4 ranks, blocks replayed": (64, 4, True),
+    "today's defaults: 32 examples, 3 ranks, blocks replayed": (32, 3, True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--keep-ratio", type=float, default=0.3)
+    args = parser.parse_args()
+    params = load_params("params.yaml", [f"data.task={args.task}", f"data.max_train_samples={args.train}",
+                                         "factorize.method=svd_llm", f"factorize.keep_ratio={args.keep_ratio}"])
+    layout = StoreLayout.for_params(params, path_stages("factorize_only"))
+    dense = get_stage("finetune").output_paths(layout)["model"]
+    stats = get_stage("fisher").output_paths(layout)["importance"]
+    data = PreparedData.open(get_stage("prepare").output_paths(layout)["data"])
+    if not dense.exists():
+        raise SystemExit(f"no dense model at {dense}: run benchmarks/peers.py --task {args.task} first (same code version)")
+    model = load_compressed(dense).eval()
+    cfg = params.factorize
+    names = target_names(model, cfg.targets, cfg.exclude)
+    weights = dense_weights(model, names)
+    gram = load_importance(stats / "gram.safetensors").scores
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    uniform = allocate_ranks(shapes, cfg.keep_ratio, "uniform", cfg.rank_multiple)
+    spec, options = get_method("svd_llm"), dataclasses.asdict(cfg)
+    factorize = lambda n, r: spec.fn(weights[n], r, importance=gram[n], mask=None, **options)  # noqa: E731
+
+    rows, seconds, results, first = [], {}, {}, next(iter(SETTINGS))
+    for label, (samples, points, replay) in SETTINGS.items():
+        loss_fn = calibration_loss(data, samples, params.fisher.batch_size, params.data.seed)
+        grids = {n: grid(candidate_ranks(shapes[n], uniform[n], cfg.min_rank_share, cfg.search_max_share, cfg.rank_multiple), uniform[n], points)
+                 for n in names}
+        started = time.perf_counter()
+        base, increases = measure(model, names, grids, factorize, loss_fn, replay=replay)
+        seconds[label] = time.perf_counter() - started
+        results[(samples, points, replay)] = increases
+        rows.append([label, sum(len(g) for g in grids.values()), f"{seconds[label]:.1f}", f"{seconds[first] / seconds[label]:.2f}x"])
+    same = results[(64, 4, True)] == results[(64, 4, False)]
+    body = (f"{args.task.upper()}, {args.train} training examples, SVD-LLM at keep ratio {args.keep_ratio}: seconds of the search's "
+            f"measurement (every targeted matrix at every grid rank), one process, one after the other. Replaying the blocks gave "
+            f"{'the same' if same else 'DIFFERENT'} loss increases as the full forwards.\n\n"
+            + table(["setting", "measurements", "seconds", "speed-up over the first"], rows))
+    write_section(f"search-cost-{args.task}", "What the rank search's measurement costs (issue 21)",
+                  f"python benchmarks/search_cost.py --task {args.task}", body, results="peers.md")
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
