@@ -87,17 +87,26 @@ def main() -> None:
     search_section(args, best, rows)
 
 
-def _key(r: dict) -> tuple:
-    return (-r["keep_ratio"], r["method"], r["allocation"] != "uniform")
+def _not_run(value):
+    return "not run" if value is None else value
+
+
+def _group(r: dict) -> tuple:
+    return (r["method"], r["allocation"], r["keep_ratio"])
+
+
+def _order(group: tuple) -> tuple:
+    """Larger keep ratios first, then by method, uniform ranks before the search."""
+    method, allocation, ratio = group
+    return (-ratio, method, allocation != "uniform")
 
 
 def _mean_rows(args: argparse.Namespace, rows: dict[str, list[dict]], cells) -> list[list]:
     """One row per (method, allocation, keep ratio), `cells(found)` over the tasks' rows of it."""
-    keys = sorted({(r["method"], r["allocation"], r["keep_ratio"]) for r in rows[args.tasks[0]]}, key=lambda k: _key(
-        {"method": k[0], "allocation": k[1], "keep_ratio": k[2]}))
+    keys = sorted({_group(r) for r in rows[args.tasks[0]]}, key=_order)
     out = []
     for method, allocation, ratio in keys:
-        found = [r for t in args.tasks for r in rows[t] if (r["method"], r["allocation"], r["keep_ratio"]) == (method, allocation, ratio)]
+        found = [r for t in args.tasks for r in rows[t] if _group(r) == (method, allocation, ratio)]
         out.append([method, allocation, ratio, *cells(found)])
     return out
 
@@ -110,11 +119,10 @@ def _after(found: list[dict]):
 def peers_section(args: argparse.Namespace, rows: dict[str, list[dict]]) -> None:
     """Every method at every ratio, uniform ranks: the means over the tasks, then one table per task."""
     order = list(dict.fromkeys(r["method"] for r in rows[args.tasks[0]]))
-    fmt = lambda v: "not run" if v is None else v  # noqa: E731
     sections = []
     for task in args.tasks:
         body = table(["method", "keep ratio", "reached", "solve s", "score", "score + ft"],
-                     [[r["method"], r["keep_ratio"], r["reached"], r["solve_s"], r["before"], fmt(r["after"])]
+                     [[r["method"], r["keep_ratio"], r["reached"], r["solve_s"], r["before"], _not_run(r["after"])]
                       for r in sorted(rows[task], key=lambda r: (-r["keep_ratio"], order.index(r["method"])))])
         sections.append(f"### {task.upper()} (dense {rows[task][0]['dense']:.4f})\n\n{body}")
     means = table(["method", "allocation", "keep ratio", "mean score", "mean score + ft", "mean solve s"], _mean_rows(
@@ -132,12 +140,11 @@ def peers_section(args: argparse.Namespace, rows: dict[str, list[dict]]) -> None
 
 def search_section(args: argparse.Namespace, methods: list[str], rows: dict[str, list[dict]]) -> None:
     """Uniform ranks against the search, per method and ratio; the search's seconds against one dense epoch."""
-    fmt = lambda v: "not run" if v is None else v  # noqa: E731
     sections = []
     for task in args.tasks:
         body = table(["method", "keep ratio", "allocation", "score", "score + ft", "solve s", "search s", "one epoch s"],
-                     [[r["method"], r["keep_ratio"], r["allocation"], r["before"], fmt(r["after"]), r["solve_s"], r["search_s"],
-                       f"{r['epoch_s']:.0f}"] for r in sorted(rows[task], key=_key)])
+                     [[r["method"], r["keep_ratio"], r["allocation"], r["before"], _not_run(r["after"]), r["solve_s"], r["search_s"],
+                       f"{r['epoch_s']:.0f}"] for r in sorted(rows[task], key=lambda r: _order(_group(r)))])
         sections.append(f"### {task.upper()} (dense {rows[task][0]['dense']:.4f})\n\n{body}")
     under = sum(r["search_s"] < r["epoch_s"] for t in args.tasks for r in rows[t] if r["allocation"] == "search")
     lpaf = " LPAF: taylor pruning during fine-tuning, sparse TFWSVD, mixed-rank fine-tuning (params.yaml's defaults); its score is after pruning and factorizing, its + ft after mixed-rank fine-tuning." if args.lpaf else ""

@@ -12,7 +12,6 @@ refreshes its figures, and runs it does not show go to the detail files only.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import fcntl
 import os
@@ -46,21 +45,6 @@ def machine() -> str:
     gpu = f"stages on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "no GPU"
     return (f"{where['cores']} cores ({where['cpu']}; {where['cpu_features']}), torch {where['torch']}, onnxruntime {where['onnxruntime']}, "
             f"{torch.get_num_threads()} threads, {gpu}")
-
-
-def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    """Runs side by side must split the cores, or each takes them all and they thrash."""
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op CPU threads of this process (default: torch's); divide the cores among runs side by side")
-
-
-def apply_threads(threads: int | None) -> None:
-    """Set the count before any work, so the section's machine line reports what the run used."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise SystemExit(f"--threads: at least 1, got {threads}")
-    torch.set_num_threads(threads)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -28,7 +28,7 @@ from lowrank.pipeline.plan import path_stages
 from lowrank.pipeline.prepared import PreparedData
 from lowrank.pipeline.store import StoreLayout
 from lowrank.train.importance import load_importance
-from lowrank.train.rank_search import candidate_ranks, grid, measure
+from lowrank.train.rank_search import measure, search_grids
 
 from report import table, write_section
 
@@ -66,8 +66,7 @@ def main() -> None:
     rows, seconds, results, first = [], {}, {}, next(iter(SETTINGS))
     for label, (samples, points, replay) in SETTINGS.items():
         loss_fn = calibration_loss(data, samples, params.fisher.batch_size, params.data.seed)
-        grids = {n: grid(candidate_ranks(shapes[n], uniform[n], cfg.min_rank_share, cfg.search_max_share, cfg.rank_multiple), uniform[n], points)
-                 for n in names}
+        _, grids = search_grids({n: uniform[n] for n in names}, shapes, cfg.min_rank_share, cfg.search_max_share, points, cfg.rank_multiple)
         started = time.perf_counter()
         base, increases = measure(model, names, grids, factorize, loss_fn, replay=replay)
         seconds[label] = time.perf_counter() - started

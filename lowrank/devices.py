@@ -47,18 +47,26 @@ def place(model: nn.Module) -> nn.Module:
     return model.to(default_device())
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (latency figures depend on it: BENCHMARKS.md, section 3)."""
-    import platform
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text, or "" where there is none (not Linux)."""
     from pathlib import Path
 
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return ""
+
+
+def _cpuinfo_field(cpuinfo: str, key: str) -> str | None:
+    """The value of the first `key` line of a cpuinfo text."""
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith(key)), None)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (latency figures depend on it: BENCHMARKS.md, section 3)."""
+    import platform
+
+    return _cpuinfo_field(_cpuinfo(), "model name") or platform.processor() or platform.machine()
 
 
 # The vector extensions a CPU's GEMM kernels use: two CPUs that /proc/cpuinfo names alike ("AMD EPYC" in a VM)
@@ -68,17 +76,11 @@ GEMM_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "a
 
 def cpu_features(cpuinfo: str | None = None) -> str:
     """The GEMM-relevant vector extensions in /proc/cpuinfo's flags (or in `cpuinfo`), e.g. "AVX2, AVX-512, VNNI"."""
-    from pathlib import Path
-
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    flags = _cpuinfo_field(_cpuinfo() if cpuinfo is None else cpuinfo, "flags")
     if flags is None:
         return "unknown"
-    return ", ".join(name for flag, name in GEMM_FEATURES.items() if flag in flags) or "none of " + ", ".join(GEMM_FEATURES.values())
+    present = flags.split()
+    return ", ".join(name for flag, name in GEMM_FEATURES.items() if flag in present) or "none of " + ", ".join(GEMM_FEATURES.values())
 
 
 def runtime_versions() -> dict[str, str]:

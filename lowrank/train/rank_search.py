@@ -43,6 +43,13 @@ def grid(candidates: Sequence[int], uniform: int, points: int) -> list[int]:
     return sorted(picks | {uniform})
 
 
+def search_grids(uniform: Mapping[str, int], shapes: Mapping[str, Shape], min_share: float, max_share: float, points: int,
+                 multiple: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Per matrix: every candidate rank, and the ranks of them that are measured."""
+    candidates = {n: candidate_ranks(shapes[n], uniform[n], min_share, max_share, multiple) for n in uniform}
+    return candidates, {n: grid(candidates[n], uniform[n], points) for n in uniform}
+
+
 def interpolate(measured: Mapping[int, float], candidates: Sequence[int]) -> np.ndarray:
     """The loss increase at every candidate rank: linear between measured ranks, never rising with the rank."""
     ranks = sorted(measured)
@@ -160,8 +167,7 @@ def search_ranks(
     Layers the uniform allocation leaves dense stay dense.
     """
     names = [n for n, r in uniform.items() if r is not None]
-    candidates = {n: candidate_ranks(shapes[n], uniform[n], min_share, max_share, multiple) for n in names}
-    grids = {n: grid(candidates[n], uniform[n], points) for n in names}
+    candidates, grids = search_grids({n: uniform[n] for n in names}, shapes, min_share, max_share, points, multiple)
     started = time.perf_counter()
     base, measured = measure(model, names, grids, factorize, loss_fn)
     measured_seconds = time.perf_counter() - started
