@@ -18,8 +18,7 @@ import statistics
 
 from lowrank.io.files import read_json
 from lowrank.pipeline import get_stage
-from lowrank.pipeline.sweep import plan, sweep_spec
-from product import run_sweep
+from product import configurations, run_sweep
 from quality import DEFAULT_TRAIN
 from report import ROOT, table, write_section
 
@@ -55,7 +54,7 @@ def task_rows(task: str, configs: list[tuple[dict, dict]], train: int) -> tuple[
     path.write_text(json.dumps({"configs": [c for c, _ in configs]}))
     overrides = [f"data.task={task}", f"data.max_train_samples={train}", "evaluate.latency=false"]
     summary, _ = run_sweep(path, overrides, ["--workers", "1"])  # one job at a time: the epochs are timed
-    planned, _ = plan("params.yaml", sweep_spec("params.yaml", path, overrides), overrides, check=False)
+    planned = configurations(path, overrides)
     rows = []
     for config, result, (_, label) in zip(planned, summary["configs"], configs):
         run = read_json(get_stage("finetune_compressed").metrics_path(config.layout))

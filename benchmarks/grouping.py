@@ -16,8 +16,7 @@ from statistics import mean
 
 from lowrank.io.files import read_json
 from lowrank.pipeline import get_stage
-from lowrank.pipeline.sweep import plan, sweep_spec
-from product import run_sweep
+from product import configurations, run_sweep
 
 from report import ROOT, table, write_section
 
@@ -38,7 +37,7 @@ def main() -> None:
     for task in args.tasks:
         overrides = [f"data.task={task}", f"data.max_train_samples={args.train}", "orchestration.path=dense", "evaluate.latency=false"]
         run_sweep(spec, overrides, ["--workers", "1"])  # one job at a time: the epochs are timed
-        configs, _ = plan("params.yaml", sweep_spec("params.yaml", spec, overrides), overrides, check=False)
+        configs = configurations(spec, overrides)
         found = {}
         for config in configs:
             score = read_json(get_stage("evaluate_dense").metrics_path(config.layout))["task"]["score"]

@@ -13,8 +13,7 @@ import argparse
 
 from lowrank.io.files import read_json
 from lowrank.pipeline import get_stage
-from lowrank.pipeline.sweep import plan, sweep_spec
-from product import run_sweep
+from product import configurations, run_sweep
 
 from report import ROOT, table, write_section
 
@@ -29,7 +28,7 @@ def main() -> None:
     overrides = [f"data.task={args.task}", "orchestration.path=factorize_only", "evaluate.latency=true",
                  "evaluate.latency_runtimes=[onnxruntime,onnxruntime_int8]", f"evaluate.latency_repeats={args.repeats}"]
     run_sweep(SPEC, overrides, ["--workers", "1"])  # one job at a time: nothing else runs while a latency is timed
-    configs, _ = plan("params.yaml", sweep_spec("params.yaml", SPEC, overrides), overrides, check=False)
+    configs = configurations(SPEC, overrides)
 
     rows, method = [], configs[0].params.factorize.method
     for threads in (1, 2):

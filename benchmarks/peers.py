@@ -21,8 +21,7 @@ from statistics import mean
 
 from lowrank.io.files import read_json
 from lowrank.pipeline import get_stage
-from lowrank.pipeline.sweep import plan, sweep_spec
-from product import run_sweep
+from product import configurations, run_sweep
 
 from report import ROOT, table, write_section
 
@@ -32,7 +31,7 @@ RUNS = ROOT / "benchmarks" / "runs" / "peers"
 
 def _rows(spec: Path, overrides: list[str], summary: dict) -> list[dict]:
     """One row per configuration: method, allocation, ratio, reached, seconds of the solve (and the search), scores."""
-    configs, _ = plan("params.yaml", sweep_spec("params.yaml", spec, overrides), overrides, check=False)
+    configs = configurations(spec, overrides)
     rows = []
     for config, result in zip(configs, summary["configs"]):
         lpaf = config.params.orchestration.path == "lpaf"  # before: pruned and factorized; after: mixed-rank fine-tuning

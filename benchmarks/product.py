@@ -8,6 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lowrank.pipeline.sweep import Configuration, plan, sweep_spec
+
+
+def configurations(spec: Path, overrides: list[str]) -> list[Configuration]:
+    """The configurations `run_sweep(spec, overrides)` ran, in its summary's order, with their store layouts
+    (where each stage's metrics are)."""
+    configs, _ = plan("params.yaml", sweep_spec("params.yaml", spec, overrides), overrides, check=False)
+    return configs
+
 
 def run_sweep(spec: Path, overrides: list[str], options: list[str] = ()) -> tuple[dict[str, Any], float]:
     """`lowrank sweep --spec SPEC -S ...` in a subprocess, as a user runs it; returns its JSON summary and the command's seconds.

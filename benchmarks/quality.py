@@ -22,8 +22,7 @@ from lowrank.config import load_params
 from lowrank.io.files import read_json
 from lowrank.linalg.risk import rank_agreement
 from lowrank.pipeline import get_stage
-from lowrank.pipeline.sweep import plan, sweep_spec
-from product import run_sweep
+from product import configurations, run_sweep
 
 from report import ROOT, results_file, table, write_section
 
@@ -90,7 +89,7 @@ def main() -> None:
     overrides += [f"finetune_compressed.seed={args.ft_seed}"] if args.ft_seed is not None else []
     overrides += [f"finetune_compressed.lr={args.ft_lr}"] if args.ft_lr is not None else []
     summary, _ = run_sweep(args.spec, overrides, ["--workers", str(args.workers)] if args.workers else [])
-    configs, _ = plan("params.yaml", sweep_spec("params.yaml", args.spec, overrides), overrides, check=False)
+    configs = configurations(args.spec, overrides)
     base = load_params("params.yaml", overrides)
     default_ft, ft = load_params("params.yaml").finetune_compressed, base.finetune_compressed
     ft_tag = ft_name(args.ft_epochs, ft, default_ft)
