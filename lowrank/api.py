@@ -158,6 +158,7 @@ def compress_(
         ranks, searched = search_ranks(
             model, uniform, shapes, lambda name, rank: solve(name, rank, weights[name], None), loss_fn,
             min_share=cfg.min_rank_share, max_share=cfg.search_max_share, points=cfg.search_points, multiple=cfg.rank_multiple,
+            nested=spec.is_nested(options),
         )
     else:
         ranks = allocate_ranks(shapes, cfg.keep_ratio, cfg.allocation, cfg.rank_multiple, spectra, cfg.min_rank_share)

@@ -17,7 +17,7 @@ from lowrank.linalg.solvers import get_solver
 from lowrank.methods import get_method
 from lowrank.pipeline import Layout, get_stage, preflight
 from lowrank.train.activations import ActivationRecorder
-from lowrank.train.rank_search import BlockReplay, candidate_ranks, measure, search_ranks, solve
+from lowrank.train.rank_search import BlockReplay, candidate_ranks, grid, measure, search_ranks, solve
 
 
 def _inputs(tokens: int, features: int, correlated: bool, seed: int = 0) -> torch.Tensor:
@@ -167,6 +167,39 @@ def test_replaying_the_blocks_before_a_matrix_measures_what_the_full_forward_doe
     assert len(calls) == len(batches) * blocks + sum(per_block * (blocks - i) for i in range(blocks))  # blocks before: skipped
     assert BlockReplay(model, ["classifier"]).index("classifier") == 0  # outside the blocks: nothing skipped
     torch.testing.assert_close(model.bert.encoder.layer[1].attention.self.query.weight, weights["bert.encoder.layer.1.attention.self.query"])
+
+
+def test_the_grid_keeps_both_ends_and_puts_the_uniform_rank_in_place_of_the_nearest_inner_point() -> None:
+    candidates = list(range(2, 17))
+    assert grid(candidates, 8, 3) == [2, 8, 16]  # not the middle candidate 9
+    assert grid(candidates, 8, 4) == [2, 8, 11, 16]  # 7 was the inner point nearest 8
+    assert len(grid(candidates, 8, 5)) == 5 and 8 in grid(candidates, 8, 5)
+    assert grid(candidates, 16, 3) == [2, 9, 16]  # the uniform rank at an end: the inner point stays
+    assert grid([3, 4], 4, 3) == [3, 4]
+
+
+@pytest.mark.parametrize("method", ["svd", "fwsvd", "asvd", "svd_llm"])
+def test_a_nested_method_factorized_once_measures_what_factorizing_at_every_rank_does(method: str) -> None:
+    model = _TwoLayers()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 16, generator=g) @ torch.randn(16, 16, generator=g)  # correlated inputs: whitening matters
+    target = model(x).detach()
+    loss_fn = lambda m: float(((m(x) - target) ** 2).mean())  # noqa: E731
+    weights = {n: dict(model.named_modules())[n].weight.detach().clone() for n in ("first", "second")}
+    importance = {"svd": None, "fwsvd": torch.rand(16, 16, generator=g) + 0.1, "asvd": x.abs().mean(0), "svd_llm": x.T @ x}[method]
+    spec = get_method(method)
+    calls = []
+    factorize = lambda n, r: calls.append(r) or spec.fn(weights[n], r, importance=importance, mask=None)  # noqa: E731
+    grids = {"first": [2, 4, 7], "second": [2, 5, 7]}
+    _, each = measure(model, list(grids), grids, factorize, loss_fn, nested=False)
+    calls[:] = []
+    _, once = measure(model, list(grids), grids, factorize, loss_fn, nested=True)
+    assert calls == [7, 7]  # one factorization per matrix, at its largest grid rank
+    for name in grids:
+        assert once[name] == pytest.approx(each[name], rel=1e-4, abs=1e-7)
+    assert once["first"][2] > once["first"][7] > 0  # a real measurement: truncating more costs more
+    assert spec.is_nested({"whitening_update": False})
+    assert not get_method("svd_llm").is_nested({"whitening_update": True}) and not get_method("tfwsvd").is_nested({})
 
 
 @pytest.mark.parametrize("method", ["asvd", "svd_llm"])

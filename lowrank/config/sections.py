@@ -118,7 +118,8 @@ class FactorizeConfig:
         uniform allocation's parameters; lowrank/train/rank_search.py).
     min_rank_share: under `allocation: fisher` or `search`, every layer keeps at
         least this share of the uniform rank (0: no floor); `search_max_share`
-        caps it at that multiple; `search_points` ranks per matrix are measured.
+        caps it at that multiple; `search_points` ranks per matrix are measured
+        (both ends of that range and the uniform rank among them).
     asvd_alpha: asvd scales input feature j by mean|x_j|^alpha (0: plain SVD).
     whitening_damp: svd_llm adds this times the mean diagonal to X^T X before
         its Cholesky factor; `whitening_update` refits the left factor by least
@@ -171,7 +172,7 @@ class FactorizeConfig:
         check(self.asvd_alpha >= 0, "factorize.asvd_alpha", f"must be >= 0, got {self.asvd_alpha}")
         check(self.whitening_damp >= 0, "factorize.whitening_damp", f"must be >= 0, got {self.whitening_damp}")
         check(self.search_samples >= 1, "factorize.search_samples", "must be >= 1")
-        check(self.search_points >= 2, "factorize.search_points", "must be >= 2")
+        check(self.search_points >= 3, "factorize.search_points", "must be >= 3 (both ends and the uniform rank)")
         check(self.search_max_share >= 1, "factorize.search_max_share", f"must be >= 1, got {self.search_max_share}")
 
 

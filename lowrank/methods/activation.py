@@ -20,7 +20,7 @@ from lowrank.methods.registry import register_method
 
 
 @register_method(
-    "asvd", importance="abs_mean", solver="svd", paths=("factorize",),
+    "asvd", importance="abs_mean", solver="svd", paths=("factorize",), nested=True,
     summary="activation-aware SVD (Yuan et al. 2023): SVD of W diag(mean|x|^alpha), factorize.asvd_alpha",
 )
 def asvd(weight: Tensor, rank: int, *, importance: Tensor | None, asvd_alpha: float = 0.5, **_: Any) -> tuple[Tensor, Tensor]:
@@ -51,6 +51,7 @@ def whitening(gram: Tensor, damp: float) -> Tensor:
 
 @register_method(
     "svd_llm", importance="gram", solver="svd", paths=("factorize",),
+    nested=lambda settings: not settings.get("whitening_update"),  # the refit left factor depends on the rank
     summary="truncation-aware whitening (SVD-LLM, Wang et al. 2024): SVD of W S, S the Cholesky factor of X^T X",
 )
 def svd_llm(

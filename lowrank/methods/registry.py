@@ -4,8 +4,10 @@ A method turns one weight matrix and a rank into two factors `A (out, rank)`,
 `B (rank, in)`. Its entry says what the rest of the system needs to know
 without reading its code: which importance it weighs entries by (the stage
 loads that artifact), which solver it runs (`None`: the configured
-`factorize.solver`), whether it needs pruning masks, and which path of the
-pipeline accepts it. Config validation, the factorize stages, the MLflow tags
+`factorize.solver`), whether it needs pruning masks, which path of the
+pipeline accepts it, and whether its rank-r factors are the first r of a
+larger rank's (a truncated decomposition: the rank search then factorizes each
+matrix once, not once per rank). Config validation, the factorize stages, the MLflow tags
 and `lowrank methods` all read this table, so a new method is one function
 plus one `@register_method(...)` line (peft's `register_peft_method`).
 """
@@ -13,7 +15,7 @@ plus one `@register_method(...)` line (peft's `register_peft_method`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from torch import Tensor
 
@@ -42,6 +44,7 @@ class Method:
     needs_masks: bool
     paths: tuple[str, ...]
     summary: str
+    nested: bool | Callable[[Mapping[str, Any]], bool] = False
 
     def accepts(self, path: str) -> bool:
         return path in self.paths
@@ -49,6 +52,10 @@ class Method:
     def solver_name(self, configured: str) -> str:
         """The solver this method runs, given `factorize.solver`."""
         return self.solver or configured
+
+    def is_nested(self, settings: Mapping[str, Any]) -> bool:
+        """Whether, under these `factorize` settings, the factors at rank r are the first r of those at any larger rank."""
+        return self.nested(settings) if callable(self.nested) else self.nested
 
     def row(self) -> dict[str, Any]:
         """The entry as plain data, for `lowrank methods` and MLflow tags."""
@@ -69,6 +76,7 @@ def register_method(
     paths: tuple[str, ...],
     needs_masks: bool = False,
     summary: str = "",
+    nested: bool | Callable[[Mapping[str, Any]], bool] = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Add `fn` to the table under `name`; returns it unchanged, so one function may serve two names."""
     if not name or not name.replace("_", "").isalnum():
@@ -81,7 +89,7 @@ def register_method(
         raise ValueError(f"method {name!r}: paths must be a non-empty subset of {', '.join(PATHS)}, got {paths!r}")
 
     def decorate(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, fn, importance, solver, needs_masks, tuple(paths), summary)
+        METHODS[name] = Method(name, fn, importance, solver, needs_masks, tuple(paths), summary, nested)
         return fn
 
     return decorate

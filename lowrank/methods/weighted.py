@@ -11,7 +11,7 @@ from lowrank.methods.registry import register_method
 
 
 @register_method(
-    "svd", importance="none", solver="svd", paths=("factorize", "lpaf"),
+    "svd", importance="none", solver="svd", paths=("factorize", "lpaf"), nested=True,
     summary="truncated SVD, the unweighted baseline (on the lpaf path: of the pruned matrix, the ablation)",
 )
 def svd(weight: Tensor, rank: int, **_: Any) -> tuple[Tensor, Tensor]:
@@ -19,7 +19,7 @@ def svd(weight: Tensor, rank: int, **_: Any) -> tuple[Tensor, Tensor]:
 
 
 @register_method(
-    "fwsvd", importance="fisher", solver="fwsvd", paths=("factorize",),
+    "fwsvd", importance="fisher", solver="fwsvd", paths=("factorize",), nested=True,
     summary="Fisher-weighted SVD (Hsu et al. 2022): one SVD of W diag(d), d from the Fisher summed per input feature",
 )
 def fwsvd(weight: Tensor, rank: int, *, importance: Tensor | None, **_: Any) -> tuple[Tensor, Tensor]:

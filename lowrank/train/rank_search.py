@@ -38,9 +38,16 @@ def candidate_ranks(shape: Shape, uniform: int, min_share: float, max_share: flo
 
 
 def grid(candidates: Sequence[int], uniform: int, points: int) -> list[int]:
-    """`points` ranks spread over the candidates, their ends and the uniform rank included."""
-    picks = {candidates[round(i * (len(candidates) - 1) / max(points - 1, 1))] for i in range(points)}
-    return sorted(picks | {uniform})
+    """`points` ranks spread over the candidates: both ends, and the uniform rank in place of the inner one nearest to it.
+
+    The ends bound the interpolation (beyond them it would be flat); the uniform rank is where the search starts
+    from, so its increase is measured, not interpolated. Fewer candidates than points: all of them.
+    """
+    spread = [candidates[round(i * (len(candidates) - 1) / max(points - 1, 1))] for i in range(points)]
+    inner = range(1, len(spread) - 1)
+    if inner and uniform not in spread:
+        spread[min(inner, key=lambda i: abs(spread[i] - uniform))] = uniform
+    return sorted(set(spread) | {uniform})
 
 
 def search_grids(uniform: Mapping[str, int], shapes: Mapping[str, Shape], min_share: float, max_share: float, points: int,
@@ -105,11 +112,13 @@ class BlockReplay:
 @torch.no_grad()
 def measure(
     model: nn.Module, names: Sequence[str], grids: Mapping[str, Sequence[int]], factorize: Factorize,
-    loss_fn: Callable[[nn.Module], float], replay: bool = True,
+    loss_fn: Callable[[nn.Module], float], replay: bool = True, nested: bool = False,
 ) -> tuple[float, dict[str, dict[int, float]]]:
     """The base loss, and per matrix and grid rank the loss increase with only that matrix factorized.
 
-    `loss_fn` must run the same batches in the same order at every call (the replay depends on it).
+    `loss_fn` must run the same batches in the same order at every call (the replay depends on it). `nested`:
+    the method's rank-r factors are the first r of a larger rank's, so each matrix is factorized once, at its
+    largest grid rank, and truncated.
     """
     modules = dict(model.named_modules())
     blocks = BlockReplay(model, names if replay else [])
@@ -120,9 +129,10 @@ def measure(
         weight = modules[name].weight
         original = weight.detach().clone()
         increases[name] = {}
+        largest = factorize(name, max(grids[name])) if nested else None
         try:
             for rank in grids[name]:
-                a, b = factorize(name, rank)
+                a, b = factorize(name, rank) if largest is None else (largest[0][:, :rank], largest[1][:rank])
                 weight.copy_((a @ b).to(weight.dtype))
                 with blocks.replay(blocks.index(name)):
                     increases[name][rank] = loss_fn(model) - base
@@ -161,15 +171,16 @@ def solve(costs: Mapping[str, Sequence[int]], losses: Mapping[str, np.ndarray], 
 def search_ranks(
     model: nn.Module, uniform: Mapping[str, int | None], shapes: Mapping[str, Shape], factorize: Factorize,
     loss_fn: Callable[[nn.Module], float], *, min_share: float, max_share: float, points: int, multiple: int,
+    nested: bool = False,
 ) -> tuple[dict[str, int | None], dict[str, float]]:
     """Ranks at the uniform allocation's parameter count that minimise the measured loss increase, and what it cost.
 
-    Layers the uniform allocation leaves dense stay dense.
+    Layers the uniform allocation leaves dense stay dense. `nested`: as `measure`'s.
     """
     names = [n for n, r in uniform.items() if r is not None]
     candidates, grids = search_grids({n: uniform[n] for n in names}, shapes, min_share, max_share, points, multiple)
     started = time.perf_counter()
-    base, measured = measure(model, names, grids, factorize, loss_fn)
+    base, measured = measure(model, names, grids, factorize, loss_fn, nested=nested)
     measured_seconds = time.perf_counter() - started
     losses = {n: interpolate(measured[n], candidates[n]) for n in names}
     costs = {n: [r * sum(shapes[n]) for r in candidates[n]] for n in names}
