@@ -59,8 +59,9 @@ def run(params: Path = PARAMS, set_param: Optional[List[str]] = SET, no_cache: b
         from prefect import tags
 
         from .compress import compress
+        from .runners import shared_api
 
-        with tags(lifecycle.OWNER_PREFECT_TAG + owner):
+        with shared_api(), tags(lifecycle.OWNER_PREFECT_TAG + owner):
             summary = compress(str(params), overrides, checked=True)
     _print(summary)
 

@@ -108,7 +108,8 @@ def claim() -> str:
 
 
 def stop_orphan_servers() -> list[int]:
-    """Stop the temporary Prefect servers whose lowrank process died without stopping them (SIGKILL)."""
+    """Stop the temporary Prefect servers whose lowrank process died without stopping them (SIGKILL where the
+    kernel does not end them with it: not Linux, or a server Prefect started itself)."""
     import psutil
 
     stopped = []

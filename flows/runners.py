@@ -85,6 +85,42 @@ def engine(kind: str, workers: int | None = None, threads: int | None = None, ad
     return Engine(DaskTaskRunner(cluster_kwargs=cluster), kind, workers, threads, gpu=gpu)
 
 
+def _end_with_parent() -> Any:
+    """What the child runs before the server: on Linux, ask for SIGTERM when the process that started it dies."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, in the parent: the child only calls it
+    except (OSError, AttributeError):  # not Linux
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def _owned_server() -> Any:
+    """Prefect's temporary server, in a session of its own, ending with the lowrank process that started it.
+
+    In the lowrank process's own process group, the server took a Ctrl-C or a `kill -- -PGID` meant for the run,
+    and stopped first: the run, unwinding, then retried its last report to a server that was gone, and hung for
+    minutes. In its own session only `shared_api` stops it, after the flow has recorded how it ended; and if the
+    lowrank process is killed outright, the kernel ends the server with it (Linux; elsewhere the next run's
+    `lifecycle.recover` does).
+    """
+    import subprocess
+    from functools import partial
+    from unittest import mock
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class OwnedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> Any:
+            detached = partial(subprocess.Popen, start_new_session=True, preexec_fn=_end_with_parent())
+            with mock.patch.object(subprocess, "Popen", detached):  # Prefect builds the command; only its start changes
+                return super()._run_uvicorn_command()
+
+    return OwnedServer()
+
+
 @contextlib.contextmanager
 def shared_api() -> Iterator[None]:
     """One Prefect API for the flow and its workers.
@@ -100,9 +136,7 @@ def shared_api() -> Iterator[None]:
     if get_current_settings().api.url:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
+    server = _owned_server()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
     try:

@@ -110,35 +110,79 @@ def test_killed_at_each_stage_the_run_resumes_and_ends_the_same(tmp_path: Path, 
     assert not [p for p in psutil.process_iter(["cmdline"]) if "flows.cli" in " ".join(p.info["cmdline"] or ())]
 
 
-def test_a_killed_run_s_temporary_prefect_server_is_stopped_by_the_next_run(tmp_path: Path) -> None:
+def _servers(project: Path) -> list[psutil.Process]:
+    """The temporary Prefect servers of runs in `project`."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "create_app" in " ".join(process.info["cmdline"] or ()) and process.environ().get("PREFECT_HOME") == str(project / ".prefect"):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _flow_run_states(project: Path) -> list[str]:
+    import sqlite3
+
+    return sorted(s for (s,) in sqlite3.connect(project / ".prefect" / "prefect.db").execute("select state_type from flow_run"))
+
+
+def test_a_killed_run_s_temporary_prefect_server_ends_with_it_and_the_next_run_recovers(tmp_path: Path) -> None:
     if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
         pytest.skip(f"GLUE data not found at {GLUE_DIR}")
     project = _project(tmp_path / "project", save_tiny_model(tmp_path / "model"))
     env = _env(PREFECT_HOME=str(project / ".prefect"))
-
-    def servers() -> list[psutil.Process]:
-        found = []
-        for process in psutil.process_iter(["cmdline"]):
-            try:
-                if "create_app" in " ".join(process.info["cmdline"] or ()) and \
-                        process.environ().get("PREFECT_HOME") == str(project / ".prefect"):
-                    found.append(process)
-            except psutil.Error:
-                continue
-        return found
-
     _, process = _run(project, env, kill_at="finetune")
     assert process.returncode == -signal.SIGKILL
-    assert len(servers()) == 1  # what SIGKILL leaves: the temporary server, orphaned
+    _, alive = psutil.wait_procs(_servers(project), timeout=15)
+    assert alive == []  # the kernel ended the server with the process that started it (PR_SET_PDEATHSIG)
     fates, process = _run(project, env)
     assert process.returncode == 0 and fates["prepare"] == "cached"
     time.sleep(1)
-    assert servers() == []
+    assert _servers(project) == []
     assert _running_mlflow_runs(project) == []
-    import sqlite3
+    assert _flow_run_states(project) == ["COMPLETED", "CRASHED"]
 
-    states = sqlite3.connect(project / ".prefect" / "prefect.db").execute("select state_type from flow_run").fetchall()
-    assert sorted(s for (s,) in states) == ["COMPLETED", "CRASHED"]
+
+def test_recover_stops_a_server_whose_owner_died(tmp_path: Path) -> None:
+    from flows import lifecycle
+
+    dead = f"{socket.gethostname()}:{2 ** 22 + 7}:1.000"  # a pid above the kernel's default maximum: never alive
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "prefect.server.api.server:create_app"],
+                            env={**os.environ, lifecycle.OWNER_ENV: dead})
+    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "prefect.server.api.server:create_app"],
+                            env={**os.environ, lifecycle.OWNER_ENV: lifecycle.owner_token()})
+    try:
+        time.sleep(0.5)
+        stopped = lifecycle.stop_orphan_servers()
+        assert fake.pid in stopped and mine.pid not in stopped
+        assert fake.poll() is not None and mine.poll() is None  # stopped and reaped by psutil: only the other one runs
+    finally:
+        fake.kill(), mine.kill()
+
+
+def test_a_signal_to_the_run_s_process_group_ends_it_promptly_and_leaves_nothing(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal, or `kill -- -PGID`, reaches every process of the group at once."""
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    project = _project(tmp_path / "project", save_tiny_model(tmp_path / "model"))
+    env = _env(PREFECT_HOME=str(project / ".prefect"))
+    process = subprocess.Popen([*LOWRANK, "--quiet", "run"], cwd=project, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in process.stderr:
+        if line.startswith("stage finetune: started"):
+            break
+    started = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    process.stderr.read()
+    process.wait(90)
+    assert time.monotonic() - started < 30  # it hung for minutes when the server took the signal too
+    assert process.returncode == 128 + signal.SIGTERM
+    assert _servers(project) == []
+    assert _leftovers(project) == []
+    assert _running_mlflow_runs(project) == []
+    assert _flow_run_states(project) == ["CRASHED"]
 
 
 def test_a_stage_dvc_runs_dies_with_dvc(tmp_path: Path) -> None:
