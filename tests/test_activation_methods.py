@@ -15,6 +15,7 @@ from conftest import GLUE_DIR, tiny_bert_config, tiny_params
 from lowrank.config import load_params
 from lowrank.linalg.solvers import get_solver
 from lowrank.methods import get_method
+from lowrank.modules.surgery import dense_weights
 from lowrank.pipeline import Layout, get_stage, preflight
 from lowrank.train.activations import ActivationRecorder
 from lowrank.train.rank_search import BlockReplay, candidate_ranks, grid, measure, search_ranks, solve
@@ -185,7 +186,8 @@ def test_a_nested_method_factorized_once_measures_what_factorizing_at_every_rank
     x = torch.randn(128, 16, generator=g) @ torch.randn(16, 16, generator=g)  # correlated inputs: whitening matters
     target = model(x).detach()
     loss_fn = lambda m: float(((m(x) - target) ** 2).mean())  # noqa: E731
-    weights = {n: dict(model.named_modules())[n].weight.detach().clone() for n in ("first", "second")}
+    weights = dense_weights(model, ["first", "second"])  # views of the model's weights, as compress_ passes them
+    before = {n: w.clone() for n, w in weights.items()}
     importance = {"svd": None, "fwsvd": torch.rand(16, 16, generator=g) + 0.1, "asvd": x.abs().mean(0), "svd_llm": x.T @ x}[method]
     spec = get_method(method)
     calls = []
@@ -198,6 +200,8 @@ def test_a_nested_method_factorized_once_measures_what_factorizing_at_every_rank
     for name in grids:
         assert once[name] == pytest.approx(each[name], rel=1e-4, abs=1e-7)
     assert once["first"][2] > once["first"][7] > 0  # a real measurement: truncating more costs more
+    assert each["first"][2] > each["first"][7]  # the first search wrote the trial weights into the tensor it factorized
+    assert all(torch.equal(weights[n], before[n]) for n in weights)
     assert spec.is_nested({"whitening_update": False})
     assert not get_method("svd_llm").is_nested({"whitening_update": True}) and not get_method("tfwsvd").is_nested({})
 

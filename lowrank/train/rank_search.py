@@ -127,17 +127,17 @@ def measure(
     increases: dict[str, dict[int, float]] = {}
     for name in names:
         weight = modules[name].weight
-        original = weight.detach().clone()
+        original = weight.data  # the trial weights take its place, never its storage: `factorize` may read views of it
         increases[name] = {}
         largest = factorize(name, max(grids[name])) if nested else None
         try:
             for rank in grids[name]:
                 a, b = factorize(name, rank) if largest is None else (largest[0][:, :rank], largest[1][:rank])
-                weight.copy_((a @ b).to(weight.dtype))
+                weight.data = (a @ b).to(original.dtype)
                 with blocks.replay(blocks.index(name)):
                     increases[name][rank] = loss_fn(model) - base
         finally:
-            weight.copy_(original)
+            weight.data = original
     return base, increases
 
 
