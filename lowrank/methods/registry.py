@@ -7,9 +7,9 @@ loads that artifact), which solver it runs (`None`: the configured
 `factorize.solver`), whether it needs pruning masks, which path of the
 pipeline accepts it, and whether its rank-r factors are the first r of a
 larger rank's (a truncated decomposition: the rank search then factorizes each
-matrix once, not once per rank). Config validation, the factorize stages, the MLflow tags
-and `lowrank methods` all read this table, so a new method is one function
-plus one `@register_method(...)` line (peft's `register_peft_method`).
+matrix once, not once per rank). Config validation, the factorize stages, the
+MLflow tags and `lowrank methods` all read this table, so a new method is one
+function plus one `@register_method(...)` line (peft's `register_peft_method`).
 """
 
 from __future__ import annotations
