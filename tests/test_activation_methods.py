@@ -141,6 +141,20 @@ def test_the_search_gives_the_sensitive_layer_the_larger_rank_at_exactly_the_uni
     torch.testing.assert_close(model.first.weight, weights["first"])  # measuring left the model as it was
 
 
+def test_the_search_warns_when_factorizing_lowers_the_calibration_loss() -> None:
+    # The loss is the output's energy, which truncating the SVD can only lower: every measured rise is negative.
+    model = nn.Sequential(nn.Linear(16, 16, bias=False))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    loss_fn = lambda m: float((m(x) ** 2).mean())  # noqa: E731
+    weight = model[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match="predicted loss rise at the chosen ranks is below zero"):
+        _, report = search_ranks(
+            model, {"0": 4}, {"0": (16, 16)}, lambda n, r: get_solver("svd")(weight, r), loss_fn,
+            min_share=0.5, max_share=2.0, points=3, multiple=1,
+        )
+    assert report["search_increase_chosen"] < 0
+
+
 def test_replaying_the_blocks_before_a_matrix_measures_what_the_full_forward_does() -> None:
     from transformers import AutoModelForSequenceClassification
 

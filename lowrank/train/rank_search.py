@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -194,4 +195,9 @@ def search_ranks(
         "search_measure_seconds": measured_seconds, "search_solve_seconds": solve_seconds,
         "search_increase_uniform": at(uniform), "search_increase_chosen": at(chosen),
     }
+    if report["search_increase_chosen"] < 0:  # on STS-B with 32 examples this preceded a collapse (BENCHMARKS.md section 1)
+        warnings.warn(
+            f"allocation search: the predicted loss rise at the chosen ranks is below zero ({report['search_increase_chosen']:.3g}): "
+            "some matrices factorized alone lowered the calibration loss, so the sum that chose the ranks is noise; "
+            "raise factorize.search_samples or keep allocation: uniform", stacklevel=2)
     return {**dict(uniform), **chosen}, report
