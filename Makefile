@@ -22,7 +22,7 @@ test:  ## the test suite (what .ci/run calls)
 	$(BIN)/python -m pytest -q
 
 docs:  ## the documentation site (mkdocs.yml, docs/), built strictly into site/ (what .ci/run calls after the tests)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 repro:  ## the same pipeline through DVC
 	$(BIN)/dvc repro summary_factorize
