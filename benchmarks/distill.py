@@ -5,7 +5,7 @@ each keep ratio, fine-tuned for each of `--epochs` with no distillation, with lo
 logits and hidden states (`--svd-epochs` limits SVD's rows, the comparison, to fewer budgets); with
 `--warmups`, plain + ft of TFWSVD at the most compressed ratio at other warm-ups. The dense model, its Fisher
 and each factorized model are shared stages of the sweep, run once and kept in the store. The full tables go
-to benchmarks/results/distill.md, the summary over tasks into BENCHMARKS.md.
+to benchmarks/results/distill.md, headed by the summary over tasks (BENCHMARKS.md, section 2, copies it).
 
     .venv/bin/python benchmarks/distill.py --tasks sst2,mrpc,stsb --epochs 1,3 --svd-epochs 1 --warmups 0,0.3
 """
@@ -94,7 +94,7 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, tasks: list[str], summary: list[dict], detail: list[str]) -> None:
-    """The summary over the tasks run so far into BENCHMARKS.md, the per-task tables into benchmarks/results/distill.md."""
+    """The summary over the tasks run so far, then the per-task tables, into benchmarks/results/distill.md."""
     headline_rows = []
     for key in dict.fromkeys((r["method"], r["ratio"], r["epochs"]) for r in summary if r["variant"] in VARIANTS):
         cells, seconds, below = [], [], 0

@@ -56,7 +56,7 @@ def main() -> None:
             + table(["task", "ungrouped", "grouped", "difference (points)", "seed spread, grouped (points)"], means))
     write_section("grouping", "Length-grouped batches and the dense score (issue 24)",
                   f"python benchmarks/grouping.py --tasks {' '.join(args.tasks)} --seeds {' '.join(map(str, args.seeds))}",
-                  body, results="grouping.md", headline=body, add_headline=True)
+                  body, results="grouping.md", headline=body)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main() -> None:
             f"Score: the dev set ({machine['cpu']}, onnxruntime {machine['onnxruntime']}).\n\n"
             + table(["threads", "model", "graph", "batch 1 ms", "speed-up", "batch 32 ms", "speed-up", "score"], rows))
     write_section("int8", "Low rank and int8 together (issue 24)", "python benchmarks/int8.py", body,
-                  results="latency.md", headline=body, add_headline=True)
+                  results="latency.md", headline=body)
 
 
 if __name__ == "__main__":

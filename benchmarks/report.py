@@ -1,13 +1,13 @@
-"""Writing benchmark figures: the detail under benchmarks/results/, the headline into BENCHMARKS.md.
+"""Writing benchmark figures: the detail under benchmarks/results/; BENCHMARKS.md is the report, written by hand.
 
 Each script replaces only its own section (between HTML comment markers), so
 scripts can be rerun one at a time; every section carries the command that
 produced it, the machine and the date. `write_section` puts the full section
 into a topic file under benchmarks/results/ (`results=`) and, given a short
-`headline`, replaces the section of the same name in BENCHMARKS.md with it,
-when BENCHMARKS.md already has that section (or the caller asks for it to be
-added): the five-minute report keeps its place and shape while a rerun
-refreshes its figures, and runs it does not show go to the detail files only.
+`headline`, replaces the section of the same name in BENCHMARKS.md with it
+only where BENCHMARKS.md has that section. The report has none today: it is
+kept within its limits (tests/test_docs.py) by hand, so a rerun never appends
+to it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPORT = ROOT / "BENCHMARKS.md"
 RESULTS = ROOT / "benchmarks" / "results"
-HEADER = "# Benchmarks\n\nEvery figure below was produced by the script named in its section, on the machine and date given there.\nRerun a script to replace its section.\n"
 # One lock for BENCHMARKS.md and every results file: runs side by side (several seeds on one GPU) keep each one's section.
 LOCK = REPORT.with_name(".BENCHMARKS.md.lock")
 
@@ -82,13 +81,12 @@ def _replace_or_append(path: Path, name: str, section: str, header: str) -> None
 
 
 def write_section(
-    name: str, title: str, command: str, body: str, *, results: str, headline: str | None = None, add_headline: bool = False
+    name: str, title: str, command: str, body: str, *, results: str, headline: str | None = None
 ) -> Path:
     """Replace (or append) the section `name` of benchmarks/results/`results` with the full `body`; with `headline`,
     also replace the section `name` of BENCHMARKS.md with it (plus command, machine, date and a link to the detail).
 
-    BENCHMARKS.md only changes where it already has a section `name`, or with `add_headline`, which appends one
-    at its end (move it by hand to where it belongs: later reruns replace it in place). Returns the results file.
+    BENCHMARKS.md only changes where it already has a section `name`. Returns the results file.
     """
     if "/" in results or not results.endswith(".md"):
         raise ValueError(f"results: a file name like 'latency.md' under {RESULTS}, got {results!r}")
@@ -104,12 +102,12 @@ def write_section(
         fcntl.flock(lock, fcntl.LOCK_EX)
         _replace_or_append(detail, name, section, header)
         if headline is not None:
-            report = REPORT.read_text() if REPORT.exists() else HEADER
-            if add_headline or _marked(name).search(report):
+            report = REPORT.read_text() if REPORT.exists() else ""
+            if _marked(name).search(report):
                 link = f"benchmarks/results/{results}"
                 short = (
                     f"<!-- {name}:start -->\n### {title}\n\n{stamp}\n\n{headline.strip()}\n\n"
                     f"Detail: [{link}]({link})\n<!-- {name}:end -->"
                 )
-                _replace_or_append(REPORT, name, short, HEADER)
+                _replace_or_append(REPORT, name, short, "")
     return detail

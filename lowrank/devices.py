@@ -63,14 +63,14 @@ def _cpuinfo_field(cpuinfo: str, key: str) -> str | None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (latency figures depend on it: BENCHMARKS.md, section 3)."""
+    """The CPU's model name from /proc/cpuinfo (latency figures depend on it: BENCHMARKS.md, section 4)."""
     import platform
 
     return _cpuinfo_field(_cpuinfo(), "model name") or platform.processor() or platform.machine()
 
 
 # The vector extensions a CPU's GEMM kernels use: two CPUs that /proc/cpuinfo names alike ("AMD EPYC" in a VM)
-# differ here, and with them the share of a forward pass that the Linear products take (BENCHMARKS.md, section 3).
+# differ here, and with them the share of a forward pass that the Linear products take (BENCHMARKS.md, section 4).
 GEMM_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "BF16", "amx_tile": "AMX"}
 
 

@@ -58,7 +58,7 @@ class DataConfig:
     custom: CustomDataConfig | None = None
     # Batches of similar lengths (transformers' group_by_length): training shuffles mega-batches sorted by
     # length, evaluation runs sorted by length and puts predictions back in order. A batch pads to its longest row.
-    # Off by default: on SST-2 and STS-B it cost the dense model 0.7 and 4.8 points over two seeds (BENCHMARKS.md, section 4).
+    # Off by default: on SST-2 and STS-B it cost the dense model 0.7 and 4.8 points over two seeds (BENCHMARKS.md, section 5).
     group_by_length: bool = False
 
     def __post_init__(self) -> None:

@@ -195,7 +195,7 @@ def search_ranks(
         "search_measure_seconds": measured_seconds, "search_solve_seconds": solve_seconds,
         "search_increase_uniform": at(uniform), "search_increase_chosen": at(chosen),
     }
-    if report["search_increase_chosen"] < 0:  # on STS-B with 32 examples this preceded a collapse (BENCHMARKS.md section 1)
+    if report["search_increase_chosen"] < 0:  # on STS-B with 32 examples this preceded a collapse (BENCHMARKS.md section 3)
         warnings.warn(
             f"allocation search: the predicted loss rise at the chosen ranks is below zero ({report['search_increase_chosen']:.3g}): "
             "some matrices factorized alone lowered the calibration loss, so the sum that chose the ranks is noise; "
