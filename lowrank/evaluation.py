@@ -17,19 +17,37 @@ from lowrank.devices import model_device, to_device
 from lowrank.modules.layers import FactorizedLinear
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over a whole loader, in the dataset's order (also when the loader sorts by length)."""
-    model.eval()
-    device = model_device(model)
-    logits, labels = [], []
-    for batch in loader:
-        batch = dict(batch)
-        labels.append(batch.pop("labels"))
-        logits.append(model(**to_device(batch, device)).logits.float().cpu())
+def gather(parts: dict[str, list[torch.Tensor]], loader: Any) -> dict[str, torch.Tensor]:
+    """Per-batch tensors joined along the batch, in the dataset's order; per-token ones padded to the longest batch
+    (logits with 0, labels with -100: padding is never scored)."""
     from lowrank.data.loading import in_dataset_order
 
-    return in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
+    joined = {}
+    for name, tensors in parts.items():
+        longest = max(t.shape[1] for t in tensors) if tensors[0].dim() > 1 else 0
+        fill = -100 if not tensors[0].is_floating_point() else 0.0
+        padded = [t if t.dim() == 1 or t.shape[1] == longest else
+                  torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]), value=fill) for t in tensors]
+        joined[name] = torch.cat(padded)
+    return dict(zip(joined, in_dataset_order(loader, *joined.values())))
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], outputs: Sequence[str] = ("logits",),
+            targets: Sequence[str] = ("labels",)) -> dict[str, torch.Tensor]:
+    """The model's `outputs` and the batches' `targets` over a whole loader, by name, in the dataset's order
+    (also when the loader sorts by length)."""
+    model.eval()
+    device = model_device(model)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in (*outputs, *targets)}
+    for batch in loader:
+        batch = dict(batch)
+        for name in targets:
+            parts[name].append(batch.pop(name))
+        result = model(**to_device(batch, device))
+        for name in outputs:
+            parts[name].append(getattr(result, name).float().cpu())
+    return gather(parts, loader)
 
 
 def _weight_params(module: nn.Module) -> int:

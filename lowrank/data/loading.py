@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features
 from torch.utils.data import DataLoader
 
 from lowrank.config import DataConfig, MissingInputError
@@ -61,8 +61,9 @@ HUB_DATASET = "nyu-mll/glue"
 def resolve_task(cfg: DataConfig) -> TaskSpec:
     """The task that the `data` section names: a GLUE task, or `custom` built from `data.custom`."""
     if cfg.custom is not None:
-        c = cfg.custom
-        return custom_task(c.train_file, c.eval_file, c.text_a, c.label, c.text_b, c.label_names)
+        from lowrank.kinds import get_kind
+
+        return get_kind(cfg.custom.kind).custom_task(cfg.custom)
     return get_task(cfg.task)
 
 
@@ -110,12 +111,10 @@ def check_sources(cfg: DataConfig) -> dict[str, Path]:
 
 
 def raw_features(spec: TaskSpec) -> Features:
-    """The raw columns; float64 keeps STS-B scores exactly as written."""
-    columns = {"text_a": Value("string")}
-    if spec.is_pair:
-        columns["text_b"] = Value("string")
-    columns["label"] = Value("float64") if spec.is_regression else Value("int64")
-    return Features(columns)
+    """The raw columns, as the task's kind reads them."""
+    from lowrank.kinds import get_kind
+
+    return get_kind(spec.kind).raw_features(spec)
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
@@ -182,25 +181,14 @@ def load_raw_from_config(cfg: DataConfig, spec: TaskSpec | None = None) -> Datas
 
 
 def tokenize(raw: DatasetDict, spec: TaskSpec, tokenizer: Any, max_length: int) -> DatasetDict:
-    """Token ids (truncated to `max_length`, not padded) and `labels` for every split.
+    """Token ids (truncated to `max_length`, not padded) and the labels of every split, as the task's kind builds them.
 
-    Padding waits for the collator, so each batch is only as long as its
-    longest row. Labels are int64 class ids, or float32 scores for regression
-    (the dtype of the model's output, as its MSE loss wants).
+    Padding waits for the collator, so each batch is only as long as its longest row.
     """
-    label_type = Value("float32") if spec.is_regression else Value("int64")
+    from lowrank.kinds import get_kind
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = (batch["text_a"], batch["text_b"]) if spec.is_pair else (batch["text_a"],)
-        encoded = dict(tokenizer(*texts, truncation=True, max_length=max_length))
-        encoded["labels"] = batch["label"]
-        return encoded
-
-    out = {}
-    for split, dataset in raw.items():
-        mapped = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {split}")
-        out[split] = mapped.cast_column("labels", label_type)
-    return DatasetDict(out)
+    kind = get_kind(spec.kind)
+    return DatasetDict({split: kind.encode(dataset, spec, tokenizer, max_length, split) for split, dataset in raw.items()})
 
 
 class SortedSampler(torch.utils.data.Sampler[int]):
@@ -227,6 +215,7 @@ def in_dataset_order(loader: Any, *outputs: torch.Tensor) -> tuple[torch.Tensor,
 
 def make_loader(
     dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool = False, seed: int = 0, group_by_length: bool = False,
+    collate: Any = None,
 ) -> DataLoader:
     """Batches of tensors that `model(**batch)` takes, each padded to its longest row.
 
@@ -235,6 +224,7 @@ def make_loader(
     With `group_by_length`, rows of similar length share a batch, so little of it is padding: shuffled,
     transformers' LengthGroupedSampler (random mega-batches of 50 batches, each sorted by length); not
     shuffled, every row sorted by length (`loader.sampler.order` gives the way back).
+    `collate` pads the rows (the task kind's collator; default: transformers' DataCollatorWithPadding).
     """
     from transformers import DataCollatorWithPadding
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -252,5 +242,5 @@ def make_loader(
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         generator=generator if sampler is None else None,
-        collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"),
+        collate_fn=collate or DataCollatorWithPadding(tokenizer, return_tensors="pt"),
     )

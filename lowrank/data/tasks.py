@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -23,7 +24,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 from lowrank.config.base import InputError, MissingInputError
 
 Column = int | str  # a position (files without a header) or a header / JSON key name
-FileFormat = Literal["tsv", "csv", "jsonl"]
+FileFormat = Literal["tsv", "csv", "jsonl", "conll", "squad"]  # the last two: token and span kinds (lowrank/kinds)
 
 
 class DataError(InputError):
@@ -54,6 +55,8 @@ class SplitFile:
         if len(self.text_columns) not in (1, 2):
             raise ValueError(f"{self.path}: a task has one or two text columns, got {self.text_columns}")
         columns = (*self.text_columns, self.label_column)
+        if self.format in ("conll", "squad"):
+            return  # read by their kind's own reader, which knows the columns
         if self.header or self.format == "jsonl":
             if self.num_columns is not None:
                 raise ValueError(f"{self.path}: num_columns is only for files without a header")
@@ -68,7 +71,7 @@ class SplitFile:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One classification or regression task over one sentence or a sentence pair.
+    """One task: its kind (lowrank/kinds: `sequence` classification or regression, `token`, `span`) and its files.
 
     Attributes:
         name: registry name (`sst2`, ... or `custom`); also the hub config name for GLUE.
@@ -84,6 +87,11 @@ class TaskSpec:
         label_range: inclusive bounds a regression label must lie in, if any.
         allow_empty_text: QQP's official train file has two rows with an empty
             question; refusing them would refuse the task, so QQP allows it.
+        kind: the task kind's registry name; it reads the rows, builds features, scores.
+        home: for a task shipped as files outside GLUE (CoNLL-2003), the environment
+            variable naming its folder and the folder used when it is unset.
+        test_splits: splits only the evaluate stages score (reported, never used to
+            select a model), e.g. CoNLL-2003's test split.
     """
 
     name: str
@@ -95,9 +103,12 @@ class TaskSpec:
     glue_folder: str | None = None
     label_range: tuple[float, float] | None = None
     allow_empty_text: bool = False
+    kind: str = "sequence"
+    home: tuple[str, str] | None = None
+    test_splits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        missing = [s for s in ("train", *self.eval_splits) if s not in self.files]
+        missing = [s for s in self.splits if s not in self.files]
         if missing:
             raise ValueError(f"task {self.name}: no file given for split(s) {', '.join(missing)}")
         names = self.label_names
@@ -122,7 +133,7 @@ class TaskSpec:
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return ("train", *self.eval_splits)
+        return ("train", *self.eval_splits, *self.test_splits)
 
 
 # --------------------------------------------------------------------------- GLUE registry
@@ -184,8 +195,18 @@ def _normalize(name: str) -> str:
     return "".join(ch for ch in name.strip().lower() if ch not in "-_ ")
 
 
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a dataset of another kind (CoNLL-2003) to the registry, beside GLUE's; its kind's module calls this."""
+    if spec.name in TASKS:
+        raise ValueError(f"task {spec.name!r} is registered twice")
+    TASKS[spec.name] = spec
+    return spec
+
+
 def get_task(name: str) -> TaskSpec:
-    """The GLUE task called `name`, accepting the usual spellings (`SST-2`, `sts-b`, `MNLI`)."""
+    """The registered task called `name`, accepting the usual spellings (`SST-2`, `sts-b`, `MNLI`, `CoNLL-2003`)."""
+    import lowrank.kinds  # noqa: F401  (the kinds register their datasets)
+
     key = _normalize(name)
     if key not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or 'custom' with data.custom)")
@@ -238,7 +259,7 @@ def task_from_dict(data: Mapping[str, Any]) -> TaskSpec:
     files = {
         split: SplitFile(**{**f, "text_columns": tuple(f["text_columns"])}) for split, f in data.pop("files").items()
     }
-    for key in ("text_fields", "metrics", "eval_splits", "label_names", "label_range"):
+    for key in ("text_fields", "metrics", "eval_splits", "label_names", "label_range", "home", "test_splits"):
         if data.get(key) is not None:
             data[key] = tuple(data[key])
     return TaskSpec(files=files, **data)
@@ -252,6 +273,9 @@ def split_path(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -
     if split not in spec.files:
         raise ValueError(f"task {spec.name} has no split {split!r}; splits: {', '.join(spec.splits)}")
     relative = spec.files[split].path
+    if spec.home is not None:
+        variable, default = spec.home
+        return Path(os.environ.get(variable) or default).expanduser() / relative
     if spec.glue_folder is None:
         return Path(relative).expanduser()
     if glue_dir is None:
@@ -260,16 +284,25 @@ def split_path(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -
 
 
 def read_split(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """Rows of one split as `{"text_a", ["text_b",] "label"}`, every row checked.
+    """Rows of one split, as its kind reads them (lowrank/kinds), every row checked."""
+    from lowrank.kinds import get_kind
+
+    path = split_path(spec, split, glue_dir)
+    if not path.is_file():
+        raise MissingInputError(f"task {spec.name}, split {split}: file not found: {path}")
+    rows = get_kind(spec.kind).read_rows(spec, path, spec.files[split])
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    return rows
+
+
+def read_sequence_rows(spec: TaskSpec, path: Path, layout: SplitFile) -> list[dict[str, Any]]:
+    """Rows of a sequence task's file as `{"text_a", ["text_b",] "label"}`, every row checked.
 
     Labels become ids (position in `spec.label_names`) or, for regression,
     floats. Blank lines are skipped; anything else malformed raises a
     `DataError` naming the file and line.
     """
-    path = split_path(spec, split, glue_dir)
-    if not path.is_file():
-        raise MissingInputError(f"task {spec.name}, split {split}: file not found: {path}")
-    layout = spec.files[split]
     label_ids = None if spec.label_names is None else {name: i for i, name in enumerate(spec.label_names)}
     rows = []
     for line, record in iter_records(path, layout):
@@ -280,8 +313,6 @@ def read_split(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -
         raw_label = _field(record, layout.label_column, path, line)
         row["label"] = _label(raw_label, spec, label_ids, path, line)
         rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no data rows")
     return rows
 
 
