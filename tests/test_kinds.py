@@ -289,3 +289,70 @@ def _custom(root: Path, kind: str, label_names=None, train: str | None = None):
 
 def _line(path: Path, text: str) -> int:
     return [line.strip() for line in path.read_text().splitlines()].index(text) + 1
+
+
+# ---------------------------------------------------------------------------------------------------- the pipeline, per kind
+
+
+def kind_params(root: Path, kind: str, model_dir: Path, **sections) -> Path:
+    """A seconds-long factorize path over the kind's tiny files (written here), ending with + ft and its evaluation."""
+    from conftest import tiny_params
+
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "token":
+        custom = {"kind": "token", "label_names": sections.pop("tags", TAGS),
+                  "train_file": str(write_conll(root / "train.txt", repeat=6)), "eval_file": str(write_conll(root / "dev.txt"))}
+    else:
+        custom = {"kind": "span", "train_file": str(write_squad(root / "train.json", repeat=6)), "eval_file": str(write_squad(root / "dev.json"))}
+    data = {"task": "custom", "custom": custom, "max_train_samples": None, "max_eval_samples": None, "max_length": 16}
+    sections = {"data": data, "evaluate": {"latency_runtimes": ["torch", "onnxruntime"]}, **sections}
+    return tiny_params(root, model_dir, root, **sections)
+
+
+@pytest.mark.parametrize("kind", ["token", "span"])
+def test_every_stage_of_the_factorize_path_runs_for_the_kind(tmp_path: Path, kind: str) -> None:
+    from lowrank.config import load_params
+    from lowrank.pipeline import get_stage, pipeline, preflight
+
+    model_dir = save_tiny(tmp_path / "base", "BertModel")
+    params = load_params(kind_params(tmp_path, kind, model_dir, factorize={"method": "fwsvd", "keep_ratio": 0.5}))
+    preflight(params)
+    for name in pipeline(params):
+        get_stage(name).run(params)
+    metrics = lambda name: json.loads((tmp_path / "metrics" / f"{name}.json").read_text())  # noqa: E731
+    score = {"token": "f1", "span": "f1"}[kind]
+    for name in ("evaluate_dense", "evaluate_factorized", "evaluate_compressed"):
+        task = metrics(name)["task"]
+        assert task["score"] == task[score] and 0 <= task["score"] <= 1
+        assert metrics(name)["latency_onnxruntime"]["onnx_max_abs_diff"] < 1e-3  # the export of every kind is checked
+    ft = metrics("finetune_compressed")
+    assert ft["history"][0]["epoch"] == 0 and ft["majority_score"] == 0.0  # the kind's baseline: no entity, no answer
+    assert metrics("fisher")  # Fisher from the kind's own loss
+
+
+def test_a_fine_tuned_tagger_is_taken_as_is_and_its_bytes_key_what_follows(tmp_path: Path) -> None:
+    from lowrank.config import load_params
+    from lowrank.pipeline import get_stage, preflight
+    from lowrank.pipeline.store import fingerprints
+
+    first = load_params(kind_params(tmp_path / "a", "token", save_tiny(tmp_path / "base", "BertModel")))
+    for name in ("prepare", "finetune", "evaluate_dense"):
+        get_stage(name).run(first)
+    tagger = tmp_path / "a" / "artifacts" / "finetune" / "model"
+    dense = json.loads((tmp_path / "a" / "metrics" / "evaluate_dense.json").read_text())["task"]["score"]
+
+    second = load_params(kind_params(tmp_path / "b", "token", tagger, model={"name": str(tagger), "finetuned": True}))
+    preflight(second)
+    for name in ("prepare", "finetune"):
+        get_stage(name).run(second)
+    taken = json.loads((tmp_path / "b" / "metrics" / "finetune.json").read_text())
+    assert taken["steps"] == 0 and taken["finetuned_before"] == 1 and taken["best_score"] == pytest.approx(dense)
+    before = fingerprints(second, ["finetune"])["finetune"]
+    config = json.loads((tagger / "config.json").read_text())
+    (tagger / "config.json").write_text(json.dumps({**config, "classifier_dropout": 0.2}))
+    assert fingerprints(second, ["finetune"])["finetune"] != before  # the checkpoint changed: finetune reruns
+
+    tags = TAGS + ["B-ORG", "I-ORG"]
+    wrong = load_params(kind_params(tmp_path / "c", "token", tagger, model={"name": str(tagger), "finetuned": True}, tags=tags))
+    with pytest.raises(InputError, match=r"model.finetuned: the labels of .* \(O, B-PER, I-PER, B-LOC, I-LOC\) differ from the task's \(O, B-PER, I-PER, B-LOC, I-LOC, B-ORG, I-ORG\)"):
+        preflight(wrong)
