@@ -356,3 +356,100 @@ def test_a_fine_tuned_tagger_is_taken_as_is_and_its_bytes_key_what_follows(tmp_p
     wrong = load_params(kind_params(tmp_path / "c", "token", tagger, model={"name": str(tagger), "finetuned": True}, tags=tags))
     with pytest.raises(InputError, match=r"model.finetuned: the labels of .* \(O, B-PER, I-PER, B-LOC, I-LOC\) differ from the task's \(O, B-PER, I-PER, B-LOC, I-LOC, B-ORG, I-ORG\)"):
         preflight(wrong)
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI, per kind
+
+SERVED = {
+    "token": ({"text": ["john smith lives in paris"]}, "entities"),
+    "span": ({"question": [QA[0][1]], "context": [QA[0][0]]}, "answer"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["token", "span"])
+def test_lowrank_run_and_sweep_ship_a_served_model_of_the_kind(tmp_path: Path, kind: str, prefect_api: str) -> None:
+    import subprocess
+
+    import mlflow
+
+    from conftest import LOWRANK, lowrank_env, run_sweep
+
+    kind_params(tmp_path, kind, save_tiny(tmp_path / "base", "BertModel"), evaluate={"latency": False},
+                sweep={"grid": {"factorize.method": ["svd", "fwsvd"]}})
+    env = lowrank_env(PREFECT_API_URL=prefect_api)
+    done = subprocess.run([*LOWRANK, "--quiet", "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 0 <= json.loads(done.stdout)["evaluate_compressed"]["metrics"]["task.f1"] <= 1
+    code, summary, err = run_sweep(tmp_path, env, "--workers", "1", "--threads", "1")
+    assert code == 0, err[-2000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    frame, column = SERVED[kind]
+    served = mlflow.pyfunc.load_model("models:/lowrank-custom@champion").predict(pd.DataFrame(frame))
+    assert len(served) == 1 and column in served.columns
+
+
+# ---------------------------------------------------------------------------------------------------- bad input, through the CLI
+
+
+def _three_columns(root: Path) -> dict:
+    (root / "train.txt").write_text("john B-PER\nsmith NNP I-PER\n")
+    return {}
+
+
+def _unknown_tag(root: Path) -> dict:
+    (root / "dev.txt").write_text("john B-PER\n\nparis B-CITY\n")
+    return {}
+
+
+def _answer_elsewhere(root: Path) -> dict:
+    data = squad(QA)
+    data["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] = 0
+    (root / "dev.json").write_text(json.dumps(data, indent=2))
+    return {}
+
+
+def _empty_context(root: Path) -> dict:
+    data = squad(QA)
+    data["data"][0]["paragraphs"][3]["context"] = ""
+    (root / "train.json").write_text(json.dumps(data, indent=2))
+    return {}
+
+
+def _qa_head(root: Path) -> dict:
+    return {"model": {"name": str(save_tiny(root / "reader", "BertForQuestionAnswering")), "finetuned": True}}
+
+
+def _other_tags(root: Path) -> dict:
+    return {"model": {"name": str(save_tiny(root / "tagger", "BertForTokenClassification", num_labels=3)), "finetuned": True}}
+
+
+BAD = [
+    ("token-three-columns", "token", _three_columns, "train.txt:2: expected 2 columns (token and tag), found 3"),
+    ("token-unknown-tag", "token", _unknown_tag, "dev.txt:3: tag 'B-CITY' is not one of O, B-PER"),
+    ("span-answer-start", "span", _answer_elsewhere, "dev.json:11: answer_start 0 does not point at the answer 'paris'"),
+    ("span-empty-context", "span", _empty_context, "train.json:56: empty context"),
+    ("qa-head-for-token-task", "token", _qa_head, "head BertForQuestionAnswering (span task kind), the task custom is a token task"),
+    ("labels-differ", "token", _other_tags, "(LABEL_0, LABEL_1, LABEL_2) differ from the task's (O, B-PER, I-PER, B-LOC, I-LOC)"),
+]
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize(("kind", "make", "expected"), [row[1:] for row in BAD], ids=[row[0] for row in BAD])
+def test_bad_task_input_is_one_line_with_exit_2_before_any_work(tmp_path: Path, monkeypatch, command: str, kind: str, make, expected: str) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    params = kind_params(tmp_path, kind, save_tiny(tmp_path / "base", "BertModel"))
+    raw = yaml.safe_load(params.read_text())
+    for section, values in make(tmp_path).items():
+        raw[section].update(values)
+    params.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, [command, "--params", str(params)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "artifacts").exists()
