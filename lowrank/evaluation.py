@@ -17,21 +17,6 @@ from lowrank.devices import model_device, to_device
 from lowrank.modules.layers import FactorizedLinear
 
 
-def gather(parts: dict[str, list[torch.Tensor]], loader: Any) -> dict[str, torch.Tensor]:
-    """Per-batch tensors joined along the batch, in the dataset's order; per-token ones padded to the longest batch
-    (logits with 0, labels with -100: padding is never scored)."""
-    from lowrank.data.loading import in_dataset_order
-
-    joined = {}
-    for name, tensors in parts.items():
-        longest = max(t.shape[1] for t in tensors) if tensors[0].dim() > 1 else 0
-        fill = -100 if not tensors[0].is_floating_point() else 0.0
-        padded = [t if t.dim() == 1 or t.shape[1] == longest else
-                  torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]), value=fill) for t in tensors]
-        joined[name] = torch.cat(padded)
-    return dict(zip(joined, in_dataset_order(loader, *joined.values())))
-
-
 @torch.inference_mode()
 def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], outputs: Sequence[str] = ("logits",),
             targets: Sequence[str] = ("labels",)) -> dict[str, torch.Tensor]:
@@ -47,6 +32,8 @@ def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], outputs
         result = model(**to_device(batch, device))
         for name in outputs:
             parts[name].append(getattr(result, name).float().cpu())
+    from lowrank.data.loading import gather
+
     return gather(parts, loader)
 
 

@@ -12,10 +12,12 @@ import torch
 
 from conftest import VOCAB, tiny_bert_config
 from lowrank.config import InputError, ModelConfig
-from lowrank.data.tasks import DataError, TaskSpec, read_split
+from lowrank.data.loading import read_split
+from lowrank.data.tasks import DataError
 from lowrank.kinds import KINDS, get_kind
 from lowrank.kinds.span import answer_scores, best_span, normalize_answer, read_squad
-from lowrank.kinds.token import CONLL_TAGS, entities, first_subtoken_labels, tag_scores
+from lowrank.data.tasks import CONLL_TAGS
+from lowrank.kinds.token import entities, first_subtoken_labels, tag_scores
 
 CONLL_DIR = Path(os.environ.get("CONLL_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "conll2003"))
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -453,3 +455,24 @@ def test_bad_task_input_is_one_line_with_exit_2_before_any_work(tmp_path: Path, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.skipif(not (CONLL_DIR / "train.txt").is_file(), reason="CoNLL-2003 not found")
+def test_a_slice_of_conll2003_trains_selects_on_dev_and_reports_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import tiny_params
+    from lowrank.config import load_params
+    from lowrank.pipeline import get_stage
+
+    monkeypatch.setenv("CONLL_DIR", str(CONLL_DIR))
+    data = {"task": "conll2003", "max_train_samples": 64, "max_eval_samples": 32, "max_length": 32}
+    params = load_params(tiny_params(tmp_path, save_tiny(tmp_path / "base", "BertModel"), tmp_path, data=data,
+                                     evaluate={"latency": False}, finetune={"epochs": 1, "batch_size": 16, "lr": 1e-3}))
+    for name in ("prepare", "finetune", "evaluate_dense"):
+        get_stage(name).run(params)
+    prepared = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
+    assert {split: prepared[split]["rows"] for split in ("train", "validation", "test")} == {"train": 64, "validation": 32, "test": 32}
+    task = json.loads((tmp_path / "metrics" / "evaluate_dense.json").read_text())["task"]
+    assert set(task) == {"score", "f1", "precision", "recall", "accuracy", "test.f1", "test.precision", "test.recall", "test.accuracy"}
+    assert task["score"] == task["f1"] and task["accuracy"] > 0.5  # most words are O
+    history = json.loads((tmp_path / "metrics" / "finetune.json").read_text())["history"]
+    assert not any(key.startswith("test.") for row in history for key in row)  # the test split never selects

@@ -26,7 +26,6 @@ from lowrank.data.tasks import (
     TaskSpec,
     custom_task,
     get_task,
-    read_split,
     split_path,
     task_from_dict,
     task_to_dict,
@@ -56,6 +55,19 @@ HUB_DATASET = "nyu-mll/glue"
 
 
 # --------------------------------------------------------------------------- sources
+
+
+def read_split(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Rows of one split, as the task's kind reads them (lowrank/kinds), every row checked."""
+    from lowrank.kinds import get_kind
+
+    path = split_path(spec, split, glue_dir)
+    if not path.is_file():
+        raise MissingInputError(f"task {spec.name}, split {split}: file not found: {path}")
+    rows = get_kind(spec.kind).read_rows(spec, path, spec.files[split])
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    return rows
 
 
 def resolve_task(cfg: DataConfig) -> TaskSpec:
@@ -211,6 +223,19 @@ def in_dataset_order(loader: Any, *outputs: torch.Tensor) -> tuple[torch.Tensor,
         return outputs
     where = torch.as_tensor(order)
     return tuple(torch.empty_like(out).index_copy_(0, where, out) for out in outputs)
+
+
+def gather(parts: dict[str, list[torch.Tensor]], loader: Any) -> dict[str, torch.Tensor]:
+    """Per-batch outputs of a pass over `loader` joined along the batch, in the dataset's order; per-token ones
+    padded to the longest batch (logits with 0, labels with -100: padding is never scored)."""
+    joined = {}
+    for name, tensors in parts.items():
+        longest = max(t.shape[1] for t in tensors) if tensors[0].dim() > 1 else 0
+        fill = 0.0 if tensors[0].is_floating_point() else -100
+        padded = [t if t.dim() == 1 or t.shape[1] == longest else
+                  torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]), value=fill) for t in tensors]
+        joined[name] = torch.cat(padded)
+    return dict(zip(joined, in_dataset_order(loader, *joined.values())))
 
 
 def make_loader(

@@ -8,20 +8,20 @@ dev files have more columns than its train file, quotes are literal text), so
 the layout is written down per file here instead of being guessed at read time.
 
 Every reading error names the file and the line, so a broken row is found
-without a debugger.
+without a debugger. Each task kind reads its rows (lowrank/kinds); the layouts
+and the shared readers (UTF-8 check, TSV/CSV/JSONL records) live here.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
-from lowrank.config.base import InputError, MissingInputError
+from lowrank.config.base import InputError
 
 Column = int | str  # a position (files without a header) or a header / JSON key name
 FileFormat = Literal["tsv", "csv", "jsonl", "conll", "squad"]  # the last two: token and span kinds (lowrank/kinds)
@@ -191,22 +191,23 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+# CoNLL-2003 English NER (README of ../shared/data/conll2003): `word tag` lines, tags in the hub's id order;
+# dev selects (eval_splits), test is only reported (test_splits).
+CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+TASKS["conll2003"] = TaskSpec(
+    "conll2003", ("tokens",), CONLL_TAGS, ("f1", "precision", "recall", "accuracy"), ("validation",),
+    {split: SplitFile(f"{name}.txt", ("tokens",), "tags", format="conll") for split, name in
+     (("train", "train"), ("validation", "dev"), ("test", "test"))},
+    kind="token", home=("CONLL_DIR", "../shared/data/conll2003"), test_splits=("test",),
+)
+
+
 def _normalize(name: str) -> str:
     return "".join(ch for ch in name.strip().lower() if ch not in "-_ ")
 
 
-def register_task(spec: TaskSpec) -> TaskSpec:
-    """Add a dataset of another kind (CoNLL-2003) to the registry, beside GLUE's; its kind's module calls this."""
-    if spec.name in TASKS:
-        raise ValueError(f"task {spec.name!r} is registered twice")
-    TASKS[spec.name] = spec
-    return spec
-
-
 def get_task(name: str) -> TaskSpec:
     """The registered task called `name`, accepting the usual spellings (`SST-2`, `sts-b`, `MNLI`, `CoNLL-2003`)."""
-    import lowrank.kinds  # noqa: F401  (the kinds register their datasets)
-
     key = _normalize(name)
     if key not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or 'custom' with data.custom)")
@@ -283,39 +284,6 @@ def split_path(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -
     return Path(glue_dir).expanduser() / spec.glue_folder / relative
 
 
-def read_split(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """Rows of one split, as its kind reads them (lowrank/kinds), every row checked."""
-    from lowrank.kinds import get_kind
-
-    path = split_path(spec, split, glue_dir)
-    if not path.is_file():
-        raise MissingInputError(f"task {spec.name}, split {split}: file not found: {path}")
-    rows = get_kind(spec.kind).read_rows(spec, path, spec.files[split])
-    if not rows:
-        raise DataError(f"{path}: no data rows")
-    return rows
-
-
-def read_sequence_rows(spec: TaskSpec, path: Path, layout: SplitFile) -> list[dict[str, Any]]:
-    """Rows of a sequence task's file as `{"text_a", ["text_b",] "label"}`, every row checked.
-
-    Labels become ids (position in `spec.label_names`) or, for regression,
-    floats. Blank lines are skipped; anything else malformed raises a
-    `DataError` naming the file and line.
-    """
-    label_ids = None if spec.label_names is None else {name: i for i, name in enumerate(spec.label_names)}
-    rows = []
-    for line, record in iter_records(path, layout):
-        texts = [_text(record, column, spec, path, line) for column in layout.text_columns]
-        row: dict[str, Any] = {"text_a": texts[0]}
-        if len(texts) == 2:
-            row["text_b"] = texts[1]
-        raw_label = _field(record, layout.label_column, path, line)
-        row["label"] = _label(raw_label, spec, label_ids, path, line)
-        rows.append(row)
-    return rows
-
-
 def check_utf8(path: Path) -> None:
     """DataError at `file:line` unless the whole file decodes as UTF-8 (a fraction of a second for GLUE's largest)."""
     data = path.read_bytes()
@@ -373,41 +341,3 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[Column, Any]]]:
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             yield number, record
-
-
-def _field(record: dict[Column, Any], column: Column, path: Path, line: int) -> Any:
-    if column not in record:
-        raise DataError(f"{path}:{line}: no column {column!r}")
-    return record[column]
-
-
-def _text(record: dict[Column, Any], column: Column, spec: TaskSpec, path: Path, line: int) -> str:
-    value = _field(record, column, path, line)
-    if not isinstance(value, str):
-        raise DataError(f"{path}:{line}: column {column!r} should hold text, got {value!r}")
-    if not value.strip() and not spec.allow_empty_text:
-        raise DataError(f"{path}:{line}: empty text in column {column!r}")
-    return value
-
-
-def _label(value: Any, spec: TaskSpec, label_ids: dict[str, int] | None, path: Path, line: int) -> int | float:
-    if label_ids is None:
-        return _score(value, spec, path, line)
-    key = value.strip() if isinstance(value, str) else str(value)
-    if key not in label_ids:
-        raise DataError(f"{path}:{line}: label {value!r} is not one of {', '.join(map(repr, label_ids))}")
-    return label_ids[key]
-
-
-def _score(value: Any, spec: TaskSpec, path: Path, line: int) -> float:
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"{path}:{line}: score {value!r} is not a number") from None
-    if not math.isfinite(score):
-        raise DataError(f"{path}:{line}: score {value!r} is not finite")
-    if spec.label_range is not None:
-        low, high = spec.label_range
-        if not low <= score <= high:
-            raise DataError(f"{path}:{line}: score {score} outside [{low:g}, {high:g}]")
-    return score

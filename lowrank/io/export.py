@@ -58,7 +58,7 @@ def feed(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_
 
 def predict_onnx(session, loader, outputs=("logits",), targets=("labels",)) -> dict[str, torch.Tensor]:
     """Outputs of an onnxruntime session and the batches' targets over a loader, in the dataset's order (as `evaluation.predict`)."""
-    from lowrank.evaluation import gather
+    from lowrank.data.loading import gather
 
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in (*outputs, *targets)}
     for batch in loader:

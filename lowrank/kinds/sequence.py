@@ -2,12 +2,73 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from lowrank.data.tasks import Column, DataError, SplitFile, TaskSpec, iter_records
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
+
+
+def read_sequence_rows(spec: TaskSpec, path: Path, layout: SplitFile) -> list[dict[str, Any]]:
+    """Rows of a sequence task's file as `{"text_a", ["text_b",] "label"}`, every row checked.
+
+    Labels become ids (position in `spec.label_names`) or, for regression,
+    floats. Blank lines are skipped; anything else malformed raises a
+    `DataError` naming the file and line.
+    """
+    label_ids = None if spec.label_names is None else {name: i for i, name in enumerate(spec.label_names)}
+    rows = []
+    for line, record in iter_records(path, layout):
+        texts = [_text(record, column, spec, path, line) for column in layout.text_columns]
+        row: dict[str, Any] = {"text_a": texts[0]}
+        if len(texts) == 2:
+            row["text_b"] = texts[1]
+        raw_label = _field(record, layout.label_column, path, line)
+        row["label"] = _label(raw_label, spec, label_ids, path, line)
+        rows.append(row)
+    return rows
+
+
+def _field(record: dict[Column, Any], column: Column, path: Path, line: int) -> Any:
+    if column not in record:
+        raise DataError(f"{path}:{line}: no column {column!r}")
+    return record[column]
+
+
+def _text(record: dict[Column, Any], column: Column, spec: TaskSpec, path: Path, line: int) -> str:
+    value = _field(record, column, path, line)
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{line}: column {column!r} should hold text, got {value!r}")
+    if not value.strip() and not spec.allow_empty_text:
+        raise DataError(f"{path}:{line}: empty text in column {column!r}")
+    return value
+
+
+def _label(value: Any, spec: TaskSpec, label_ids: dict[str, int] | None, path: Path, line: int) -> int | float:
+    if label_ids is None:
+        return _score(value, spec, path, line)
+    key = value.strip() if isinstance(value, str) else str(value)
+    if key not in label_ids:
+        raise DataError(f"{path}:{line}: label {value!r} is not one of {', '.join(map(repr, label_ids))}")
+    return label_ids[key]
+
+
+def _score(value: Any, spec: TaskSpec, path: Path, line: int) -> float:
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}:{line}: score {value!r} is not a number") from None
+    if not math.isfinite(score):
+        raise DataError(f"{path}:{line}: score {value!r} is not finite")
+    if spec.label_range is not None:
+        low, high = spec.label_range
+        if not low <= score <= high:
+            raise DataError(f"{path}:{line}: score {score} outside [{low:g}, {high:g}]")
+    return score
 
 
 class SequenceKind(TaskKind):
@@ -18,8 +79,6 @@ class SequenceKind(TaskKind):
     summary = "classification or regression of a sentence or a pair (GLUE, CSV/TSV/JSONL); score: mean of the task's metrics"
 
     def read_rows(self, spec: Any, path: Any, layout: Any) -> Rows:
-        from lowrank.data.tasks import read_sequence_rows
-
         return read_sequence_rows(spec, path, layout)
 
     def raw_features(self, spec: Any) -> Any:

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from lowrank.data.tasks import DataError, SplitFile, TaskSpec, check_utf8
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
 
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
@@ -93,8 +94,6 @@ def _line_of(text: str, qa: Mapping[str, Any]) -> int:
 
 def read_squad(path: Path) -> Rows:
     """Questions of a SQuAD-format file, each answer checked against its context; errors name `file:line`."""
-    from lowrank.data.tasks import DataError, check_utf8
-
     check_utf8(path)
     text = path.read_text(encoding="utf-8-sig")
     try:
@@ -190,8 +189,6 @@ class SpanKind(TaskKind):
         return lambda features: pad([{k: f[k] for k in MODEL_KEYS if k in f} for f in features])
 
     def custom_task(self, custom: Any) -> Any:
-        from lowrank.data.tasks import SplitFile, TaskSpec
-
         files = {split: SplitFile(str(path), ("question", "context"), "answers", format="squad")
                  for split, path in (("train", custom.train_file), ("validation", custom.eval_file))}
         return TaskSpec("custom", ("question", "context"), None, ("exact_match", "f1"), ("validation",), files, kind=self.name)

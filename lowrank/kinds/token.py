@@ -15,10 +15,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from lowrank.data.tasks import DataError, SplitFile, TaskSpec, check_utf8, iter_records
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
 
 IGNORED = -100  # the label cross-entropy skips: later sub-tokens, special tokens, padding
-CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")  # the hub's id order
 METRICS = ("f1", "precision", "recall", "accuracy")
 
 
@@ -37,8 +37,6 @@ def tag_scores(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]
 
 def _read_conll(path: Path, tag_ids: Mapping[str, int]) -> Rows:
     """Sentences of a `token tag` file (a blank line ends one; `-DOCSTART-` lines are skipped)."""
-    from lowrank.data.tasks import DataError, check_utf8
-
     check_utf8(path)
     rows: Rows = []
     tokens: list[str] = []
@@ -61,8 +59,6 @@ def _read_conll(path: Path, tag_ids: Mapping[str, int]) -> Rows:
 
 
 def _tag_id(tag: Any, tag_ids: Mapping[str, int], path: Path, line: int) -> int:
-    from lowrank.data.tasks import DataError
-
     if tag not in tag_ids:
         raise DataError(f"{path}:{line}: tag {tag!r} is not one of {', '.join(tag_ids)}")
     return tag_ids[tag]
@@ -70,8 +66,6 @@ def _tag_id(tag: Any, tag_ids: Mapping[str, int], path: Path, line: int) -> int:
 
 def _read_jsonl(path: Path, tag_ids: Mapping[str, int], tokens_key: str, tags_key: str) -> Rows:
     """One sentence per line: `{"tokens": [...], "tags": [...]}` (the keys as configured)."""
-    from lowrank.data.tasks import DataError, iter_records
-
     rows: Rows = []
     for number, record in iter_records(path, _JSONL):
         tokens, tags = record.get(tokens_key), record.get(tags_key)
@@ -83,13 +77,7 @@ def _read_jsonl(path: Path, tag_ids: Mapping[str, int], tokens_key: str, tags_ke
     return rows
 
 
-def _jsonl_layout() -> Any:
-    from lowrank.data.tasks import SplitFile
-
-    return SplitFile("", ("tokens",), "tags", format="jsonl")
-
-
-_JSONL = _jsonl_layout()
+_JSONL = SplitFile("", ("tokens",), "tags", format="jsonl")
 WORD = re.compile(r"\S+")
 
 
@@ -98,7 +86,7 @@ class TokenKind(TaskKind):
     auto_class = "AutoModelForTokenClassification"
     outputs = {"logits": {0: "batch", 1: "sequence"}}
     targets = ("labels",)
-    summary = "a tag per word, e.g. named entities (CoNLL-2003, CoNLL columns or JSONL); score: entity F1 (seqeval)"
+    summary = "a tag per word, e.g. named entities (CoNLL columns or JSONL); score: entity F1 (seqeval)"
 
     def read_rows(self, spec: Any, path: Any, layout: Any) -> Rows:
         tag_ids = {name: i for i, name in enumerate(spec.label_names)}
@@ -129,7 +117,6 @@ class TokenKind(TaskKind):
 
     def custom_task(self, custom: Any) -> Any:
         from lowrank.config.base import check
-        from lowrank.data.tasks import SplitFile, TaskSpec
 
         check(bool(custom.label_names), "data.custom.label_names", "a token task needs its tags, e.g. [O, B-PER, I-PER]")
 
@@ -223,16 +210,3 @@ def entities(text: str, word_spans: Sequence[tuple[int, int]], tags: Sequence[st
 
 
 TOKEN = register_kind(TokenKind())
-
-
-def _conll2003() -> Any:
-    from lowrank.data.tasks import SplitFile, TaskSpec, register_task
-
-    files = {split: SplitFile(f"{name}.txt", ("tokens",), "tags", format="conll")
-             for split, name in (("train", "train"), ("validation", "dev"), ("test", "test"))}
-    # dev selects (eval_splits), test is reported by the evaluate stages only (test_splits)
-    return register_task(TaskSpec("conll2003", ("tokens",), CONLL_TAGS, METRICS, ("validation",), files,
-                                  kind=TOKEN.name, home=("CONLL_DIR", "../shared/data/conll2003"), test_splits=("test",)))
-
-
-CONLL2003 = _conll2003()
