@@ -117,6 +117,20 @@ def test_the_token_reader_names_file_and_line_of_a_bad_row(tmp_path: Path) -> No
         read_split(spec, "train")
 
 
+def test_only_the_examples_with_a_wrong_tag_or_span_count_as_misclassified() -> None:
+    from types import SimpleNamespace
+
+    tags = torch.tensor([[0, 1, 2], [0, 1, 1], [0, 0, 0]])  # predicted tags of three sentences
+    logits = torch.nn.functional.one_hot(tags, 3).float()
+    model = lambda **_: SimpleNamespace(logits=logits)  # noqa: E731
+    labels = torch.tensor([[-100, 1, 2], [0, 1, 2], [0, 0, -100]])  # the first and third differ only where nothing is scored
+    assert get_kind("token").misclassified(model, {"input_ids": tags, "labels": labels}).tolist() == [1]
+    start, end = torch.eye(4)[[1, 2]], torch.eye(4)[[3, 3]]  # windows: (1, 3) and (2, 3)
+    model = lambda **_: SimpleNamespace(start_logits=start, end_logits=end)  # noqa: E731
+    batch = {"input_ids": start, "start_positions": torch.tensor([1, 1]), "end_positions": torch.tensor([3, 3])}
+    assert get_kind("span").misclassified(model, batch).tolist() == [1]
+
+
 def test_entities_come_back_with_their_character_spans() -> None:
     text = "John  Smith flew to New York"
     spans = [(0, 4), (6, 11), (12, 16), (17, 19), (20, 23), (24, 28)]
@@ -320,7 +334,11 @@ PATHS = {
     "token-svd_llm-distilled": ("token", {"factorize": {"method": "svd_llm", "keep_ratio": 0.5}, "finetune_compressed": DISTILLED}),
     "span-asvd-distilled": ("span", {"factorize": {"method": "asvd", "keep_ratio": 0.5}, "finetune_compressed": DISTILLED}),
     "token-lpaf": ("token", LPAF),
+    "token-misclassified-fisher": ("token", {"factorize": {"method": "fwsvd", "keep_ratio": 0.5},
+                                             "fisher": {"max_samples": 32, "batch_size": 16, "only_misclassified": True}}),
     "span-lpaf": ("span", LPAF),
+    "span-misclassified-fisher": ("span", {"factorize": {"method": "tfwsvd", "keep_ratio": 0.5, "solver_steps": 2},
+                                           "fisher": {"max_samples": 32, "batch_size": 16, "only_misclassified": True}}),
 }
 
 

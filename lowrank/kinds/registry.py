@@ -80,8 +80,8 @@ class TaskKind:
         return outputs.logits
 
     def misclassified(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Indices of the batch's examples the model gets wrong (`fisher.only_misclassified`)."""
-        raise ConfigError(f"fisher.only_misclassified: not defined for {self.name} tasks; set it to false")
+        """Indices of the batch's examples the model gets wrong (`fisher.only_misclassified`, TFWSVD's appendix)."""
+        raise NotImplementedError
 
     # ---- scoring
     def metrics(self, spec: Any, outputs: Mapping[str, torch.Tensor], dataset: Any) -> dict[str, float]:

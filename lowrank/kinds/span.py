@@ -199,6 +199,13 @@ class SpanKind(TaskKind):
     def distill_logits(self, outputs: Any) -> torch.Tensor:
         return torch.stack((outputs.start_logits, outputs.end_logits), dim=1)  # (batch, 2, length): two distributions
 
+    def misclassified(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Windows whose most likely start or end is not the answer's."""
+        with torch.no_grad():
+            out = model(**{k: v for k, v in batch.items() if k not in self.targets})
+        wrong = (out.start_logits.argmax(-1) != batch["start_positions"]) | (out.end_logits.argmax(-1) != batch["end_positions"])
+        return wrong.nonzero().flatten()
+
     def metrics(self, spec: Any, outputs: Mapping[str, torch.Tensor], dataset: Any) -> dict[str, float]:
         windows: dict[int, list] = collections.defaultdict(list)
         for i, (example, offsets) in enumerate(zip(dataset["example"], dataset["offsets"])):

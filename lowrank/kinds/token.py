@@ -131,6 +131,13 @@ class TokenKind(TaskKind):
         names = spec.label_names
         return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
+    def misclassified(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sentences with at least one word tagged wrong."""
+        with torch.no_grad():
+            tags = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1)  # (batch, length)
+        labels = batch["labels"]
+        return ((tags != labels) & (labels != IGNORED)).any(-1).nonzero().flatten()
+
     def metrics(self, spec: Any, outputs: Mapping[str, torch.Tensor], dataset: Any) -> dict[str, float]:
         predicted, gold = [], []
         for logits, labels in zip(outputs["logits"].argmax(-1).tolist(), outputs["labels"].tolist()):
