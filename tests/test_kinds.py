@@ -81,6 +81,18 @@ def test_three_kinds_are_registered_each_with_its_model_class_and_outputs() -> N
         get_kind("parse")
 
 
+def test_lowrank_tasks_lists_each_kind_with_its_datasets() -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["tasks"])
+    assert result.exit_code == 0, result.output
+    listed = {row["kind"]: row["datasets"] for row in json.loads(result.stdout)}
+    assert listed["token"] == ["conll2003", "custom"] and listed["span"] == ["custom"]
+    assert listed["sequence"][:3] == ["cola", "sst2", "mrpc"] and "conll2003" not in listed["sequence"]
+
+
 # ---------------------------------------------------------------------------------------------------- token
 
 

@@ -1,10 +1,11 @@
 """From a task to batches: check the sources, load and subsample the splits, tokenize, collate.
 
-The raw splits come from local files (GLUE folder or the user's files) or,
-when no GLUE folder is configured, from the hub copy of GLUE; either way they
-have the same columns (`text_a`, `text_b` for pairs, `label`), so nothing
-downstream knows the difference. The task registry and the file reader live
-in `glue.py`; this module re-exports what the stages use.
+The raw splits come from local files (GLUE folder, CoNLL-2003 or the user's
+files) or, when no GLUE folder is configured, from the hub copy of GLUE; either
+way they have the columns the task's kind reads (`text_a`, `text_b` for pairs,
+`label` for a sequence task), so nothing downstream knows the difference. The
+task table lives in `tasks.py`, each kind's rows, features and collation in
+lowrank/kinds; this module re-exports what the stages use.
 """
 
 from __future__ import annotations
