@@ -57,14 +57,14 @@ def padding(steps: int) -> str:
 
     from lowrank.config import load_params
     from lowrank.data.loading import get_task, load_raw, tokenize
-    from lowrank.io.models import load_classifier, load_tokenizer
+    from lowrank.io.models import load_for_task, load_tokenizer
 
     params = load_params(ROOT / "params.yaml")
     spec = get_task("sst2")
     raw = load_raw(spec, params.data.resolved_glue_dir(), max_train_samples=32 * steps, max_eval_samples=8, seed=0)
     tokenizer = load_tokenizer(params.model)
     data = tokenize(raw, spec, tokenizer, params.data.max_length)["train"]
-    model = load_classifier(params.model, list(spec.label_names))
+    model = load_for_task(params.model, spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     rows = []
     for label, collator in (

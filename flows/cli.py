@@ -206,6 +206,16 @@ def methods() -> None:
     _print([method.row() for method in METHODS.values()])
 
 
+@app.command()
+def tasks() -> None:
+    """List the task kinds (what each model head and score is) and the registered datasets of each."""
+    from lowrank.data.tasks import TASKS
+    from lowrank.kinds import KINDS
+
+    datasets = lambda kind: [name for name, spec in TASKS.items() if spec.kind == kind] + ["custom"]  # noqa: E731
+    _print([{**kind.row(), "datasets": datasets(kind.name)} for kind in KINDS.values()])
+
+
 @app.command(name="dvc-yaml")
 def dvc_yaml() -> None:
     """Print the dvc.yaml the stage declarations imply (the committed one is this output)."""

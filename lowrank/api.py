@@ -207,8 +207,9 @@ def fisher_importance(
     """Per-entry importance of the targeted Linear weights over batches with labels: what `compress_` takes.
 
     Args:
-        dataloader: batches of `input_ids`, `attention_mask`, `labels` (as a
-            transformers data collator gives them).
+        dataloader: batches of `input_ids`, `attention_mask` and the targets the
+            model's loss takes (`labels`; `start_positions` and `end_positions` for
+            question answering), as a transformers data collator gives them.
         kind: "fisher" (mean squared gradient) or "taylor" (|gradient * weight|, for tvd).
     """
     names = find_targets(model, targets or DEFAULT_TARGETS, exclude or DEFAULT_EXCLUDE)

@@ -18,18 +18,23 @@ from lowrank.modules.layers import FactorizedLinear
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over a whole loader, in the dataset's order (also when the loader sorts by length)."""
+def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], outputs: Sequence[str] = ("logits",),
+            targets: Sequence[str] = ("labels",)) -> dict[str, torch.Tensor]:
+    """The model's `outputs` and the batches' `targets` over a whole loader, by name, in the dataset's order
+    (also when the loader sorts by length)."""
     model.eval()
     device = model_device(model)
-    logits, labels = [], []
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in (*outputs, *targets)}
     for batch in loader:
         batch = dict(batch)
-        labels.append(batch.pop("labels"))
-        logits.append(model(**to_device(batch, device)).logits.float().cpu())
-    from lowrank.data.loading import in_dataset_order
+        for name in targets:
+            parts[name].append(batch.pop(name))
+        result = model(**to_device(batch, device))
+        for name in outputs:
+            parts[name].append(getattr(result, name).float().cpu())
+    from lowrank.data.loading import gather
 
-    return in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
+    return gather(parts, loader)
 
 
 def _weight_params(module: nn.Module) -> int:

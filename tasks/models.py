@@ -29,27 +29,30 @@ MD5_TAG = "lowrank.md5"
 MODEL_TAG = "model."  # on a run: model.<evaluation> = the logged model id of what that evaluation scored
 CHAMPION = "champion"
 
-_EXAMPLES = {
-    False: {"text": ["a gripping, funny and moving film", "the plot goes nowhere"]},
-    True: {"text": ["The company reported higher profits.", "He left early."],
-           "text_pair": ["Profits at the company rose.", "The meeting ran late."]},
-}
 
-
-def _signature(pair: bool, regression: bool):
+def _signature(spec: Any) -> tuple[Any, dict]:
+    """The pyfunc's signature and input example, as the task's kind declares them (a nested list: an array of objects)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array, Object, Property
 
-    inputs = [ColSpec("string", "text")] + ([ColSpec("string", "text_pair")] if pair else [])
-    outputs = [ColSpec("double", "score")] if regression else [ColSpec("string", "label"), ColSpec("double", "score")]
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+    from lowrank.kinds import get_kind
+
+    def column(kind: Any, name: str) -> ColSpec:
+        if isinstance(kind, list):
+            return ColSpec(Array(Object([Property(n, t) for t, n in kind])), name)
+        return ColSpec(kind, name)
+
+    inputs, outputs, example = get_kind(spec.kind).serving_schema(spec)
+    signature = ModelSignature(inputs=Schema([column(*c) for c in inputs]), outputs=Schema([column(*c) for c in outputs]))
+    return signature, example
 
 
 def _requirements() -> list[str]:
     # Written down, not inferred: MLflow's inference imports and runs the model in a subprocess, seconds per model.
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "safetensors", "pandas", "mlflow")]
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "safetensors", "pandas", "mlflow", "seqeval")]
 
 
 def model_name(params: Params, maker: str) -> str:
@@ -81,12 +84,13 @@ def log_model(evaluation: str, params: Params, layout: Layout) -> str:
 
 
 def _log_pyfunc(maker: str, params: Params, folder: Path, serving: Path, spec: Any, md5: str, method: str) -> Any:
+    signature, example = _signature(spec)
     return mlflow.pyfunc.log_model(
         name=model_name(params, maker),
         python_model=str(MODEL_CODE),
         artifacts={"model": str(folder), "serving": str(serving)},
-        signature=_signature(spec.is_pair, spec.is_regression),
-        input_example=_EXAMPLES[spec.is_pair],
+        signature=signature,
+        input_example=example,
         pip_requirements=_requirements(),
         tags={MD5_TAG: md5, "task": params.data.task, "stage": maker, "method": method,
               "keep_ratio": "1.0" if method == "dense" else str(params.factorize.keep_ratio)},

@@ -6,12 +6,14 @@ all: MLflow runs this file, and the weights come from the model folder (an
 artifact of the logged model) through `lowrank.load_compressed`, safetensors
 only.
 
-predict takes a DataFrame with a column `text` (and `text_pair` for pair
-tasks, as transformers' pipelines name them) and returns one row per input:
-`label` (the class name) and `score` (its probability), or for a regression
-task `score` alone (the predicted value). The rows are tokenized and batched
-as the evaluate stage does (truncated to the run's `max_length`, padded per
-batch), so the predictions are the evaluation's.
+predict takes a DataFrame and returns one row per input, as the model's task
+kind serves it (lowrank/kinds): for a classifier, `text` (and `text_pair` for
+pair tasks, as transformers' pipelines name them) in, `label` (the class name)
+and `score` (its probability) out, or for a regression `score` alone; for a
+tagger, `text` (or `words`) in, `entities` out; for a QA reader, `question` and
+`context` in, `answer`, its `start` and `end` and `score` out. The rows are
+tokenized and batched as the evaluate stage does (truncated to the run's
+`max_length`, padded per batch), so the predictions are the evaluation's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class LowrankClassifier(mlflow.pyfunc.PythonModel):
         from transformers import AutoTokenizer
 
         from lowrank import load_compressed
+        from lowrank.kinds import kind_of_model
 
         folder = Path(context.artifacts[MODEL_ARTIFACT])
         serving = context.artifacts.get(SERVING_ARTIFACT)
@@ -43,31 +46,11 @@ class LowrankClassifier(mlflow.pyfunc.PythonModel):
         self.max_length = int(config.get("max_length", 128))
         self.batch_size = int(config.get("batch_size", 64))
         self.pair = bool(config.get("text_pair", False))
-        self.regression = self.model.config.problem_type == "regression" or self.model.config.num_labels == 1
+        self.kind = kind_of_model(self.model)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        import torch
-
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        columns = ["text", "text_pair"] if self.pair else ["text"]
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise ValueError(f"input needs the column(s) {missing}; got {list(frame.columns)}")
-        texts = [frame[c].astype(str).tolist() for c in columns]
-        rows = []
-        for start in range(0, len(frame), self.batch_size):
-            batch = [t[start:start + self.batch_size] for t in texts]
-            encoded = self.tokenizer(*batch, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-            with torch.inference_mode():
-                logits = self.model(**encoded).logits.float()
-            if self.regression:
-                rows += [{"score": float(v)} for v in logits[:, 0]]
-            else:
-                probs = logits.softmax(-1)
-                best = probs.argmax(-1)
-                names = self.model.config.id2label
-                rows += [{"label": str(names[int(i)]), "score": float(p[i])} for i, p in zip(best, probs)]
-        return pd.DataFrame(rows)
+        return pd.DataFrame(self.kind.serve(self.model, self.tokenizer, frame, self.max_length, self.batch_size, self.pair))
 
 
 def check_folder(folder: Path, expect_recipe: bool) -> None:

@@ -136,7 +136,7 @@ def test_length_grouped_batches_see_every_row_once_and_predict_in_order(glue_dir
     model.forward = lambda input_ids, attention_mask, **_: SimpleNamespace(logits=(input_ids * attention_mask).sum(-1, keepdim=True).float())
     plain = predict(model, make_loader(data["validation"], tokenizer, 16))
     grouped = predict(model, make_loader(data["validation"], tokenizer, 16, group_by_length=True))
-    assert torch.equal(plain[0], grouped[0]) and torch.equal(plain[1], grouped[1])
+    assert torch.equal(plain["logits"], grouped["logits"]) and torch.equal(plain["labels"], grouped["labels"])
 
 
 def _logits(predictions: list[int]) -> torch.Tensor:

@@ -81,7 +81,8 @@ def test_the_champion_predicts_what_the_pipeline_scored(failing_sweep: dict) -> 
     mlflow.set_tracking_uri(failing_sweep["uri"])
     served = mlflow.pyfunc.load_model("models:/lowrank-sst2@champion").predict(pd.DataFrame({"text": raw["text_a"]}))
 
-    logits, labels = predict(load_compressed(best["model"]), prepared.loader("validation", 64))
+    predicted = predict(load_compressed(best["model"]), prepared.loader("validation", 64))
+    logits, labels = predicted["logits"], predicted["labels"]
     probs = logits.softmax(-1)
     assert served["label"].tolist() == [str(i) for i in probs.argmax(-1).tolist()]  # SST-2's label names are "0" and "1"
     np.testing.assert_allclose(served["score"].to_numpy(), probs.max(-1).values.numpy(), atol=1e-6)

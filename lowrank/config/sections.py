@@ -34,15 +34,24 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class CustomDataConfig:
-    """A user's own train/eval files (CSV, TSV or JSONL) and which columns hold what."""
+    """A user's own train/eval files and which columns hold what.
+
+    kind: the task kind (`lowrank tasks`): `sequence` reads CSV, TSV or JSONL by
+        the columns text_a, text_b and label; `token` reads CoNLL columns (`word tag`
+        per line, a blank line between sentences) or JSONL with `tokens` and `tags`
+        (other keys: text_a, label), its tags listed in label_names; `span` reads
+        SQuAD-format JSON.
+    label_names: label values (tags) as they appear in the files, mapped to ids in
+        this order; null for a sequence task = regression.
+    """
 
     train_file: str
     eval_file: str
-    text_a: str
-    label: str
+    text_a: str | None = None
+    label: str | None = None
     text_b: str | None = None
-    # Label values as they appear in the files, mapped to ids in this order; null = regression.
     label_names: list[str] | None = None
+    kind: str = "sequence"
 
 
 @dataclass(frozen=True)
@@ -80,10 +89,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Any HF encoder with a sequence-classification head, by hub name or local folder."""
+    """Any HF encoder, by hub name or local folder.
+
+    finetuned: `name` is already fine-tuned on this task, its head included: the
+        finetune stage takes it as it is (its labels checked against the task's),
+        evaluates it and hands it on; false puts a fresh head on `name` and fine-tunes.
+    """
 
     name: str = DEFAULT_MODEL
     trust_remote_code: bool = False
+    finetuned: bool = False
 
 
 @dataclass(frozen=True)

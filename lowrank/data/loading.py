@@ -1,10 +1,11 @@
 """From a task to batches: check the sources, load and subsample the splits, tokenize, collate.
 
-The raw splits come from local files (GLUE folder or the user's files) or,
-when no GLUE folder is configured, from the hub copy of GLUE; either way they
-have the same columns (`text_a`, `text_b` for pairs, `label`), so nothing
-downstream knows the difference. The task registry and the file reader live
-in `glue.py`; this module re-exports what the stages use.
+The raw splits come from local files (GLUE folder, CoNLL-2003 or the user's
+files) or, when no GLUE folder is configured, from the hub copy of GLUE; either
+way they have the columns the task's kind reads (`text_a`, `text_b` for pairs,
+`label` for a sequence task), so nothing downstream knows the difference. The
+task table lives in `tasks.py`, each kind's rows, features and collation in
+lowrank/kinds; this module re-exports what the stages use.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features
 from torch.utils.data import DataLoader
 
 from lowrank.config import DataConfig, MissingInputError
@@ -26,7 +27,6 @@ from lowrank.data.tasks import (
     TaskSpec,
     custom_task,
     get_task,
-    read_split,
     split_path,
     task_from_dict,
     task_to_dict,
@@ -58,11 +58,25 @@ HUB_DATASET = "nyu-mll/glue"
 # --------------------------------------------------------------------------- sources
 
 
+def read_split(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Rows of one split, as the task's kind reads them (lowrank/kinds), every row checked."""
+    from lowrank.kinds import get_kind
+
+    path = split_path(spec, split, glue_dir)
+    if not path.is_file():
+        raise MissingInputError(f"task {spec.name}, split {split}: file not found: {path}")
+    rows = get_kind(spec.kind).read_rows(spec, path, spec.files[split])
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    return rows
+
+
 def resolve_task(cfg: DataConfig) -> TaskSpec:
     """The task that the `data` section names: a GLUE task, or `custom` built from `data.custom`."""
     if cfg.custom is not None:
-        c = cfg.custom
-        return custom_task(c.train_file, c.eval_file, c.text_a, c.label, c.text_b, c.label_names)
+        from lowrank.kinds import get_kind
+
+        return get_kind(cfg.custom.kind).custom_task(cfg.custom)
     return get_task(cfg.task)
 
 
@@ -110,12 +124,10 @@ def check_sources(cfg: DataConfig) -> dict[str, Path]:
 
 
 def raw_features(spec: TaskSpec) -> Features:
-    """The raw columns; float64 keeps STS-B scores exactly as written."""
-    columns = {"text_a": Value("string")}
-    if spec.is_pair:
-        columns["text_b"] = Value("string")
-    columns["label"] = Value("float64") if spec.is_regression else Value("int64")
-    return Features(columns)
+    """The raw columns, as the task's kind reads them."""
+    from lowrank.kinds import get_kind
+
+    return get_kind(spec.kind).raw_features(spec)
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
@@ -182,25 +194,14 @@ def load_raw_from_config(cfg: DataConfig, spec: TaskSpec | None = None) -> Datas
 
 
 def tokenize(raw: DatasetDict, spec: TaskSpec, tokenizer: Any, max_length: int) -> DatasetDict:
-    """Token ids (truncated to `max_length`, not padded) and `labels` for every split.
+    """Token ids (truncated to `max_length`, not padded) and the labels of every split, as the task's kind builds them.
 
-    Padding waits for the collator, so each batch is only as long as its
-    longest row. Labels are int64 class ids, or float32 scores for regression
-    (the dtype of the model's output, as its MSE loss wants).
+    Padding waits for the collator, so each batch is only as long as its longest row.
     """
-    label_type = Value("float32") if spec.is_regression else Value("int64")
+    from lowrank.kinds import get_kind
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = (batch["text_a"], batch["text_b"]) if spec.is_pair else (batch["text_a"],)
-        encoded = dict(tokenizer(*texts, truncation=True, max_length=max_length))
-        encoded["labels"] = batch["label"]
-        return encoded
-
-    out = {}
-    for split, dataset in raw.items():
-        mapped = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {split}")
-        out[split] = mapped.cast_column("labels", label_type)
-    return DatasetDict(out)
+    kind = get_kind(spec.kind)
+    return DatasetDict({split: kind.encode(dataset, spec, tokenizer, max_length, split) for split, dataset in raw.items()})
 
 
 class SortedSampler(torch.utils.data.Sampler[int]):
@@ -225,8 +226,22 @@ def in_dataset_order(loader: Any, *outputs: torch.Tensor) -> tuple[torch.Tensor,
     return tuple(torch.empty_like(out).index_copy_(0, where, out) for out in outputs)
 
 
+def gather(parts: dict[str, list[torch.Tensor]], loader: Any) -> dict[str, torch.Tensor]:
+    """Per-batch outputs of a pass over `loader` joined along the batch, in the dataset's order; per-token ones
+    padded to the longest batch (logits with 0, labels with -100: padding is never scored)."""
+    joined = {}
+    for name, tensors in parts.items():
+        longest = max(t.shape[1] for t in tensors) if tensors[0].dim() > 1 else 0
+        fill = 0.0 if tensors[0].is_floating_point() else -100
+        padded = [t if t.dim() == 1 or t.shape[1] == longest else
+                  torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1]), value=fill) for t in tensors]
+        joined[name] = torch.cat(padded)
+    return dict(zip(joined, in_dataset_order(loader, *joined.values())))
+
+
 def make_loader(
     dataset: Dataset, tokenizer: Any, batch_size: int, shuffle: bool = False, seed: int = 0, group_by_length: bool = False,
+    collate: Any = None,
 ) -> DataLoader:
     """Batches of tensors that `model(**batch)` takes, each padded to its longest row.
 
@@ -235,6 +250,7 @@ def make_loader(
     With `group_by_length`, rows of similar length share a batch, so little of it is padding: shuffled,
     transformers' LengthGroupedSampler (random mega-batches of 50 batches, each sorted by length); not
     shuffled, every row sorted by length (`loader.sampler.order` gives the way back).
+    `collate` pads the rows (the task kind's collator; default: transformers' DataCollatorWithPadding).
     """
     from transformers import DataCollatorWithPadding
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -252,5 +268,5 @@ def make_loader(
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         generator=generator if sampler is None else None,
-        collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"),
+        collate_fn=collate or DataCollatorWithPadding(tokenizer, return_tensors="pt"),
     )

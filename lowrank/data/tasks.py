@@ -8,22 +8,23 @@ dev files have more columns than its train file, quotes are literal text), so
 the layout is written down per file here instead of being guessed at read time.
 
 Every reading error names the file and the line, so a broken row is found
-without a debugger.
+without a debugger. Each task kind reads its rows (lowrank/kinds); the layouts
+and the shared readers (UTF-8 check, TSV/CSV/JSONL records) live here.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
-from lowrank.config.base import InputError, MissingInputError
+from lowrank.config.base import InputError
 
 Column = int | str  # a position (files without a header) or a header / JSON key name
-FileFormat = Literal["tsv", "csv", "jsonl"]
+FileFormat = Literal["tsv", "csv", "jsonl", "conll", "squad"]  # the last two: token and span kinds (lowrank/kinds)
 
 
 class DataError(InputError):
@@ -54,6 +55,8 @@ class SplitFile:
         if len(self.text_columns) not in (1, 2):
             raise ValueError(f"{self.path}: a task has one or two text columns, got {self.text_columns}")
         columns = (*self.text_columns, self.label_column)
+        if self.format in ("conll", "squad"):
+            return  # read by their kind's own reader, which knows the columns
         if self.header or self.format == "jsonl":
             if self.num_columns is not None:
                 raise ValueError(f"{self.path}: num_columns is only for files without a header")
@@ -68,7 +71,7 @@ class SplitFile:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One classification or regression task over one sentence or a sentence pair.
+    """One task: its kind (lowrank/kinds: `sequence` classification or regression, `token`, `span`) and its files.
 
     Attributes:
         name: registry name (`sst2`, ... or `custom`); also the hub config name for GLUE.
@@ -84,6 +87,11 @@ class TaskSpec:
         label_range: inclusive bounds a regression label must lie in, if any.
         allow_empty_text: QQP's official train file has two rows with an empty
             question; refusing them would refuse the task, so QQP allows it.
+        kind: the task kind's registry name; it reads the rows, builds features, scores.
+        home: for a task shipped as files outside GLUE (CoNLL-2003), the environment
+            variable naming its folder and the folder used when it is unset.
+        test_splits: splits only the evaluate stages score (reported, never used to
+            select a model), e.g. CoNLL-2003's test split.
     """
 
     name: str
@@ -95,9 +103,12 @@ class TaskSpec:
     glue_folder: str | None = None
     label_range: tuple[float, float] | None = None
     allow_empty_text: bool = False
+    kind: str = "sequence"
+    home: tuple[str, str] | None = None
+    test_splits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        missing = [s for s in ("train", *self.eval_splits) if s not in self.files]
+        missing = [s for s in self.splits if s not in self.files]
         if missing:
             raise ValueError(f"task {self.name}: no file given for split(s) {', '.join(missing)}")
         names = self.label_names
@@ -122,7 +133,7 @@ class TaskSpec:
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return ("train", *self.eval_splits)
+        return ("train", *self.eval_splits, *self.test_splits)
 
 
 # --------------------------------------------------------------------------- GLUE registry
@@ -180,12 +191,23 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+# CoNLL-2003 English NER (README of ../shared/data/conll2003): `word tag` lines, tags in the hub's id order;
+# dev selects (eval_splits), test is only reported (test_splits).
+CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+TASKS["conll2003"] = TaskSpec(
+    "conll2003", ("tokens",), CONLL_TAGS, ("f1", "precision", "recall", "accuracy"), ("validation",),
+    {split: SplitFile(f"{name}.txt", ("tokens",), "tags", format="conll") for split, name in
+     (("train", "train"), ("validation", "dev"), ("test", "test"))},
+    kind="token", home=("CONLL_DIR", "../shared/data/conll2003"), test_splits=("test",),
+)
+
+
 def _normalize(name: str) -> str:
     return "".join(ch for ch in name.strip().lower() if ch not in "-_ ")
 
 
 def get_task(name: str) -> TaskSpec:
-    """The GLUE task called `name`, accepting the usual spellings (`SST-2`, `sts-b`, `MNLI`)."""
+    """The registered task called `name`, accepting the usual spellings (`SST-2`, `sts-b`, `MNLI`, `CoNLL-2003`)."""
     key = _normalize(name)
     if key not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or 'custom' with data.custom)")
@@ -238,7 +260,7 @@ def task_from_dict(data: Mapping[str, Any]) -> TaskSpec:
     files = {
         split: SplitFile(**{**f, "text_columns": tuple(f["text_columns"])}) for split, f in data.pop("files").items()
     }
-    for key in ("text_fields", "metrics", "eval_splits", "label_names", "label_range"):
+    for key in ("text_fields", "metrics", "eval_splits", "label_names", "label_range", "home", "test_splits"):
         if data.get(key) is not None:
             data[key] = tuple(data[key])
     return TaskSpec(files=files, **data)
@@ -252,37 +274,14 @@ def split_path(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -
     if split not in spec.files:
         raise ValueError(f"task {spec.name} has no split {split!r}; splits: {', '.join(spec.splits)}")
     relative = spec.files[split].path
+    if spec.home is not None:
+        variable, default = spec.home
+        return Path(os.environ.get(variable) or default).expanduser() / relative
     if spec.glue_folder is None:
         return Path(relative).expanduser()
     if glue_dir is None:
         raise ValueError(f"task {spec.name}: reading GLUE files needs a glue_dir")
     return Path(glue_dir).expanduser() / spec.glue_folder / relative
-
-
-def read_split(spec: TaskSpec, split: str, glue_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """Rows of one split as `{"text_a", ["text_b",] "label"}`, every row checked.
-
-    Labels become ids (position in `spec.label_names`) or, for regression,
-    floats. Blank lines are skipped; anything else malformed raises a
-    `DataError` naming the file and line.
-    """
-    path = split_path(spec, split, glue_dir)
-    if not path.is_file():
-        raise MissingInputError(f"task {spec.name}, split {split}: file not found: {path}")
-    layout = spec.files[split]
-    label_ids = None if spec.label_names is None else {name: i for i, name in enumerate(spec.label_names)}
-    rows = []
-    for line, record in iter_records(path, layout):
-        texts = [_text(record, column, spec, path, line) for column in layout.text_columns]
-        row: dict[str, Any] = {"text_a": texts[0]}
-        if len(texts) == 2:
-            row["text_b"] = texts[1]
-        raw_label = _field(record, layout.label_column, path, line)
-        row["label"] = _label(raw_label, spec, label_ids, path, line)
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no data rows")
-    return rows
 
 
 def check_utf8(path: Path) -> None:
@@ -342,41 +341,3 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[Column, Any]]]:
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             yield number, record
-
-
-def _field(record: dict[Column, Any], column: Column, path: Path, line: int) -> Any:
-    if column not in record:
-        raise DataError(f"{path}:{line}: no column {column!r}")
-    return record[column]
-
-
-def _text(record: dict[Column, Any], column: Column, spec: TaskSpec, path: Path, line: int) -> str:
-    value = _field(record, column, path, line)
-    if not isinstance(value, str):
-        raise DataError(f"{path}:{line}: column {column!r} should hold text, got {value!r}")
-    if not value.strip() and not spec.allow_empty_text:
-        raise DataError(f"{path}:{line}: empty text in column {column!r}")
-    return value
-
-
-def _label(value: Any, spec: TaskSpec, label_ids: dict[str, int] | None, path: Path, line: int) -> int | float:
-    if label_ids is None:
-        return _score(value, spec, path, line)
-    key = value.strip() if isinstance(value, str) else str(value)
-    if key not in label_ids:
-        raise DataError(f"{path}:{line}: label {value!r} is not one of {', '.join(map(repr, label_ids))}")
-    return label_ids[key]
-
-
-def _score(value: Any, spec: TaskSpec, path: Path, line: int) -> float:
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"{path}:{line}: score {value!r} is not a number") from None
-    if not math.isfinite(score):
-        raise DataError(f"{path}:{line}: score {value!r} is not finite")
-    if spec.label_range is not None:
-        low, high = spec.label_range
-        if not low <= score <= high:
-            raise DataError(f"{path}:{line}: score {score} outside [{low:g}, {high:g}]")
-    return score

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from lowrank.io.files import atomic_dir
 from lowrank.modules.layers import FactorizedLinear
@@ -87,17 +87,20 @@ def load_compressed(path: str | Path, *, trust_remote_code: bool = False) -> Pre
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"not a model folder (no config.json): {path}")
+    from lowrank.kinds import SEQUENCE_KIND, architecture_kind, auto_class
+
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    model_class = auto_class(architecture_kind(getattr(config, "architectures", None)) or SEQUENCE_KIND)
     entry = getattr(config, CONFIG_KEY, None)
     if not entry:
-        return AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return model_class.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     version = entry.get("version")
     if version != SCHEMA_VERSION:
         raise ValueError(f"{path}/config.json: lowrank schema version {version!r}, this library reads {SCHEMA_VERSION}")
     weights_file = path / "model.safetensors"
     if not weights_file.is_file():
         raise FileNotFoundError(f"compressed model has no model.safetensors: {weights_file}")
-    model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    model = model_class.from_config(config, trust_remote_code=trust_remote_code)
     ranks = {name: rank for name, rank in entry.get("ranks", {}).items() if rank is not None}
 
     def make(name: str, module: nn.Module) -> nn.Module:

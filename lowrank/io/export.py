@@ -1,4 +1,4 @@
-"""ONNX export of a (compressed) classifier, with an output-parity check in onnxruntime.
+"""ONNX export of a (compressed) model of any task kind, with an output-parity check in onnxruntime.
 
 A FactorizedLinear exports as two MatMuls, so any ONNX runtime runs the
 compressed model without this library; the parity check proves the exported
@@ -26,16 +26,22 @@ from lowrank.io.files import atomic_write_bytes
 INPUTS = ("input_ids", "attention_mask")
 
 
-class _Logits(nn.Module):
-    """Logits only, from positional inputs: the signature the exporter wants."""
+class _Outputs(nn.Module):
+    """The outputs the model's task kind declares (logits; start and end logits), from positional inputs:
+    the signature the exporter wants."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        from lowrank.kinds import kind_of_model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self.model = model
+        self.names = tuple(kind_of_model(model).outputs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        result = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        outputs = tuple(getattr(result, name) for name in self.names)
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def takes_token_types(model: nn.Module) -> bool:
@@ -50,17 +56,19 @@ def feed(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_
     return {i.name: given[i.name] for i in session.get_inputs()}
 
 
-def predict_onnx(session, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of an onnxruntime session over a loader, in the dataset's order (as `evaluation.predict`)."""
-    from lowrank.data.loading import in_dataset_order
+def predict_onnx(session, loader, outputs=("logits",), targets=("labels",)) -> dict[str, torch.Tensor]:
+    """Outputs of an onnxruntime session and the batches' targets over a loader, in the dataset's order (as `evaluation.predict`)."""
+    from lowrank.data.loading import gather
 
-    logits, labels = [], []
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in (*outputs, *targets)}
     for batch in loader:
-        labels.append(batch["labels"])
+        for name in targets:
+            parts[name].append(batch[name])
         types = batch.get("token_type_ids")
         inputs = feed(session, batch["input_ids"].numpy(), batch["attention_mask"].numpy(), None if types is None else types.numpy())
-        logits.append(torch.from_numpy(session.run(["logits"], inputs)[0]).float())
-    return in_dataset_order(loader, torch.cat(logits), torch.cat(labels))
+        for name, value in zip(outputs, session.run(list(outputs), inputs)):
+            parts[name].append(torch.from_numpy(value).float())
+    return gather(parts, loader)
 
 
 def quantize_int8(source: str | Path, path: str | Path) -> dict[str, float]:
@@ -79,12 +87,14 @@ def quantize_int8(source: str | Path, path: str | Path) -> dict[str, float]:
 
 
 def parity(model: nn.Module, session, seq_len: int = 21) -> float:
-    """The largest absolute logit difference between a session and the PyTorch model on a fresh padded batch."""
+    """The largest absolute difference of any output between a session and the PyTorch model on a fresh padded batch."""
     input_ids, attention_mask = _example(model, 3, seq_len, 1)
+    wrapper = _Outputs(model.eval())
     with torch.no_grad():
-        expected = _Logits(model.eval())(input_ids, attention_mask).numpy()
-    got = session.run(["logits"], feed(session, input_ids.numpy(), attention_mask.numpy()))[0]
-    return float(np.abs(got - expected).max())
+        expected = wrapper(input_ids, attention_mask)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = session.run(list(wrapper.names), feed(session, input_ids.numpy(), attention_mask.numpy()))
+    return max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
 
 
 @contextmanager
@@ -159,22 +169,25 @@ def export_onnx(
     `token_type_ids` (what a sentence-pair task needs); without it the graph
     takes token type 0 everywhere.
 
-    Returns the largest absolute logit difference; raises if it exceeds `atol`
+    Returns the largest absolute output difference; raises if it exceeds `atol`
     (the file is then not left behind).
     """
     import onnxruntime
 
     model = model.eval()
-    wrapper = _Logits(model).eval()  # the exporter sets the mode of the whole tree from the wrapper
+    wrapper = _Outputs(model).eval()  # the exporter sets the mode of the whole tree from the wrapper
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     names = [*INPUTS, "token_type_ids"] if token_types else list(INPUTS)
-    dynamic = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
+    from lowrank.kinds import kind_of_model
+
+    outputs = kind_of_model(model).outputs
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in names} | {name: dict(axes) for name, axes in outputs.items()}
     example = _example(model, 2, seq_len, 0)
     example = (*example, torch.zeros_like(example[0])) if token_types else example
     with torch.no_grad(), (_eager_attention(model) if eager_attention else nullcontext()):
         torch.onnx.export(
-            wrapper, example, str(tmp), input_names=names, output_names=["logits"],
+            wrapper, example, str(tmp), input_names=names, output_names=list(outputs),
             dynamic_axes=dynamic, opset_version=opset, dynamo=False,
         )
     try:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from lowrank.config import DEFAULT_MODEL, InputError, MissingInputError, ModelConfig
 
@@ -81,18 +82,38 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(resolve_model(cfg.name), trust_remote_code=cfg.trust_remote_code)
 
 
-def load_classifier(cfg: ModelConfig, label_names: list[str] | None) -> PreTrainedModel:
-    """The pretrained encoder with a fresh classification (or regression) head."""
-    num_labels = len(label_names) if label_names else 1
-    kwargs = {}
-    if label_names:
-        kwargs["id2label"] = dict(enumerate(label_names))
-        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
-    else:
-        kwargs["problem_type"] = "regression"
-    return AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(cfg.name),
-        num_labels=num_labels,
-        trust_remote_code=cfg.trust_remote_code,
-        **kwargs,
-    )
+def load_for_task(cfg: ModelConfig, spec: Any) -> PreTrainedModel:
+    """The model for the task's kind: the pretrained encoder with a fresh head, or with `model.finetuned`
+    the checkpoint as it is (its head checked against the task first)."""
+    from lowrank.kinds import auto_class, get_kind
+
+    kind = get_kind(spec.kind)
+    resolved = resolve_model(cfg.name)
+    if cfg.finetuned:
+        check_head(cfg, spec)
+        return auto_class(kind).from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
+    return auto_class(kind).from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code, **kind.head_kwargs(spec))
+
+
+def check_head(cfg: ModelConfig, spec: Any) -> None:
+    """With `model.finetuned`: the checkpoint's head fits the task (its kind, and its label names in id order), or an
+    InputError naming both. Generic names (LABEL_0, ...) carry none, so only their number is checked."""
+    from lowrank.kinds import architecture_kind, get_kind
+
+    kind = get_kind(spec.kind)
+    config = AutoConfig.from_pretrained(resolve_model(cfg.name), trust_remote_code=cfg.trust_remote_code)
+    found = architecture_kind(getattr(config, "architectures", None))
+    if found is not kind:
+        head = ", ".join(getattr(config, "architectures", None) or ["none"])
+        raise InputError(f"model.finetuned: {cfg.name} has the head {head} ({found.name if found else 'no'} task kind), "
+                         f"the task {spec.name} is a {kind.name} task ({kind.auto_class})")
+    wanted = kind.label_names(spec)
+    if wanted is None and kind.head_kwargs(spec).get("num_labels") is None:
+        return  # a head without labels (question answering)
+    wanted = list(wanted or [])
+    have = [str(config.id2label[i]) for i in sorted(config.id2label)] if getattr(config, "id2label", None) else []
+    generic = have == [f"LABEL_{i}" for i in range(len(have))]
+    count = len(wanted) or 1  # a regression head has one output
+    if (generic and len(have) != count) or (not generic and wanted and have != wanted):
+        raise InputError(f"model.finetuned: the labels of {cfg.name} ({', '.join(have)}) differ from the task's "
+                         f"({', '.join(wanted) or 'one regression score'}) in data")

@@ -76,19 +76,48 @@ def train_and_save(
     return io.finish(metrics, {"history": result.history})
 
 
-@stage("finetune", params=("model", "train", "finetune"), inputs={"data": "prepare.data"}, outputs={"model": "finetune/model"})
+def checkpoint_digest(p: Params) -> dict[str, str]:
+    """With `model.finetuned`, the checkpoint's content hash: a changed checkpoint reruns everything after it."""
+    from lowrank.io.files import digest
+    from lowrank.io.models import resolve_model
+
+    if not p.model.finetuned:
+        return {}
+    folder = Path(resolve_model(p.model.name))
+    # a hub name has no local bytes to hash; the name itself (in the model section) is its identity then
+    return {"checkpoint": digest(folder)} if folder.is_dir() else {}
+
+
+@stage("finetune", params=("model", "train", "finetune"), inputs={"data": "prepare.data"}, outputs={"model": "finetune/model"},
+       sources=checkpoint_digest)
 def finetune(p: Params, io: StageIO) -> StageResult:
-    """Fine-tune the pretrained encoder on the task: the dense teacher."""
-    from lowrank.io.models import load_classifier
+    """Fine-tune the pretrained encoder on the task: the dense teacher. With `model.finetuned`, take the
+    checkpoint as it is instead: evaluate it and hand it on."""
+    from lowrank.io.models import load_for_task
 
     prepared = PreparedData.open(io.inputs["data"])
     torch.manual_seed(p.finetune.seed)
-    model = place(load_classifier(p.model, prepared.label_names))
+    model = place(load_for_task(p.model, prepared.spec))
 
     def save(m: torch.nn.Module, path: Path) -> None:
         m.save_pretrained(str(path), safe_serialization=True)
 
+    if p.model.finetuned:
+        return take_as_is(model, prepared, p.finetune, io, save)
     return train_and_save(model, prepared, p.finetune, io, "finetune", save)
+
+
+def take_as_is(model: torch.nn.Module, prepared: PreparedData, cfg: TrainConfig, io: StageIO,
+               save: Callable[[torch.nn.Module, Path], None]) -> StageResult:
+    """The already fine-tuned model, scored once (as epoch 0 of a run without steps) and saved as the stage's model."""
+    started = time.perf_counter()
+    score = prepared.evaluate_fn(cfg.eval_batch_size)(model)
+    history = [{"epoch": 0.0, **score}]
+    with atomic_dir(io.outputs["model"]) as tmp:
+        save(model, tmp)
+        prepared.tokenizer.save_pretrained(str(tmp))
+    result = TrainResult(0, time.perf_counter() - started, 0.0, score["score"], 0, history)
+    return io.finish({**train_metrics(result), "finetuned_before": True}, {"history": history})
 
 
 def evaluate(p: Params, io: StageIO) -> StageResult:
@@ -101,7 +130,7 @@ def evaluate(p: Params, io: StageIO) -> StageResult:
     prepared = PreparedData.open(io.inputs["data"])
     model = place(load_compressed(model_dir))
     started = time.perf_counter()
-    scores = prepared.evaluate_fn(cfg.batch_size)(model)
+    scores = prepared.evaluate_fn(cfg.batch_size, report=True)(model)
     eval_seconds = time.perf_counter() - started
     model.cpu()  # latency is a CPU figure: the compressed models are meant to serve there
     targets = list(recipe(model).get("ranks", {})) or find_targets(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE)

@@ -130,7 +130,8 @@ register_evaluation("evaluate_factorized", "factorize.model")
 
 
 def collapse_report(history: list[dict], final: float | None, majority: float) -> dict[str, Any]:
-    """Whether fine-tuning took a model that scored above the majority class down to exactly it."""
+    """Whether fine-tuning took a model that scored above the task kind's trivial answer down to exactly it
+    (`majority` is that answer's score: the majority class, all `O` tags, empty answers; the key keeps its name)."""
     start = history[0]["score"] if history and history[0]["epoch"] == 0 else None
     collapsed = start is not None and final is not None and start > majority + 1e-9 and abs(final - majority) <= 1e-9
     return {"start_score": start, "majority_score": majority, "collapsed": collapsed}
@@ -148,8 +149,8 @@ def finetune_compressed(p: Params, io: StageIO) -> StageResult:
     The compressed model is scored first (epoch 0), so `keep_best` ends on it
     when no epoch does better; `finetune_compressed.distill` distils from the
     dense model (logits, and hidden states with `hidden_weight`). A run that
-    ends at the majority-class score from above it reports `collapsed: true`
-    and warns.
+    ends at the trivial answer's score (majority class, all `O`, empty answers) from above it reports
+    `collapsed: true` and warns.
     """
     from lowrank.io.checkpoints import load_compressed, recipe, recipe_extra, write_compressed
 
@@ -164,10 +165,10 @@ def finetune_compressed(p: Params, io: StageIO) -> StageResult:
         write_compressed(m, path, method=entry.get("method", "dense"), targets=list(entry.get("ranks", {})), extra={**extra, "finetuned": True})
 
     def collapse(result) -> dict:
-        report = collapse_report(result.history, result.best_score, prepared.majority_score())
+        report = collapse_report(result.history, result.best_score, prepared.baseline_score())
         if report["collapsed"]:
             print(
-                f"warning: finetune_compressed collapsed to the majority-class score {report['majority_score']:.4f} "
+                f"warning: finetune_compressed collapsed to the trivial answer's score {report['majority_score']:.4f} "
                 f"from {report['start_score']:.4f} before fine-tuning", file=sys.stderr,
             )
         return report

@@ -74,7 +74,7 @@ def prune(p: Params, io: StageIO) -> StageResult:
     stage's model.
     """
     from lowrank.io.checkpoints import load_compressed, save_compressed
-    from lowrank.io.models import load_classifier
+    from lowrank.io.models import load_for_task
     from lowrank.linalg.ranks import allocate_ranks
     from lowrank.linalg.spectra import rank_report
     from lowrank.modules.surgery import dense_weights
@@ -91,7 +91,7 @@ def prune(p: Params, io: StageIO) -> StageResult:
     names = target_names(dense, factorize_cfg.targets, factorize_cfg.exclude)
     if cfg.start_from == "pretrained":
         torch.manual_seed(cfg.train.seed)
-        model = place(load_classifier(p.model, prepared.label_names))
+        model = place(load_for_task(p.model, prepared.spec))
     else:
         model = copy.deepcopy(dense)
     loader = prepared.loader("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)

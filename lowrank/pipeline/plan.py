@@ -57,15 +57,17 @@ def pipeline(params: Params) -> list[str]:
 
 def preflight(params: Params) -> None:
     """Check every input the run names (data files, model, output folders) before any work."""
-    from lowrank.data.loading import check_sources
+    from lowrank.data.loading import check_sources, resolve_task
     from lowrank.devices import default_device
     from lowrank.io.files import check_writable
-    from lowrank.io.models import check_model
+    from lowrank.io.models import check_head, check_model
 
     check_writable(params.paths.artifacts, "paths.artifacts")
     check_writable(params.paths.metrics, "paths.metrics")
     check_model(params.model)
     check_sources(params.data)
+    if params.model.finetuned:
+        check_head(params.model, resolve_task(params.data))
     check_tracking(params.tracking)
     try:
         default_device()  # a bad LOWRANK_DEVICE fails here, not at the first stage that trains

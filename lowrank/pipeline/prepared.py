@@ -35,12 +35,15 @@ class PreparedData:
         return cls(spec, dataset, tokenizer, bool(batching.get("group_by_length", False)))
 
     @property
-    def label_names(self) -> list[str] | None:
-        return list(self.spec.label_names) if self.spec.label_names else None
+    def kind(self):
+        """The task's kind (lowrank/kinds): how it is collated, scored and served."""
+        from lowrank.kinds import get_kind
+
+        return get_kind(self.spec.kind)
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0):
         return data_lib.make_loader(self.dataset[split], self.tokenizer, batch_size, shuffle=shuffle, seed=seed,
-                                    group_by_length=self.group_by_length)
+                                    group_by_length=self.group_by_length, collate=self.kind.collator(self.tokenizer))
 
     def pass_loader(self, split: str, batch_size: int, seed: int):
         """A pass over a split for statistics (Fisher, input statistics, the rank search's calibration): in the
@@ -48,33 +51,34 @@ class PreparedData:
         `max_samples` rows would be the shortest)."""
         return self.loader(split, batch_size, shuffle=self.group_by_length, seed=seed)
 
-    def majority_score(self) -> float:
-        """The `score` of answering the eval splits' most frequent class everywhere: where a collapsed model ends."""
-        import torch
-
-        from lowrank.data.metrics import majority_score
-
+    def baseline_score(self) -> float:
+        """The `score` of the kind's trivial answer on the eval splits (majority class, all `O`, empty answers):
+        where a collapsed model ends."""
         splits = self.spec.eval_splits
-        return sum(majority_score(self.spec, torch.tensor(self.dataset[s]["labels"])) for s in splits) / len(splits)
+        return sum(self.kind.baseline(self.spec, self.dataset[s]) for s in splits) / len(splits)
 
-    def evaluate_fn(self, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
+    def evaluate_fn(self, batch_size: int, report: bool = False) -> Callable[[torch.nn.Module], dict[str, float]]:
         """Score on every evaluation split; `score` is the mean of their main scores.
 
+        With `report`, the test splits too (`test.<metric>`), which never count in `score`: they report, dev selects.
         The model may also be an onnxruntime session (an exported graph), scored the same way.
         """
-        from lowrank.data.metrics import compute_metrics
         from lowrank.evaluation import predict
         from lowrank.io.export import predict_onnx
+
+        kind = self.kind
+        splits = (*self.spec.eval_splits, *(self.spec.test_splits if report else ()))
 
         def evaluate(model: Any) -> dict[str, float]:
             results: dict[str, float] = {}
             scores = []
-            for split in self.spec.eval_splits:
+            for split in splits:
                 run = predict if isinstance(model, torch.nn.Module) else predict_onnx
-                logits, labels = run(model, self.loader(split, batch_size))
-                split_metrics = compute_metrics(self.spec, logits, labels)
-                scores.append(split_metrics["score"])
-                prefix = "" if len(self.spec.eval_splits) == 1 else f"{split}."
+                outputs = run(model, self.loader(split, batch_size), tuple(kind.outputs), kind.targets)
+                split_metrics = kind.metrics(self.spec, outputs, self.dataset[split])
+                if split in self.spec.eval_splits:
+                    scores.append(split_metrics["score"])
+                prefix = "" if len(self.spec.eval_splits) == 1 and split in self.spec.eval_splits else f"{split}."
                 results.update({f"{prefix}{k}": v for k, v in split_metrics.items() if k != "score"})
             results["score"] = sum(scores) / len(scores)
             return results

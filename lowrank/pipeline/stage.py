@@ -95,6 +95,8 @@ class Stage:
     outputs: dict[str, str]  # key -> path under paths.artifacts
     plots: dict[str, str]  # key -> file under paths.metrics
     reports: dict[str, str]  # key -> JSON file under paths.metrics, beside the stage's metrics
+    # the content hashes of files outside the pipeline it reads (a fine-tuned checkpoint), by name, from the params
+    sources: Callable[[Params], dict[str, str]] | None = None
 
     @property
     def after(self) -> tuple[str, ...]:
@@ -152,11 +154,13 @@ def stage(
     outputs: Mapping[str, str] | None = None,
     plots: Mapping[str, str] | None = None,
     reports: Mapping[str, str] | None = None,
+    sources: Callable[[Params], dict[str, str]] | None = None,
 ) -> Callable[[Callable[[Params, StageIO], StageResult]], Callable[[Params, StageIO], StageResult]]:
     """Declare and register a stage; the function is returned unchanged, so one function may serve several stages.
 
     Names are unique (dvc.yaml and the flow refer to them) and inputs must name
     an output of a stage registered before, so the registry is in run order.
+    `sources(params)` hashes what the stage reads from outside the pipeline; the hashes join its fingerprint.
     """
     if name in STAGES:
         raise ValueError(f"stage {name!r} is registered twice")
@@ -167,7 +171,7 @@ def stage(
 
     def register(fn: Callable[[Params, StageIO], StageResult]) -> Callable[[Params, StageIO], StageResult]:
         STAGES[name] = Stage(
-            name, fn, tuple(params), dict(inputs or {}), dict(outputs or {}), dict(plots or {}), dict(reports or {})
+            name, fn, tuple(params), dict(inputs or {}), dict(outputs or {}), dict(plots or {}), dict(reports or {}), sources
         )
         return fn
 

@@ -61,6 +61,9 @@ def fingerprints(params: Params, names: Iterable[str]) -> dict[str, str]:
                 "inputs": {key: f"{visit(up)}/{out}" for key, (up, out) in st.input_refs().items()},
                 "code": code_digest(),
             }
+            sources = st.sources(params) if st.sources else {}
+            if sources:  # only then: the fingerprints of stages without any stay as they were
+                facts["sources"] = sources
             found[name] = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
         return found[name]
 

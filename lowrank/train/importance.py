@@ -36,15 +36,6 @@ class Importance:
     kind: str = "fisher"
 
 
-def _wrong(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Indices of the examples the model gets wrong (classification only)."""
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    if logits.shape[-1] == 1:
-        raise ValueError("fisher.only_misclassified: needs a classification task, this model is a regressor")
-    return (logits.argmax(-1) != batch["labels"]).nonzero().flatten()
-
-
 def _examples(batch: dict[str, Tensor]) -> Iterable[dict[str, Tensor]]:
     """Each example of a padded batch on its own, trimmed to its length."""
     lengths = batch["attention_mask"].sum(-1) if "attention_mask" in batch else None
@@ -81,9 +72,12 @@ def collect_importance(
         gradient units (examples or batches) that were used; with `activations`,
         also "abs_mean" (in,) and "gram" (in, in) per layer, averaged over tokens.
     """
+    from lowrank.kinds import kind_of_model
     from lowrank.train.activations import ActivationRecorder
 
     weights = linear_weights(model, names, "importance target")
+    # the loss is the model's own for its task (labels, or start and end positions); the kind says what "wrong" means
+    kind = kind_of_model(model) if only_misclassified else None
     if max_samples is not None and max_samples <= 0:
         raise ValueError(f"fisher.max_samples: must be positive, got {max_samples}")
     was_training = model.training
@@ -108,7 +102,7 @@ def collect_importance(
             seen += take
             bar.update(take)
             if only_misclassified:
-                keep = _wrong(model, batch)
+                keep = kind.misclassified(model, batch)
                 if keep.numel() == 0:
                     continue
                 batch = {k: v[keep] for k, v in batch.items()}

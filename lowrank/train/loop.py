@@ -23,6 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from lowrank.config import DistillationConfig, TrainConfig
 from lowrank.devices import model_device, to_device
+from lowrank.kinds import kind_of_model
 from lowrank.train.hooks import TrainHook
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
@@ -87,7 +88,9 @@ def distilled_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn
         return outputs.loss
     with torch.no_grad():
         reference = teacher(**batch, output_hidden_states=hidden)
-    loss = (1 - distill.weight) * outputs.loss + distill.weight * distillation_loss(outputs.logits, reference.logits, distill.temperature)
+    kind = kind_of_model(model, default="sequence")  # a plain module is scored by its logits
+    logits, teacher_logits = kind.distill_logits(outputs), kind.distill_logits(reference)
+    loss = (1 - distill.weight) * outputs.loss + distill.weight * distillation_loss(logits, teacher_logits, distill.temperature)
     if hidden:
         # hidden_states[0] is the embeddings' output, which compression does not touch
         pairs = list(zip(outputs.hidden_states[1:], reference.hidden_states[1:]))
