@@ -11,7 +11,7 @@ from lowrank.config.loading import (
     select, to_dict,
 )
 from lowrank.config.base import (
-    CompressedTrainConfig, ConfigError, DistillationConfig, InputError, MissingInputError, TrainConfig, check,
+    CompressedTrainConfig, ConfigError, DistillationConfig, InputError, IntermediateDistillation, MissingInputError, TrainConfig, check,
 )
 from lowrank.config.lpaf import RANK_PULL_IMPORTANCE, MrftConfig, PruneConfig
 from lowrank.config.sweep import MAX_CONFIGS, SelectConfig, SweepConfig, expand, label
@@ -22,7 +22,7 @@ from lowrank.config.sections import (
 
 __all__ = [
     "DEFAULT_MODEL", "CompressedTrainConfig", "InputError", "MissingInputError", "LATENCY_RUNTIMES", "RANK_PULL_IMPORTANCE", "TRAIN_SECTIONS", "ConfigError", "CustomDataConfig",
-    "DataConfig", "DistillationConfig", "EvaluateConfig", "FactorizeConfig", "FisherConfig", "ModelConfig",
+    "DataConfig", "DistillationConfig", "IntermediateDistillation", "EvaluateConfig", "FactorizeConfig", "FisherConfig", "ModelConfig",
     "MrftConfig", "OrchestrationConfig", "Params", "PathsConfig", "PruneConfig", "TrackingConfig", "TrainConfig",
     "MAX_CONFIGS", "SelectConfig", "SweepConfig", "apply_overrides", "build", "configurations", "expand", "label", "load_spec", "check", "check_lpaf_factorize", "flatten", "load_params", "params_schema",
     "read_yaml", "select", "to_dict",
