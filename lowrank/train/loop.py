@@ -111,14 +111,18 @@ def weighted_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.
     outputs = model(**batch, output_hidden_states=hidden, output_attentions=attention)
     with torch.no_grad():
         reference = teacher(**batch, output_hidden_states=hidden, output_attentions=attention)
-    loss = w.task * outputs.loss
+    # A term of weight 0 stays out of the graph: parameters only it reaches get no gradient, so no decay either
+    # (stage 1 leaves the head alone).
+    terms = []
+    if w.task > 0:
+        terms.append(w.task * outputs.loss)
     if w.logits > 0:
-        loss = loss + w.logits * distillation_loss(outputs.logits, reference.logits, w.temperature)
+        terms.append(w.logits * distillation_loss(outputs.logits, reference.logits, w.temperature))
     if hidden:  # hidden_states[0] is the embeddings' output, which compression does not touch
-        loss = loss + w.hidden * mean_mse(outputs.hidden_states[1:], reference.hidden_states[1:])
+        terms.append(w.hidden * mean_mse(outputs.hidden_states[1:], reference.hidden_states[1:]))
     if attention:
-        loss = loss + w.attention * mean_mse(outputs.attentions, reference.attentions)
-    return loss
+        terms.append(w.attention * mean_mse(outputs.attentions, reference.attentions))
+    return sum(terms[1:], terms[0])
 
 
 def distilled_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Module | None,
@@ -183,6 +187,7 @@ def train(
     score_start: bool = False,
     progress: bool = True,
     description: str = "train",
+    plan: Sequence[Phase] | None = None,
 ) -> TrainResult:
     """Fine-tune `model` in place; with `keep_best` (default: `cfg.keep_best`), end on the weights of the best evaluation.
 
@@ -191,7 +196,8 @@ def train(
     `score_start` scores the model before any step, as epoch 0: with `keep_best`, the run
     ends on the starting weights when no epoch beats them (a trained epoch wins ties).
     With `distill.intermediate.epochs`, stage 1 runs first with an optimizer and schedule of its own;
-    epochs are numbered across both stages and `keep_best` chooses among all of them.
+    epochs are numbered across both stages and `keep_best` chooses among all of them. `plan` replaces the
+    phases that `cfg` and `distill` give (e.g. stage 1 alone, after each cut of a gradual compression).
     """
     keep_best = cfg.keep_best if keep_best is None else keep_best
     if distill is not None and not distill.enabled:
@@ -202,7 +208,7 @@ def train(
     batches_per_epoch = len(train_loader)
     if batches_per_epoch == 0:
         raise ValueError("the training set is empty")
-    plan = phases(cfg, distill)
+    plan = list(plan) if plan else phases(cfg, distill)
     steps = [total_steps(phase.cfg, batches_per_epoch) for phase in plan]
     device = model_device(model)
     if teacher is not None:
