@@ -16,14 +16,14 @@ from lowrank.config.base import (
 from lowrank.config.lpaf import RANK_PULL_IMPORTANCE, MrftConfig, PruneConfig
 from lowrank.config.sweep import MAX_CONFIGS, SelectConfig, SweepConfig, expand, label
 from lowrank.config.sections import (
-    DEFAULT_MODEL, LATENCY_RUNTIMES, CustomDataConfig, DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig,
+    DEFAULT_MODEL, LATENCY_RUNTIMES, CustomDataConfig, DataConfig, ValidationConfig, EvaluateConfig, FactorizeConfig, FisherConfig,
     ModelConfig, OrchestrationConfig, Params, PathsConfig, TrackingConfig, check_lpaf_factorize,
 )
 
 __all__ = [
     "DEFAULT_MODEL", "CompressedTrainConfig", "InputError", "MissingInputError", "LATENCY_RUNTIMES", "RANK_PULL_IMPORTANCE", "TRAIN_SECTIONS", "ConfigError", "CustomDataConfig",
     "DataConfig", "DistillationConfig", "IntermediateDistillation", "EvaluateConfig", "FactorizeConfig", "FisherConfig", "ModelConfig",
-    "MrftConfig", "OrchestrationConfig", "Params", "PathsConfig", "PruneConfig", "TrackingConfig", "TrainConfig",
+    "ValidationConfig", "MrftConfig", "OrchestrationConfig", "Params", "PathsConfig", "PruneConfig", "TrackingConfig", "TrainConfig",
     "MAX_CONFIGS", "SelectConfig", "SweepConfig", "apply_overrides", "build", "configurations", "expand", "label", "load_spec", "check", "check_lpaf_factorize", "flatten", "load_params", "params_schema",
     "read_yaml", "select", "to_dict",
 ]

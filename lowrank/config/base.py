@@ -82,8 +82,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     eval_every_epoch: bool = True
-    # GLUE's dev set is both the one evaluated after each epoch and the one reported, so keeping
-    # the best epoch selects on the reported score; false ends on the last epoch. Pruning always does.
+    # Each epoch is scored on the selection split held out of the training rows (data.validation), never on the
+    # reported one; keeping the best epoch chooses on it. false ends on the last epoch; pruning always does.
     keep_best: bool = True
     max_steps: int | None = None
 

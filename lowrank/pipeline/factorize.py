@@ -52,11 +52,12 @@ def fisher(p: Params, io: StageIO) -> StageResult:
 
 
 def calibration_loss(prepared: PreparedData, samples: int, batch_size: int, seed: int):
-    """The model's mean task loss on the first `samples` training examples (the rank search's measure)."""
+    """The model's mean task loss on the first `samples` examples of the selection split (the rank search's measure)."""
+    from lowrank.data.loading import SELECT
     from lowrank.devices import model_device, to_device
 
     batches, seen = [], 0
-    for batch in prepared.pass_loader("train", batch_size, seed):
+    for batch in prepared.pass_loader(SELECT, batch_size, seed):
         take = min(batch["input_ids"].shape[0], samples - seen)
         batches.append({k: v[:take] for k, v in batch.items()})
         seen += take
@@ -141,11 +142,16 @@ def factorize(p: Params, io: StageIO) -> StageResult:
 register_evaluation("evaluate_factorized", "factorize.model")
 
 
-def collapse_report(history: list[dict], final: float | None, majority: float) -> dict[str, Any]:
-    """Whether fine-tuning took a model that scored above the majority class down to exactly it."""
+def collapse_report(history: list[dict], majority: float) -> dict[str, Any]:
+    """Every epoch at which fine-tuning took a model that scored above the majority class down to exactly it.
+
+    `collapsed` is true when any epoch did, also when keep_best ended on another one.
+    """
     start = history[0]["score"] if history and history[0]["epoch"] == 0 else None
-    collapsed = start is not None and final is not None and start > majority + 1e-9 and abs(final - majority) <= 1e-9
-    return {"start_score": start, "majority_score": majority, "collapsed": collapsed}
+    fell = [] if start is None or start <= majority + 1e-9 else [
+        int(row["epoch"]) for row in history[1:] if abs(row["score"] - majority) <= 1e-9
+    ]
+    return {"start_score": start, "majority_score": majority, "collapsed": bool(fell), "collapsed_epochs": fell}
 
 
 @stage(
@@ -181,11 +187,11 @@ def finetune_compressed(p: Params, io: StageIO) -> StageResult:
         write_compressed(m, path, method=entry.get("method", "dense"), targets=list(entry.get("ranks", {})), extra=extra)
 
     def report(result) -> dict:
-        found = collapse_report(result.history, result.best_score, prepared.majority_score())
+        found = collapse_report(result.history, prepared.majority_score())
         if found["collapsed"]:
             print(
-                f"warning: finetune_compressed collapsed to the majority-class score {found['majority_score']:.4f} "
-                f"from {found['start_score']:.4f} before fine-tuning", file=sys.stderr,
+                f"warning: finetune_compressed fell to the majority-class score {found['majority_score']:.4f} at epoch(s) "
+                f"{', '.join(map(str, found['collapsed_epochs']))}, from {found['start_score']:.4f} before fine-tuning", file=sys.stderr,
             )
         return {**found, **schedule}
 
@@ -217,7 +223,7 @@ def gradual(p: Params, io: StageIO, prepared: PreparedData, teacher: torch.nn.Mo
     cuts = []
     for ratio in cfg.schedule:
         cut(model, p, io.inputs["importance"], io.inputs["data"], ratio)
-        result = train(model, loader, run, evaluate=prepared.evaluate_fn(cfg.eval_batch_size), teacher=teacher,
+        result = train(model, loader, run, evaluate=prepared.select_fn(cfg.eval_batch_size), teacher=teacher,
                        distill=cfg.distill if teacher is not None else None, plan=[Phase("cut", run, weights)],
                        description=f"finetune_compressed cut {ratio:g}")
         cuts.append({"keep_ratio": ratio, "steps": result.steps, "train_seconds": result.seconds, "score": result.best_score})

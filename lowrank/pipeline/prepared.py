@@ -48,33 +48,43 @@ class PreparedData:
         `max_samples` rows would be the shortest)."""
         return self.loader(split, batch_size, shuffle=self.group_by_length, seed=seed)
 
-    def majority_score(self) -> float:
-        """The `score` of answering the eval splits' most frequent class everywhere: where a collapsed model ends."""
+    def majority_score(self, splits: tuple[str, ...] | None = None) -> float:
+        """The `score` of answering the most frequent class everywhere on `splits` (default: the selection split,
+        which + ft's history scores): where a collapsed model ends."""
         import torch
 
         from lowrank.data.metrics import majority_score
 
-        splits = self.spec.eval_splits
+        splits = splits or (data_lib.SELECT,)
         return sum(majority_score(self.spec, torch.tensor(self.dataset[s]["labels"])) for s in splits) / len(splits)
 
-    def evaluate_fn(self, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
-        """Score on every evaluation split; `score` is the mean of their main scores.
+    def select_fn(self, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
+        """Scores on the selection split: what keep_best, the epoch-0 guard and the collapse flag read."""
+        if data_lib.SELECT not in self.dataset:
+            raise ValueError("the prepared data has no selection split: run the prepare stage again")
+        return self.evaluate_fn(batch_size, (data_lib.SELECT,))
 
+    def evaluate_fn(self, batch_size: int, splits: tuple[str, ...] | None = None) -> Callable[[torch.nn.Module], dict[str, float]]:
+        """Score on `splits` (default: the task's reported evaluation splits); `score` is the mean of their main scores.
+
+        Only the evaluate stages score the reported splits; a choice reads `select_fn`.
         The model may also be an onnxruntime session (an exported graph), scored the same way.
         """
         from lowrank.data.metrics import compute_metrics
         from lowrank.evaluation import predict
         from lowrank.io.export import predict_onnx
 
+        splits = splits or self.spec.eval_splits
+
         def evaluate(model: Any) -> dict[str, float]:
             results: dict[str, float] = {}
             scores = []
-            for split in self.spec.eval_splits:
+            for split in splits:
                 run = predict if isinstance(model, torch.nn.Module) else predict_onnx
                 logits, labels = run(model, self.loader(split, batch_size))
                 split_metrics = compute_metrics(self.spec, logits, labels)
                 scores.append(split_metrics["score"])
-                prefix = "" if len(self.spec.eval_splits) == 1 else f"{split}."
+                prefix = "" if len(splits) == 1 else f"{split}."
                 results.update({f"{prefix}{k}": v for k, v in split_metrics.items() if k != "score"})
             results["score"] = sum(scores) / len(scores)
             return results
