@@ -104,7 +104,8 @@ def _time_batches(
     return results
 
 
-def _onnx_latency(model: nn.Module, batch_sizes: Sequence[int], seq_len: int, warmup: int, repeats: int, int8: bool = False) -> dict[str, Any]:
+def _onnx_runner(model: nn.Module, int8: bool = False) -> tuple[Callable[[torch.Tensor], Callable[[], object]], float]:
+    """The model's checked ONNX export in onnxruntime: (token ids -> the call to time, its largest logit difference)."""
     from lowrank.io.export import export_onnx, feed, onnx_session, parity, quantize_int8
 
     with tempfile.TemporaryDirectory(prefix="lowrank-onnx-") as folder:  # the session holds the graph in memory
@@ -119,9 +120,74 @@ def _onnx_latency(model: nn.Module, batch_sizes: Sequence[int], seq_len: int, wa
         inputs = feed(session, input_ids.numpy(), np.ones_like(input_ids.numpy()))
         return lambda: session.run(None, inputs)
 
-    results: dict[str, Any] = _time_batches(prepare, _vocab_size(model), batch_sizes, seq_len, warmup, repeats)
-    results["onnx_max_abs_diff"] = parity(model, session) if int8 else checked["max_abs_diff"]
-    return results
+    return prepare, parity(model, session) if int8 else checked["max_abs_diff"]
+
+
+def _torch_runner(model: nn.Module) -> Callable[[torch.Tensor], Callable[[], object]]:
+    model.eval()
+
+    def prepare(input_ids: torch.Tensor) -> Callable[[], object]:
+        attention_mask = torch.ones_like(input_ids)
+        return lambda: model(input_ids=input_ids, attention_mask=attention_mask)
+
+    return prepare
+
+
+def _quantiles(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"median": statistics.median(ordered), "p10": at(0.1), "p90": at(0.9)}
+
+
+def latency_side_by_side(
+    models: dict[str, nn.Module],
+    batch_sizes: Sequence[int] = (1, 32),
+    seq_len: int = 64,
+    warmup: int = 3,
+    rounds: int = 10,
+    threads: int | None = None,
+    runtime: str = "torch",
+) -> dict[str, Any]:
+    """The models timed in turn on the same token ids, round after round, in one process (CPU).
+
+    Load that comes and goes falls on all of them alike, so their ratios hold where figures taken in
+    separate stages, minutes apart, do not. Each round starts at another model (no model always runs
+    first). Returns `{"batch_<b>": {"ms": {label: {median, p10, p90}}, "speedup": {label: {median, p10, p90}}}}`,
+    a speed-up being the first model's time over the label's within each round.
+    """
+    if runtime not in LATENCY_RUNTIMES:
+        raise ValueError(f"runtime: {runtime!r} is not one of {', '.join(LATENCY_RUNTIMES)}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        if runtime == "torch":
+            runners = {label: _torch_runner(model) for label, model in models.items()}
+        else:
+            runners = {label: _onnx_runner(model, int8=runtime == "onnxruntime_int8")[0] for label, model in models.items()}
+        labels, first = list(models), next(iter(models))
+        generator = torch.Generator().manual_seed(0)
+        results: dict[str, Any] = {}
+        with torch.inference_mode():
+            for batch_size in batch_sizes:
+                input_ids = torch.randint(0, _vocab_size(models[first]), (batch_size, seq_len), generator=generator)
+                calls = {label: runners[label](input_ids) for label in labels}
+                for call in calls.values():
+                    for _ in range(warmup):
+                        call()
+                times: dict[str, list[float]] = {label: [] for label in labels}
+                for round_ in range(rounds):
+                    for label in labels[round_ % len(labels):] + labels[:round_ % len(labels)]:
+                        started = time.perf_counter()
+                        calls[label]()
+                        times[label].append((time.perf_counter() - started) * 1e3)
+                results[f"batch_{batch_size}"] = {
+                    "ms": {label: _quantiles(t) for label, t in times.items()},
+                    "speedup": {label: _quantiles([a / b for a, b in zip(times[first], times[label])]) for label in labels[1:]},
+                }
+        return results
+    finally:
+        torch.set_num_threads(previous)
 
 
 def measure_latency(
@@ -148,16 +214,11 @@ def measure_latency(
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    model.eval()
-
-    def prepare(input_ids: torch.Tensor) -> Callable[[], object]:
-        attention_mask = torch.ones_like(input_ids)
-        return lambda: model(input_ids=input_ids, attention_mask=attention_mask)
-
     try:
         if runtime.startswith("onnxruntime"):
-            return _onnx_latency(model, batch_sizes, seq_len, warmup, repeats, int8=runtime == "onnxruntime_int8")
+            prepare, diff = _onnx_runner(model, int8=runtime == "onnxruntime_int8")
+            return {**_time_batches(prepare, _vocab_size(model), batch_sizes, seq_len, warmup, repeats), "onnx_max_abs_diff": diff}
         with torch.inference_mode():
-            return _time_batches(prepare, _vocab_size(model), batch_sizes, seq_len, warmup, repeats)
+            return _time_batches(_torch_runner(model), _vocab_size(model), batch_sizes, seq_len, warmup, repeats)
     finally:
         torch.set_num_threads(previous)

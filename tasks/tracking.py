@@ -76,7 +76,7 @@ def log_datasets(params: Params, layout: Layout) -> Any:
     """
     import mlflow.data
 
-    from lowrank.data.loading import HUB_DATASET, load_raw_from_config, reads_from_hub, resolve_task
+    from lowrank.data.loading import HUB_DATASET, SELECT, load_raw_from_config, reads_from_hub, resolve_task
     from lowrank.data.tasks import split_path
 
     spec, glue_dir = resolve_task(params.data), params.data.resolved_glue_dir()
@@ -94,7 +94,7 @@ def log_datasets(params: Params, layout: Layout) -> Any:
         with warnings.catch_warnings():  # the file URI is a local file (MLflow asks itself which kind); int labels are ids
             warnings.filterwarnings("ignore", message=".*(interpreted in multiple ways|integer column)", category=UserWarning)
             dataset = mlflow.data.from_pandas(text, source=source, targets=target, name=f"{spec.name}-{split}")
-            mlflow.log_input(dataset, context="training" if split == "train" else "evaluation")
+            mlflow.log_input(dataset, context={"train": "training", SELECT: "validation"}.get(split, "evaluation"))
         if split == spec.eval_splits[0]:
             scored = dataset
     return scored

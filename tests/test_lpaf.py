@@ -125,8 +125,9 @@ def test_mrft_output_holds_only_factors_and_reloads_exactly(lpaf_run, tmp_path: 
         save_compressed(model, tmp_path / "again", method="lpaf", targets=list(model.config.lowrank["ranks"]))
         assert torch.equal(load_compressed(tmp_path / "again")(**batch).logits, logits)
         assert torch.equal(load_compressed(folder)(**batch).logits, logits)
-    # The saved model is the one mrft evaluated last (its best epoch).
-    assert results["evaluate_lpaf"].metrics["task.score"] == pytest.approx(results["mrft"].metrics["score"])
+    # The saved model is the one mrft evaluated last (its best epoch), on the selection split.
+    selected = PreparedData.open(layout.output("prepare", "data")).select_fn(64)(model)["score"]
+    assert selected == pytest.approx(results["mrft"].metrics["score"])
 
 
 def test_prune_variants_magnitude_global_from_pretrained(lpaf_run, tmp_path: Path) -> None:

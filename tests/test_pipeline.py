@@ -130,7 +130,7 @@ def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, gl
     # MLflow 3 opens the experiment as model training, and each run shows the splits it trained and scored on.
     assert mlflow.get_experiment_by_name("lowrank").tags["mlflow.experimentKind"] == "custom_model_development"
     inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in parents[0].inputs.dataset_inputs}
-    assert inputs == {("sst2-train", "training"), ("sst2-validation", "evaluation")}
+    assert inputs == {("sst2-train", "training"), ("sst2-select", "validation"), ("sst2-validation", "evaluation")}
     # Lineage resolves: the first run's compressed model is still where its MLflow run says, with the hash it says,
     # although later runs replaced the workspace's model.
     from lowrank import load_compressed

@@ -109,9 +109,15 @@ def test_collapse_is_reported_only_from_above_the_majority_score() -> None:
     majority = majority_score(mrpc, labels)
     assert majority == pytest.approx((0.75 + 6 / 7) / 2)
     start = [{"epoch": 0.0, "score": majority + 0.02}]
-    assert collapse_report(start, majority, majority)["collapsed"] is True
-    assert collapse_report(start, majority + 0.01, majority)["collapsed"] is False
-    assert collapse_report([{"epoch": 0.0, "score": majority}], majority, majority)["collapsed"] is False  # it started there
+    fell = collapse_report([*start, {"epoch": 1.0, "score": majority}], majority)
+    assert fell["collapsed"] is True and fell["collapsed_epochs"] == [1]
+    assert collapse_report([*start, {"epoch": 1.0, "score": majority + 0.01}], majority)["collapsed"] is False
+    # keep_best may end on epoch 2 (or 0): the epochs that fell are reported all the same
+    recovered = collapse_report([*start, {"epoch": 1.0, "score": majority}, {"epoch": 2.0, "score": majority + 0.05},
+                                 {"epoch": 3.0, "score": majority}], majority)
+    assert recovered["collapsed"] is True and recovered["collapsed_epochs"] == [1, 3]
+    at_start = collapse_report([{"epoch": 0.0, "score": majority}, {"epoch": 1.0, "score": majority}], majority)
+    assert at_start["collapsed"] is False  # it started there
     assert majority_score(get_task("stsb"), torch.tensor([0.5, 4.0, 2.5])) == 0.0
 
 

@@ -11,19 +11,19 @@ from lowrank.config.loading import (
     select, to_dict,
 )
 from lowrank.config.base import (
-    CompressedTrainConfig, ConfigError, DistillationConfig, InputError, MissingInputError, TrainConfig, check,
+    CompressedTrainConfig, ConfigError, DistillationConfig, InputError, IntermediateDistillation, MissingInputError, TrainConfig, check,
 )
 from lowrank.config.lpaf import RANK_PULL_IMPORTANCE, MrftConfig, PruneConfig
 from lowrank.config.sweep import MAX_CONFIGS, SelectConfig, SweepConfig, expand, label
 from lowrank.config.sections import (
-    DEFAULT_MODEL, LATENCY_RUNTIMES, CustomDataConfig, DataConfig, EvaluateConfig, FactorizeConfig, FisherConfig,
+    DEFAULT_MODEL, LATENCY_RUNTIMES, CustomDataConfig, DataConfig, ValidationConfig, EvaluateConfig, FactorizeConfig, FisherConfig,
     ModelConfig, OrchestrationConfig, Params, PathsConfig, TrackingConfig, check_lpaf_factorize,
 )
 
 __all__ = [
     "DEFAULT_MODEL", "CompressedTrainConfig", "InputError", "MissingInputError", "LATENCY_RUNTIMES", "RANK_PULL_IMPORTANCE", "TRAIN_SECTIONS", "ConfigError", "CustomDataConfig",
-    "DataConfig", "DistillationConfig", "EvaluateConfig", "FactorizeConfig", "FisherConfig", "ModelConfig",
-    "MrftConfig", "OrchestrationConfig", "Params", "PathsConfig", "PruneConfig", "TrackingConfig", "TrainConfig",
+    "DataConfig", "DistillationConfig", "IntermediateDistillation", "EvaluateConfig", "FactorizeConfig", "FisherConfig", "ModelConfig",
+    "ValidationConfig", "MrftConfig", "OrchestrationConfig", "Params", "PathsConfig", "PruneConfig", "TrackingConfig", "TrainConfig",
     "MAX_CONFIGS", "SelectConfig", "SweepConfig", "apply_overrides", "build", "configurations", "expand", "label", "load_spec", "check", "check_lpaf_factorize", "flatten", "load_params", "params_schema",
     "read_yaml", "select", "to_dict",
 ]

@@ -25,22 +25,48 @@ def check(condition: bool, key: str, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class IntermediateDistillation:
+    """Stage 1 of two-stage distillation (TinyBERT's order): match the dense model's inside before its predictions.
+
+    loss = hidden_weight * MSE(hidden states) + attention_weight * MSE(attention probabilities) + task_weight * task,
+    each MSE averaged over the blocks; `epochs` of it run before the section's own epochs (stage 2).
+    """
+
+    epochs: float = 0.0  # 0: no stage 1
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    task_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
+        for key in ("hidden_weight", "attention_weight", "task_weight"):
+            check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        check(self.epochs == 0 or self.hidden_weight + self.attention_weight + self.task_weight > 0,
+              "hidden_weight", "stage 1 needs a weight above 0 (hidden_weight, attention_weight or task_weight)")
+
+
+@dataclass(frozen=True)
 class DistillationConfig:
     """Distillation from the dense fine-tuned model, one implementation for every training run that has a teacher.
 
-    loss = (1 - weight) * task + weight * KD(logits at `temperature`) + hidden_weight * MSE(hidden states),
-    the MSE averaged over the blocks' outputs (a compressed model keeps the dense one's shapes).
+    Stage 2 (the section's epochs), or the only stage: loss = (1 - weight) * task + weight * KD(logits at
+    `temperature`) + hidden_weight * MSE(hidden states) + attention_weight * MSE(attention probabilities),
+    each MSE averaged over the blocks (a compressed model keeps the dense one's shapes). `intermediate` adds
+    stage 1 before it.
     """
 
     enabled: bool = False
     temperature: float = 2.0
     weight: float = 0.5
     hidden_weight: float = 0.0
+    attention_weight: float = 0.0
+    intermediate: IntermediateDistillation = field(default_factory=IntermediateDistillation)
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "temperature", f"must be positive, got {self.temperature}")
         check(0 <= self.weight <= 1, "weight", f"must be in [0, 1], got {self.weight}")
         check(self.hidden_weight >= 0, "hidden_weight", f"must be >= 0, got {self.hidden_weight}")
+        check(self.attention_weight >= 0, "attention_weight", f"must be >= 0, got {self.attention_weight}")
 
 
 @dataclass(frozen=True)
@@ -56,8 +82,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     eval_every_epoch: bool = True
-    # GLUE's dev set is both the one evaluated after each epoch and the one reported, so keeping
-    # the best epoch selects on the reported score; false ends on the last epoch. Pruning always does.
+    # Each epoch is scored on the selection split held out of the training rows (data.validation), never on the
+    # reported one; keeping the best epoch chooses on it. false ends on the last epoch; pruning always does.
     keep_best: bool = True
     max_steps: int | None = None
 
@@ -81,3 +107,14 @@ class CompressedTrainConfig(TrainConfig):
     """
 
     distill: DistillationConfig = field(default_factory=DistillationConfig)
+    # Gradual compression: the keep ratios of the cuts before factorize.keep_ratio (decreasing, each above it),
+    # each cut from the current factors and followed by `schedule_epochs` of training (stage 1's loss when
+    # distillation has one, else stage 2's); [] is one cut, the factorize stage's.
+    schedule: list[float] = field(default_factory=list)
+    schedule_epochs: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(all(0 < r < 1 for r in self.schedule), "schedule", f"keep ratios must be in (0, 1), got {self.schedule}")
+        check(all(a > b for a, b in zip(self.schedule, self.schedule[1:])), "schedule", f"must decrease, got {self.schedule}")
+        check(self.schedule_epochs > 0, "schedule_epochs", f"must be positive, got {self.schedule_epochs}")

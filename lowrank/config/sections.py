@@ -55,6 +55,21 @@ class CustomDataConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """The split every choice reads (keep_best, the epoch-0 guard, the collapse flag, the rank search's
+    calibration): a seeded share of the training rows, held out before `max_train_samples` draws its subsample,
+    so the reported split is scored once, by the evaluate stages, and chooses nothing. A task whose files hold
+    a split of their own to select on, beside a reported test split, uses that instead."""
+
+    share: float = 0.1
+    max_rows: int = 1000
+
+    def __post_init__(self) -> None:
+        check(0 < self.share < 1, "data.validation.share", f"must be in (0, 1), got {self.share}")
+        check(self.max_rows > 0, "data.validation.max_rows", f"must be positive, got {self.max_rows}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Which task and how much of it; `glue_dir: null` falls back to $GLUE_DIR, then the hub."""
 
@@ -65,6 +80,7 @@ class DataConfig:
     max_length: int = 128
     seed: int = 42
     custom: CustomDataConfig | None = None
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     # Batches of similar lengths (transformers' group_by_length): training shuffles mega-batches sorted by
     # length, evaluation runs sorted by length and puts predictions back in order. A batch pads to its longest row.
     # Off by default: on SST-2 and STS-B it cost the dense model 0.7 and 4.8 points over two seeds (BENCHMARKS.md, section 5).

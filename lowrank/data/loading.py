@@ -46,6 +46,8 @@ __all__ = [
     "make_loader",
     "read_split",
     "resolve_task",
+    "SELECT",
+    "hold_out",
     "subsample_indices",
     "task_from_dict",
     "task_to_dict",
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 HUB_DATASET = "nyu-mll/glue"
+SELECT = "select"  # the split every choice reads; the task's eval splits are the reported ones
 
 
 # --------------------------------------------------------------------------- sources
@@ -140,6 +143,18 @@ def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(rng.choice(n, size=limit, replace=False).tolist())
 
 
+def hold_out(n: int, share: float, max_rows: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split `range(n)` into (rows to train on, rows held out to select on), each in file order.
+
+    The held-out rows are a seeded `share` of them, at most `max_rows`; at least one row stays on each side.
+    """
+    if n < 2:
+        raise DataError(f"the training split has {n} row(s): at least 2 are needed to hold some out for validation")
+    size = min(max_rows, max(1, round(share * n)), n - 1)
+    held = set(np.random.default_rng([seed, 1]).choice(n, size=size, replace=False).tolist())  # a stream of its own
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
 def load_raw(
     spec: TaskSpec,
     glue_dir: str | Path | None = None,
@@ -147,25 +162,36 @@ def load_raw(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     seed: int = 42,
+    validation: tuple[float, int] = (0.1, 1000),
 ) -> DatasetDict:
-    """`train` plus the task's evaluation splits, each subsampled (None = all rows).
+    """`train`, `select` and the task's evaluation and test (reported) splits, each subsampled (None = all rows).
 
-    Every file is checked before the first is read, so a missing dev file
-    fails before the (long) train file is parsed.
+    `select` is the split every choice reads: the task's dev split when the task reports a test split of its
+    own, else `validation = (share, max_rows)` of the training rows, held out before `max_train_samples` draws
+    from the rest. Every file is checked before the first is read, so a missing dev file fails before the (long)
+    train file is parsed.
     """
     from_hub = reads_from_hub(spec, glue_dir)
     if not from_hub:
         check_files(spec, glue_dir)
-    splits = {}
-    for split in spec.splits:
-        limit = max_train_samples if split == "train" else max_eval_samples
+
+    def rows_of(split: str) -> Dataset:
         if from_hub:
-            dataset = _load_hub_split(spec, split)
-            splits[split] = dataset.select(subsample_indices(len(dataset), limit, seed)).flatten_indices()
-        else:
-            rows = read_split(spec, split, glue_dir)
-            chosen = [rows[i] for i in subsample_indices(len(rows), limit, seed)]
-            splits[split] = Dataset.from_list(chosen, features=raw_features(spec))
+            return _load_hub_split(spec, split)
+        return Dataset.from_list(read_split(spec, split, glue_dir), features=raw_features(spec))
+
+    def sample(dataset: Dataset, limit: int | None) -> Dataset:
+        return dataset.select(subsample_indices(len(dataset), limit, seed)).flatten_indices()
+
+    train = rows_of("train")
+    if spec.test_splits:  # a test split is reported: the task's own dev split selects (CoNLL-2003)
+        select = rows_of(spec.eval_splits[0])
+    else:
+        kept, held = hold_out(len(train), *validation, seed)
+        train, select = train.select(kept).flatten_indices(), train.select(held).flatten_indices()
+    splits = {"train": sample(train, max_train_samples), SELECT: sample(select, max_eval_samples)}
+    for split in (*spec.eval_splits, *spec.test_splits):
+        splits[split] = sample(rows_of(split), max_eval_samples)
     return DatasetDict(splits)
 
 
@@ -187,6 +213,7 @@ def load_raw_from_config(cfg: DataConfig, spec: TaskSpec | None = None) -> Datas
         max_train_samples=cfg.max_train_samples,
         max_eval_samples=cfg.max_eval_samples,
         seed=cfg.seed,
+        validation=(cfg.validation.share, cfg.validation.max_rows),
     )
 
 

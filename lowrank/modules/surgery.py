@@ -68,3 +68,9 @@ def factorize_model(model: nn.Module, factors: Mapping[str, tuple[Tensor, Tensor
         return FactorizedLinear.from_factors(a.to(module.weight), b.to(module.weight), bias)
 
     return replace_modules(model, list(factors), make)
+
+
+def densify_(model: nn.Module) -> list[str]:
+    """Replace every FactorizedLinear by the dense Linear of its product, in place: the start of a further cut."""
+    names = [name for name, module in model.named_modules() if isinstance(module, FactorizedLinear)]
+    return replace_modules(model, names, lambda name, module: module.to_dense())

@@ -48,6 +48,7 @@ def train_metrics(result: TrainResult, score_key: str = "best_score") -> dict[st
         "train_seconds": result.seconds,
         "train_samples_per_s": result.train_samples_per_s,
         "history": result.history,
+        "selected_on": data_lib.SELECT,  # the split of every score above; the evaluate stages report the task's own
     }
 
 
@@ -68,7 +69,7 @@ def train_and_save(
     from lowrank.train.loop import train
 
     loader = prepared.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
-    result = train(model, loader, cfg, evaluate=prepared.evaluate_fn(cfg.eval_batch_size), description=description, **train_options)
+    result = train(model, loader, cfg, evaluate=prepared.select_fn(cfg.eval_batch_size), description=description, **train_options)
     with atomic_dir(io.outputs["model"]) as tmp:
         save(model, tmp)
         prepared.tokenizer.save_pretrained(str(tmp))
@@ -109,9 +110,10 @@ def finetune(p: Params, io: StageIO) -> StageResult:
 
 def take_as_is(model: torch.nn.Module, prepared: PreparedData, cfg: TrainConfig, io: StageIO,
                save: Callable[[torch.nn.Module, Path], None]) -> StageResult:
-    """The already fine-tuned model, scored once (as epoch 0 of a run without steps) and saved as the stage's model."""
+    """The already fine-tuned model, scored once on the selection split (as epoch 0 of a run without steps) and saved
+    as the stage's model."""
     started = time.perf_counter()
-    score = prepared.evaluate_fn(cfg.eval_batch_size)(model)
+    score = prepared.select_fn(cfg.eval_batch_size)(model)
     history = [{"epoch": 0.0, **score}]
     with atomic_dir(io.outputs["model"]) as tmp:
         save(model, tmp)
@@ -136,6 +138,7 @@ def evaluate(p: Params, io: StageIO) -> StageResult:
     targets = list(recipe(model).get("ranks", {})) or find_targets(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE)
     metrics: dict[str, Any] = {
         "task": scores,
+        "reported_on": list(prepared.spec.eval_splits),
         "eval_seconds": eval_seconds,
         "params": count_parameters(model, targets),
         "size_bytes": dir_size_bytes(model_dir),

@@ -52,11 +52,12 @@ def fisher(p: Params, io: StageIO) -> StageResult:
 
 
 def calibration_loss(prepared: PreparedData, samples: int, batch_size: int, seed: int):
-    """The model's mean task loss on the first `samples` training examples (the rank search's measure)."""
+    """The model's mean task loss on the first `samples` examples of the selection split (the rank search's measure)."""
+    from lowrank.data.loading import SELECT
     from lowrank.devices import model_device, to_device
 
     batches, seen = [], 0
-    for batch in prepared.pass_loader("train", batch_size, seed):
+    for batch in prepared.pass_loader(SELECT, batch_size, seed):
         take = min(batch["input_ids"].shape[0], samples - seen)
         batches.append({k: v[:take] for k, v in batch.items()})
         seen += take
@@ -80,6 +81,30 @@ def _mean_by_type(rows: list[dict], key: str) -> dict[str, float]:
     return {kind: sum(values) / len(values) for kind, values in groups.items()}
 
 
+def cut(model: torch.nn.Module, p: Params, importance_dir: Path, data_dir: Path, keep_ratio: float):
+    """Factorize the model's targeted Linear layers in place with the `factorize` section at `keep_ratio`.
+
+    Returns the `compress_` report, the target names and the Fisher scores (the factorize stage's phi reads them).
+    """
+    from lowrank.train.importance import load_importance
+
+    cfg = p.factorize
+    spec = get_method(cfg.method)
+    if not spec.accepts("factorize"):
+        raise ValueError(f"factorize.method: {cfg.method} factorizes pruned matrices; the factorize stage takes {', '.join(method_names('factorize'))}")
+    fisher_scores = load_importance(importance_dir / "fisher.safetensors").scores
+    importance = None
+    if spec.importance != "none":
+        importance = fisher_scores if spec.importance == "fisher" else load_importance(importance_dir / f"{spec.importance}.safetensors").scores
+    names = target_names(model, cfg.targets, cfg.exclude)
+    missing = [n for n in names if n not in fisher_scores]
+    if missing:
+        raise ValueError(f"importance at {importance_dir} lacks {missing[0]}: rerun the fisher stage for these targets")
+    loss_fn = calibration_loss(PreparedData.open(data_dir), cfg.search_samples, p.fisher.batch_size, p.data.seed) if cfg.allocation == "search" else None
+    settings = {**asdict(cfg), "keep_ratio": keep_ratio}
+    return compress_(model, importance=importance, fisher=fisher_scores, loss_fn=loss_fn, **settings), names, fisher_scores
+
+
 @stage(
     "factorize",
     params=("factorize",),
@@ -94,23 +119,11 @@ def factorize(p: Params, io: StageIO) -> StageResult:
     from lowrank.io.checkpoints import load_compressed, save_compressed
     from lowrank.linalg.risk import svd_risks
     from lowrank.pipeline.plots import plot_phi
-    from lowrank.train.importance import load_importance
 
-    cfg, model_dir, importance_dir = p.factorize, io.inputs["model"], io.inputs["importance"]
+    cfg, model_dir = p.factorize, io.inputs["model"]
     spec = get_method(cfg.method)
-    if not spec.accepts("factorize"):
-        raise ValueError(f"factorize.method: {cfg.method} factorizes pruned matrices; the factorize stage takes {', '.join(method_names('factorize'))}")
     model = place(load_compressed(model_dir))
-    fisher_scores = load_importance(importance_dir / "fisher.safetensors").scores
-    importance = None
-    if spec.importance != "none":
-        importance = fisher_scores if spec.importance == "fisher" else load_importance(importance_dir / f"{spec.importance}.safetensors").scores
-    names = target_names(model, cfg.targets, cfg.exclude)
-    missing = [n for n in names if n not in fisher_scores]
-    if missing:
-        raise ValueError(f"importance at {importance_dir} lacks {missing[0]}: rerun the fisher stage for these targets")
-    loss_fn = calibration_loss(PreparedData.open(io.inputs["data"]), cfg.search_samples, p.fisher.batch_size, p.data.seed) if cfg.allocation == "search" else None
-    report = compress_(model, importance=importance, fisher=fisher_scores, loss_fn=loss_fn, **asdict(cfg))
+    report, names, fisher_scores = cut(model, p, io.inputs["importance"], io.inputs["data"], cfg.keep_ratio)
     phi = svd_risks({n: fisher_scores[n] for n in names})
     # The paper's phi shrinks as 1/N; times N it compares matrices of different shapes.
     phi_scaled = svd_risks({n: fisher_scores[n] for n in names}, size_invariant=True)
@@ -129,18 +142,22 @@ def factorize(p: Params, io: StageIO) -> StageResult:
 register_evaluation("evaluate_factorized", "factorize.model")
 
 
-def collapse_report(history: list[dict], final: float | None, majority: float) -> dict[str, Any]:
-    """Whether fine-tuning took a model that scored above the task kind's trivial answer down to exactly it
-    (`majority` is that answer's score: the majority class, all `O` tags, empty answers; the key keeps its name)."""
+def collapse_report(history: list[dict], majority: float) -> dict[str, Any]:
+    """Every epoch at which fine-tuning took a model that scored above the task kind's trivial answer down to
+    exactly it (`majority` is that answer's score: the majority class, all `O` tags, empty answers; the key keeps
+    its name). `collapsed` is true when any epoch did, also when keep_best ended on another one.
+    """
     start = history[0]["score"] if history and history[0]["epoch"] == 0 else None
-    collapsed = start is not None and final is not None and start > majority + 1e-9 and abs(final - majority) <= 1e-9
-    return {"start_score": start, "majority_score": majority, "collapsed": collapsed}
+    fell = [] if start is None or start <= majority + 1e-9 else [
+        int(row["epoch"]) for row in history[1:] if abs(row["score"] - majority) <= 1e-9
+    ]
+    return {"start_score": start, "majority_score": majority, "collapsed": bool(fell), "collapsed_epochs": fell}
 
 
 @stage(
     "finetune_compressed",
     params=("train", "finetune_compressed"),
-    inputs={"model": "factorize.model", "teacher": "finetune.model", "data": "prepare.data"},
+    inputs={"model": "factorize.model", "teacher": "finetune.model", "data": "prepare.data", "importance": "fisher.importance"},
     outputs={"model": "finetune_compressed/model"},
 )
 def finetune_compressed(p: Params, io: StageIO) -> StageResult:
@@ -148,9 +165,11 @@ def finetune_compressed(p: Params, io: StageIO) -> StageResult:
 
     The compressed model is scored first (epoch 0), so `keep_best` ends on it
     when no epoch does better; `finetune_compressed.distill` distils from the
-    dense model (logits, and hidden states with `hidden_weight`). A run that
-    ends at the trivial answer's score (majority class, all `O`, empty answers) from above it reports
-    `collapsed: true` and warns.
+    dense model (in two stages with `distill.intermediate`). With `schedule`,
+    the dense model is cut gradually instead (`gradual`), and epoch 0 is the
+    model after the last cut. An epoch that falls to the trivial answer's score
+    (majority class, all `O`, empty answers) from above it is reported
+    (`collapsed`, `collapsed_epochs`) with a warning.
     """
     from lowrank.io.checkpoints import load_compressed, recipe, recipe_extra, write_compressed
 
@@ -159,24 +178,60 @@ def finetune_compressed(p: Params, io: StageIO) -> StageResult:
     model = place(load_compressed(io.inputs["model"]))
     teacher = place(load_compressed(io.inputs["teacher"])) if cfg.distill.enabled else None
     entry = recipe(model)
-    extra = recipe_extra(entry)
+    extra = {**recipe_extra(entry), "finetuned": True}
+    schedule: dict[str, Any] = {}
+    if cfg.schedule:
+        model, schedule = gradual(p, io, prepared, teacher)
+        extra["schedule"] = [*cfg.schedule, p.factorize.keep_ratio]
 
     def save(m: torch.nn.Module, path: Path) -> None:
-        write_compressed(m, path, method=entry.get("method", "dense"), targets=list(entry.get("ranks", {})), extra={**extra, "finetuned": True})
+        write_compressed(m, path, method=entry.get("method", "dense"), targets=list(entry.get("ranks", {})), extra=extra)
 
-    def collapse(result) -> dict:
-        report = collapse_report(result.history, result.best_score, prepared.baseline_score())
-        if report["collapsed"]:
+    def report(result) -> dict:
+        found = collapse_report(result.history, prepared.baseline_score())
+        if found["collapsed"]:
             print(
-                f"warning: finetune_compressed collapsed to the trivial answer's score {report['majority_score']:.4f} "
-                f"from {report['start_score']:.4f} before fine-tuning", file=sys.stderr,
+                f"warning: finetune_compressed fell to the trivial answer's score {found['majority_score']:.4f} at epoch(s) "
+                f"{', '.join(map(str, found['collapsed_epochs']))}, from {found['start_score']:.4f} before fine-tuning", file=sys.stderr,
             )
-        return report
+        return {**found, **schedule}
 
     return train_and_save(
-        model, prepared, cfg, io, "finetune_compressed", save, collapse,
+        model, prepared, cfg, io, "finetune_compressed", save, report,
         teacher=teacher, distill=cfg.distill if teacher is not None else None, score_start=True,
     )
+
+
+def gradual(p: Params, io: StageIO, prepared: PreparedData, teacher: torch.nn.Module | None) -> tuple[torch.nn.Module, dict]:
+    """Cut the dense model at each keep ratio of `finetune_compressed.schedule`, training after each cut, then
+    cut it to `factorize.keep_ratio`; each cut factorizes the product of the current factors again.
+
+    The training after a cut is `schedule_epochs` long, with stage 1's loss when distilling (the blocks'
+    outputs and attention maps: what keeps the next cut close to the dense model), else the task loss.
+    Returns the model at the target ratio, before its + ft, and what the schedule did.
+    """
+    from dataclasses import replace
+
+    from lowrank.io.checkpoints import load_compressed
+    from lowrank.modules.surgery import densify_
+    from lowrank.train.loop import LossWeights, Phase, train
+
+    cfg = p.finetune_compressed
+    model = place(load_compressed(io.inputs["teacher"]))  # the dense fine-tuned model
+    run = replace(cfg, epochs=cfg.schedule_epochs, max_steps=None, keep_best=False)
+    weights = LossWeights.intermediate(cfg.distill) if teacher is not None else LossWeights()
+    loader = prepared.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+    cuts = []
+    for ratio in cfg.schedule:
+        cut(model, p, io.inputs["importance"], io.inputs["data"], ratio)
+        result = train(model, loader, run, evaluate=prepared.select_fn(cfg.eval_batch_size), teacher=teacher,
+                       distill=cfg.distill if teacher is not None else None, plan=[Phase("cut", run, weights)],
+                       description=f"finetune_compressed cut {ratio:g}")
+        cuts.append({"keep_ratio": ratio, "steps": result.steps, "train_seconds": result.seconds, "score": result.best_score})
+        densify_(model)
+    cut(model, p, io.inputs["importance"], io.inputs["data"], p.factorize.keep_ratio)
+    total = len(cfg.schedule) * cfg.schedule_epochs + cfg.distill.intermediate.epochs * (teacher is not None) + cfg.epochs
+    return model, {"cuts": cuts, "total_epochs": total}
 
 
 register_evaluation("evaluate_compressed", "finetune_compressed.model")

@@ -108,7 +108,7 @@ def prune(p: Params, io: StageIO) -> StageResult:
         hooks = pruning_pull_hooks(pruner, ranks, cfg.rank_pull, cfg.rank_pull_every, cfg.rank_pull_importance, cfg.rank_pull_pruned_weight)
     teacher = _teacher(cfg.distill, io.inputs["model"], dense)
     result = train(
-        model, loader, cfg.train, evaluate=prepared.evaluate_fn(cfg.train.eval_batch_size), hooks=hooks,
+        model, loader, cfg.train, evaluate=prepared.select_fn(cfg.train.eval_batch_size), hooks=hooks,
         teacher=teacher, distill=cfg.distill if teacher is not None else None, keep_best=False, description="prune",
     )
     extra = {"prune_method": cfg.method, "density": density, "scope": cfg.scope, "start_from": cfg.start_from, "rank_pull": cfg.rank_pull, "rank_pull_importance": cfg.rank_pull_importance}
@@ -256,7 +256,7 @@ def mrft(p: Params, io: StageIO) -> StageResult:
     teacher = _teacher(cfg.distill, io.inputs["teacher"])
     loader = prepared.loader("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     result = train(
-        model, loader, cfg.train, evaluate=prepared.evaluate_fn(cfg.train.eval_batch_size), hooks=[scheduler],
+        model, loader, cfg.train, evaluate=prepared.select_fn(cfg.train.eval_batch_size), hooks=[scheduler],
         teacher=teacher, distill=cfg.distill if teacher is not None else None, description="mrft",
     )
     finalize(model)

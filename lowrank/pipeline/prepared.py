@@ -51,23 +51,31 @@ class PreparedData:
         `max_samples` rows would be the shortest)."""
         return self.loader(split, batch_size, shuffle=self.group_by_length, seed=seed)
 
-    def baseline_score(self) -> float:
-        """The `score` of the kind's trivial answer on the eval splits (majority class, all `O`, empty answers):
-        where a collapsed model ends."""
-        splits = self.spec.eval_splits
+    def baseline_score(self, splits: tuple[str, ...] | None = None) -> float:
+        """The `score` of the kind's trivial answer (majority class, all `O`, empty answers) on `splits` (default:
+        the selection split, which + ft's history scores): where a collapsed model ends."""
+        splits = splits or (data_lib.SELECT,)
         return sum(self.kind.baseline(self.spec, self.dataset[s]) for s in splits) / len(splits)
 
-    def evaluate_fn(self, batch_size: int, report: bool = False) -> Callable[[torch.nn.Module], dict[str, float]]:
-        """Score on every evaluation split; `score` is the mean of their main scores.
+    def select_fn(self, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
+        """Scores on the selection split: what keep_best, the epoch-0 guard and the collapse flag read."""
+        if data_lib.SELECT not in self.dataset:
+            raise ValueError("the prepared data has no selection split: run the prepare stage again")
+        return self.evaluate_fn(batch_size, splits=(data_lib.SELECT,))
 
-        With `report`, the test splits too (`test.<metric>`), which never count in `score`: they report, dev selects.
+    def evaluate_fn(self, batch_size: int, report: bool = False, splits: tuple[str, ...] | None = None) -> Callable[[torch.nn.Module], dict[str, float]]:
+        """Score on `splits` (default: the task's evaluation splits); `score` is the mean of their main scores.
+
+        Only the evaluate stages score the task's own splits; a choice reads `select_fn`. With `report`, the test
+        splits too (`test.<metric>`), which never count in `score`.
         The model may also be an onnxruntime session (an exported graph), scored the same way.
         """
         from lowrank.evaluation import predict
         from lowrank.io.export import predict_onnx
 
         kind = self.kind
-        splits = (*self.spec.eval_splits, *(self.spec.test_splits if report else ()))
+        scored = splits or self.spec.eval_splits
+        splits = (*scored, *(self.spec.test_splits if report else ()))
 
         def evaluate(model: Any) -> dict[str, float]:
             results: dict[str, float] = {}
@@ -76,9 +84,9 @@ class PreparedData:
                 run = predict if isinstance(model, torch.nn.Module) else predict_onnx
                 outputs = run(model, self.loader(split, batch_size), tuple(kind.outputs), kind.targets)
                 split_metrics = kind.metrics(self.spec, outputs, self.dataset[split])
-                if split in self.spec.eval_splits:
+                if split in scored:
                     scores.append(split_metrics["score"])
-                prefix = "" if len(self.spec.eval_splits) == 1 and split in self.spec.eval_splits else f"{split}."
+                prefix = "" if len(scored) == 1 and split in scored else f"{split}."
                 results.update({f"{prefix}{k}": v for k, v in split_metrics.items() if k != "score"})
             results["score"] = sum(scores) / len(scores)
             return results

@@ -5,14 +5,21 @@
 latency, and against the dense model the share of the score and of the
 parameters kept and the speed-up. Being last, it is what `dvc repro
 summary_<path>` names to run the whole path, every evaluation included.
+
+The speed-ups come from one measurement here, the models timed in turn round
+after round in this process (`latency_side_by_side`); each evaluation's own
+latency, taken minutes apart under whatever load the machine had then, is
+kept as `standalone_latency_ms`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from lowrank.config import Params
+from lowrank.config import EvaluateConfig, Params
 from lowrank.io.files import read_json
+from lowrank.pipeline.common import EVALUATIONS
 from lowrank.pipeline.stage import StageIO, StageResult, stage
 
 
@@ -28,34 +35,64 @@ def _latencies(metrics: dict[str, Any]) -> dict[str, float]:
     return found
 
 
-def compare(evaluations: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each model's headline figures, and the compressed ones' ratios to the first (dense) one."""
+def compare(evaluations: dict[str, dict[str, Any]], side_by_side: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Each model's headline figures, and the compressed ones' ratios to the first (dense) one.
+
+    `side_by_side` (runtime -> `latency_side_by_side`'s result) gives `latency_ms` and `speedup` (medians, with
+    `speedup_spread` [p10, p90]); without it there are no speed-ups, only each evaluation's standalone latency.
+    """
     models = {
         label: {
             "score": metrics["task"]["score"],
             "params_target_linear": metrics["params"]["target_linear"],
             "params_total": metrics["params"]["total"],
             "size_bytes": metrics["size_bytes"],
-            "latency_ms": _latencies(metrics),
+            "standalone_latency_ms": _latencies(metrics),
         }
         for label, metrics in evaluations.items()
     }
-    dense = next(iter(models.values()))
-    for model in list(models.values())[1:]:
+    dense_label = next(iter(models))
+    dense = models[dense_label]
+    for label, model in models.items():
+        timed = {f"{runtime}.{batch}": result for runtime, batches in (side_by_side or {}).items() for batch, result in batches.items()}
+        if timed:
+            model["latency_ms"] = {key: result["ms"][label]["median"] for key, result in timed.items()}
+        if label == dense_label:
+            continue
         model["score_kept"] = model["score"] / dense["score"] if dense["score"] else None
         model["params_kept"] = model["params_target_linear"] / dense["params_target_linear"]
         model["size_kept"] = model["size_bytes"] / dense["size_bytes"]
-        model["speedup"] = {k: dense["latency_ms"][k] / v for k, v in model["latency_ms"].items() if k in dense["latency_ms"] and v}
+        if timed:
+            model["speedup"] = {key: result["speedup"][label]["median"] for key, result in timed.items()}
+            model["speedup_spread"] = {key: [result["speedup"][label]["p10"], result["speedup"][label]["p90"]] for key, result in timed.items()}
     return models
+
+
+def time_side_by_side(cfg: EvaluateConfig, folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """The models of `folders` (the dense one first) timed side by side, per runtime `evaluate` names."""
+    from lowrank.evaluation import latency_side_by_side
+    from lowrank.io.checkpoints import load_compressed
+
+    if not cfg.latency:
+        return {}
+    models = {label: load_compressed(folder).cpu() for label, folder in folders.items()}  # a CPU figure, as evaluate's
+    return {
+        runtime: latency_side_by_side(models, cfg.latency_batch_sizes, cfg.latency_seq_len, cfg.latency_warmup,
+                                      cfg.latency_repeats, cfg.threads, runtime)
+        for runtime in cfg.latency_runtimes
+    }
 
 
 def register_summary(path: str, evaluations: dict[str, str]) -> None:
     """`summary_<path>`: `evaluations` maps a model's label to its evaluate stage, the dense one first."""
 
     def summarize(p: Params, io: StageIO) -> StageResult:
-        return io.finish(compare({label: read_json(io.inputs[label]) for label in evaluations}))
+        timed = time_side_by_side(p.evaluate, {label: io.inputs[f"model_{label}"] for label in evaluations})
+        return io.finish(compare({label: read_json(io.inputs[label]) for label in evaluations}, timed))
 
-    stage(f"summary_{path}", params=(), inputs={label: f"{name}.metrics" for label, name in evaluations.items()})(summarize)
+    inputs = {label: f"{name}.metrics" for label, name in evaluations.items()}
+    inputs.update({f"model_{label}": EVALUATIONS[name] for label, name in evaluations.items()})
+    stage(f"summary_{path}", params=("evaluate",), inputs=inputs)(summarize)
 
 
 register_summary("factorize", {"dense": "evaluate_dense", "factorized": "evaluate_factorized", "compressed": "evaluate_compressed"})
