@@ -9,6 +9,7 @@ which needs `pad_token_id`: the causal-LM task kind is not there yet.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -16,13 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from conftest import REPO
 from lowrank.api import compress_
+from lowrank.config import InputError, ModelConfig
 from lowrank.evaluation import count_parameters
 from lowrank.io.checkpoints import load_compressed, save_compressed
 from lowrank.io.export import export_onnx
+from lowrank.io.models import check_model
 from lowrank.methods import get_method
 from lowrank.modules.layers import FactorizedLinear, out_in
 from lowrank.modules.matching import find_targets, matrix_type, require_targets
@@ -156,3 +160,27 @@ def test_the_compressed_family_exports_to_onnx_with_parity(model_type: str, tmp_
     if family.onnx:
         pytest.skip(family.onnx)
     assert export_onnx(model, tmp_path / "model.onnx")["max_abs_diff"] < 1e-4
+
+
+def test_a_family_the_defaults_miss_gets_one_line_naming_it_and_the_key() -> None:
+    """SqueezeBERT's blocks are grouped nn.Conv1d layers, not Linear ones: the defaults find nothing there."""
+    config = AutoConfig.for_model("squeezebert", **ENCODER, embedding_size=32)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with pytest.raises(InputError) as caught:
+        require_targets(model)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("factorize.targets: no Linear layer of this 'squeezebert' model")
+    assert "transformer.pooler.dense, classifier" in message  # what it could target instead
+    assert require_targets(model, r".*\.pooler\.dense", "classifier") == ["transformer.pooler.dense"]
+
+
+def test_a_checkpoint_with_its_own_code_is_refused_unless_trusted(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "fancy", "auto_map": {"AutoConfig": "configuration_fancy.FancyConfig"}}))
+    (tmp_path / "configuration_fancy.py").write_text(
+        "from transformers import PretrainedConfig\n\nclass FancyConfig(PretrainedConfig):\n    model_type = 'fancy'\n")
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match=r"^model\.name: .* ships its own model code, which lowrank runs only when "
+                                         r"model\.trust_remote_code is true \(off by default\)$"):
+        check_model(ModelConfig(name=str(tmp_path)))

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from torch import nn
 
+from lowrank.config.base import InputError
 from lowrank.modules.layers import LINEAR_TYPES, FactorizedLinear
 
 Targets = str | Sequence[str]
@@ -90,16 +91,16 @@ def find_targets(model: nn.Module, targets: Targets | None = None, exclude: Targ
 
 
 def require_targets(model: nn.Module, targets: Targets | None = None, exclude: Targets | None = None) -> list[str]:
-    """`find_targets`, or a one-line error naming the family, some of its Linear layers and the key to set."""
+    """`find_targets`, or a one-line InputError naming the family, some of its Linear layers and the key to set."""
     names = find_targets(model, targets or None, exclude or None)
     if names:
         return names
     linear = [name for name, module in model.named_modules() if isinstance(module, (*LINEAR_TYPES, FactorizedLinear))]
     some = ", ".join(linear[:3]) + (", ..." if len(linear) > 3 else "") if linear else "none"
     which = f"{targets!r}" if targets else f"the default targets {default_targets(model)!r}"
-    raise ValueError(
+    raise InputError(
         f"factorize.targets: no Linear layer of this {family(model)!r} model ({type(model).__name__}) matches {which}; "
-        f"set factorize.targets to a regex or list of names (peft's rules) for its layers ({some})"
+        f"set factorize.targets to a regex or a list of names (peft's rules) among its Linear layers ({some})"
     )
 
 
