@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass, field
+from types import SimpleNamespace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from conftest import REPO
+from conftest import REPO, VOCAB as CHARS
 from lowrank.api import compress_
 from lowrank.config import InputError, ModelConfig
 from lowrank.evaluation import count_parameters
@@ -52,8 +53,6 @@ class Family:
     types: frozenset[str]
     blocks: int = 2
     onnx: str = ""  # empty: it exports with parity; else why not
-    # Each family's test compresses this model; `layers` is how many targets the defaults find.
-    extra: dict = field(default_factory=dict)
 
     @property
     def layers(self) -> int:
@@ -184,3 +183,56 @@ def test_a_checkpoint_with_its_own_code_is_refused_unless_trusted(tmp_path: Path
     with pytest.raises(InputError, match=r"^model\.name: .* ships its own model code, which lowrank runs only when "
                                          r"model\.trust_remote_code is true \(off by default\)$"):
         check_model(ModelConfig(name=str(tmp_path)))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_the_pyfunc_serves_the_compressed_family(model_type: str, tmp_path: Path) -> None:
+    """MLflow's pyfunc (tasks/pyfunc_model.py) loads the saved folder and predicts what the model predicts."""
+    import pandas as pd
+    from transformers import BertTokenizerFast
+
+    pyfunc = pytest.importorskip("tasks.pyfunc_model")
+    (tmp_path / "vocab.txt").write_text("\n".join(CHARS) + "\n")  # char-level: the ids fit every family's tiny vocabulary
+    # No token types: GPT-2 would add the embedding of token 0 to every position (its own tokenizer gives none).
+    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=True,
+                                  model_input_names=["input_ids", "attention_mask"])
+    model = build(model_type)
+    compress_(model, method="svd", keep_ratio=KEEP_RATIO)
+    folder = save_compressed(model, tmp_path / "model", method="svd", targets=find_targets(model), tokenizer=tokenizer)
+    served = pyfunc.LowrankClassifier()
+    served.load_context(SimpleNamespace(artifacts={pyfunc.MODEL_ARTIFACT: str(folder)}))
+    texts = ["a gripping, funny film", "dull", "the plot goes nowhere at all"]
+    got = served.predict(None, pd.DataFrame({"text": texts}))
+    # The pyfunc's own tokenizer: transformers may load another class for the family than the one saved (Qwen2's).
+    encoded = served.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits.softmax(-1)
+    assert list(got["label"]) == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
+    torch.testing.assert_close(torch.tensor(got["score"].to_numpy()), probs.max(-1).values.double(), rtol=1e-4, atol=1e-5)
+
+
+TYPE_NAMES = {"query": "Q", "key": "K", "value": "V", "qkv": "QKV (fused)", "attention_output": "attention out",
+              "ffn_gate": "FFN gate", "ffn_gate_in": "FFN gate+in (fused)", "ffn_in": "FFN in", "ffn_out": "FFN out"}
+README_START, README_END = "<!-- families:start -->", "<!-- families:end -->"
+
+
+def readme_table() -> str:
+    """The README's support matrix, from FAMILIES: what the tests above check for each family."""
+    lines = ["| Family (`model_type`) | Targets per block (default) | Methods | Save / load | ONNX | pyfunc |",
+             "|---|---|---|---|---|---|"]
+    for family in FAMILIES.values():
+        types = ", ".join(TYPE_NAMES[t] for t in TYPE_NAMES if t in family.types)
+        shared = " (one layer shared by all blocks)" if family.blocks == 1 else ""
+        onnx = f"no: {family.onnx}" if family.onnx else "yes"
+        lines.append(f"| `{family.model_type}` | {types}{shared} | {', '.join(METHODS)} | yes | {onnx} | yes |")
+    return "\n".join(lines)
+
+
+def test_the_readme_matrix_is_what_the_tests_check() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(README_START) + len(README_START):readme.index(README_END)].strip()
+    assert section == readme_table(), "README's families table is out of date: paste `python tests/test_families.py`"
+
+
+if __name__ == "__main__":
+    print(readme_table())
