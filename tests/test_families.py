@@ -124,6 +124,15 @@ def test_the_default_targets_are_every_projection_of_the_blocks_and_nothing_else
     assert all(re.search(r"embed|head|classifier|pooler|score", name) for name in set(linear) - set(names))
 
 
+@pytest.mark.parametrize("model_type", ["albert", "gpt2", "qwen2"])
+def test_targets_are_found_on_the_meta_device_as_on_the_cpu(model_type: str) -> None:
+    """A preflight check builds the model without weights: the targets come from names and types alone."""
+    config = AutoConfig.for_model(model_type, **FAMILIES[model_type].config, num_labels=2)
+    with torch.device("meta"):
+        empty = AutoModelForSequenceClassification.from_config(config)
+    assert require_targets(empty) == find_targets(build(model_type))
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_each_method_compresses_the_family_within_budget_and_saves_and_loads(model_type: str, method: str, tmp_path: Path) -> None:
