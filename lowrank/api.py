@@ -68,7 +68,8 @@ class CompressReport:
 
 
 def target_names(model: nn.Module, targets: Targets | None = None, exclude: Targets | None = None) -> list[str]:
-    """The Linear layers `targets` / `exclude` select (default: every Linear in the blocks); an error when none does."""
+    """The Linear layers `targets` / `exclude` select (default: every Linear in the blocks); an InputError naming
+    the model's family when none does."""
     return require_targets(model, targets, exclude)
 
 
@@ -98,8 +99,10 @@ def compress_(
         importance: per-entry scores by layer name, the kind the method weighs by
             (`fisher_importance` for fwsvd and tfwsvd; Taylor scores for tvd; the
             pruned model's Fisher or pruning scores for the sparse methods).
-        targets, exclude: which Linear layers (peft's rules); default: every
-            Linear inside the Transformer blocks, never embeddings or heads.
+        targets, exclude: which Linear layers (peft's rules; GPT-2's Conv1D counts
+            as one); default: every Linear inside the Transformer blocks (the
+            family's pattern in `matching.FAMILY_TARGETS` where it has one), never
+            embeddings or heads.
         rank_multiple: round ranks to a multiple of this.
         masks: pruning masks by layer name; the layers factorized are the masked
             ones, each as `W * M` (the sparse methods need them).

@@ -1,6 +1,6 @@
 """The support matrix: every common Transformer family, built tiny from its config, through targets,
-the four methods, save and load, and ONNX export. README.md's "Supported model families" table is
-checked against FAMILIES below.
+the four methods, save and load, ONNX export and the MLflow pyfunc. README.md's "Supported model
+families" table is generated from FAMILIES (`python tests/test_families.py`) and checked against it.
 
 Decoders are tested with their sequence-classification head (GPT2ForSequenceClassification, ...),
 which needs `pad_token_id`: the causal-LM task kind is not there yet.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import re
-from types import SimpleNamespace
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
