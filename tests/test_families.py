@@ -28,10 +28,13 @@ from lowrank.evaluation import count_parameters
 from lowrank.io.checkpoints import load_compressed, save_compressed
 from lowrank.io.export import export_onnx
 from lowrank.io.models import check_model
+from lowrank.linalg.solvers import get_solver
 from lowrank.methods import get_method
 from lowrank.modules.layers import FactorizedLinear, out_in
 from lowrank.modules.matching import find_targets, matrix_type, require_targets
+from lowrank.modules.surgery import dense_weights, factorize_model
 from lowrank.train.importance import collect_importance
+from lowrank.train.rank_search import measure
 
 VOCAB = 100
 ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
@@ -159,6 +162,26 @@ def test_each_method_compresses_the_family_within_budget_and_saves_and_loads(mod
     save_compressed(model, tmp_path / "model", method=method, targets=names)
     # (atol: the loaded model runs transformers' default attention, the built one eager)
     torch.testing.assert_close(logits(load_compressed(tmp_path / "model")), logits(model), rtol=1e-5, atol=1e-6)
+
+
+def test_the_rank_search_measures_a_conv1d_as_factorizing_it_does() -> None:
+    """The search puts `A B` in place of a weight for a moment: a Conv1D's must go in transposed (c_proj is square,
+    so the wrong way round would run, and measure another matrix)."""
+    model, name = build("gpt2"), "transformer.h.0.attn.c_proj"
+
+    def loss_fn(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(sum(m(**batch).loss for batch in batches()))
+
+    def factorize(layer: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return get_solver("svd")(dense_weights(model, [layer])[layer], rank)
+
+    base, increases = measure(model, [name], {name: [4]}, factorize, loss_fn, replay=False)
+    factorized = copy.deepcopy(model)
+    factorize_model(factorized, {name: factorize(name, 4)})
+    assert base == pytest.approx(loss_fn(model))
+    assert increases[name][4] == pytest.approx(loss_fn(factorized) - base, rel=1e-4, abs=1e-6)
+    assert increases[name][4] != 0
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
