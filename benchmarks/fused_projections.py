@@ -3,7 +3,7 @@
 ModernBERT's `attn.Wqkv` and GPT-2's `attn.c_attn` hold Q, K and V stacked, `(3 d, in)`. lowrank factorizes
 such a layer as one matrix: Q, K and V read the same input, so one `B (rank, in)` serves all three, and a
 rank-r factorization costs `r (3 d + in)` against `3 r' (d + in)` for three separate ones. This script
-measures both at the same parameter count, with plain SVD, on the output of the model with only those layers
+measures both at the same parameter count, with SVD and SVD-LLM, on the output of the model with only those layers
 replaced: the tiny random ModernBERT and GPT-2 of the tests (hidden 32), and, for weights that learnt
 something, all-MiniLM-L6-v2 with each block's query, key and value stacked as if fused, on SST-2 dev sentences.
 
@@ -26,8 +26,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from lowrank.io.models import resolve_model
 from lowrank.config import DEFAULT_MODEL
 from lowrank.linalg.ranks import uniform_ranks
-from lowrank.linalg.solvers import get_solver
+from lowrank.methods import get_method
 from lowrank.modules.layers import linear_weight, out_in
+from lowrank.train.activations import ActivationRecorder
 
 from report import table, write_section
 
@@ -41,27 +42,39 @@ TINY = {  # the tests' tiny configs (tests/test_families.py), with the fused lay
 }
 
 
-def reconstruct(weight: Tensor, keep_ratio: float, split: bool) -> tuple[Tensor, int]:
-    """`weight (3 d, in)` at rank(s) that keep `keep_ratio` of its parameters: one SVD, or one per group; and the rank."""
+def reconstruct(weight: Tensor, keep_ratio: float, split: bool, method: str, gram: Tensor) -> tuple[Tensor, int]:
+    """`weight (3 d, in)` at rank(s) that keep `keep_ratio` of its parameters, by `method` on the whole matrix or on
+    each group (SVD-LLM whitens every group by the same input's Gram matrix); and the rank."""
     parts = weight.chunk(GROUPS) if split else (weight,)
     shapes = {str(i): tuple(part.shape) for i, part in enumerate(parts)}
     rank = uniform_ranks(shapes, keep_ratio)["0"]
-    factors = [get_solver("svd")(part, rank) for part in parts]
+    factors = [get_method(method).fn(part, rank, importance=gram, mask=None) for part in parts]
     return torch.cat([a @ b for a, b in factors]), rank  # (3 d, in)
 
 
-Accessors = Callable[[nn.Module], list[tuple[Callable[[], Tensor], Callable[[Tensor], None]]]]
+# For a model: per fused projection, the name of the Linear whose input it reads, and how to read and write its weight.
+Accessors = Callable[[nn.Module], list[tuple[str, Callable[[], Tensor], Callable[[Tensor], None]]]]
 
 
-def output_error(model: nn.Module, fused: Accessors, inputs: dict[str, Tensor], keep_ratio: float, split: bool) -> tuple[float, float, int]:
+def input_grams(model: nn.Module, fused: Accessors, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The Gram matrix of each fused projection's input over the real tokens (what SVD-LLM whitens by)."""
+    recorder = ActivationRecorder(model, [name for name, _, _ in fused(model)])
+    with torch.no_grad(), recorder.counting(inputs["attention_mask"]):
+        model(**inputs)
+    recorder.remove()
+    return recorder.results()["gram"]
+
+
+def output_error(model: nn.Module, fused: Accessors, inputs: dict[str, Tensor], keep_ratio: float, split: bool,
+                 method: str, grams: dict[str, Tensor]) -> tuple[float, float, int]:
     """Mean relative error of the fused weights, relative error of the last hidden states (over real tokens) with
     those weights replaced by their factorization, and the rank used."""
     with torch.no_grad():
         dense = model(**inputs).last_hidden_state
         changed, weight_errors, rank = copy.deepcopy(model), [], 0
-        for read, write in fused(changed):
+        for name, read, write in fused(changed):
             weight = read()
-            approx, rank = reconstruct(weight, keep_ratio, split)
+            approx, rank = reconstruct(weight, keep_ratio, split, method, grams[name])
             weight_errors.append(float((weight - approx).norm() / weight.norm()))
             write(approx)
         got = changed(**inputs).last_hidden_state
@@ -73,8 +86,9 @@ def fused_layers(suffix: str) -> Accessors:
     """Read/write pairs of the `(3 d, in)` weight of every layer named `*.suffix` (a Conv1D's transposed both ways)."""
 
     def bind(model: nn.Module):
-        modules = [m for name, m in model.named_modules() if name.endswith(suffix)]
-        return [((lambda m=m: linear_weight(m).clone()), (lambda w, m=m: m.weight.copy_(out_in(m, w)))) for m in modules]
+        modules = [(name, m) for name, m in model.named_modules() if name.endswith(suffix)]
+        return [(name, (lambda m=m: linear_weight(m).clone()), (lambda w, m=m: m.weight.copy_(out_in(m, w))))
+                for name, m in modules]
 
     return bind
 
@@ -90,7 +104,7 @@ def stacked_qkv(model: nn.Module):
                 for part, rows in zip(parts, w.chunk(GROUPS)):
                     part.weight.copy_(rows)
 
-            pairs.append(((lambda parts=parts: torch.cat([p.weight.detach() for p in parts]).clone()), write))
+            pairs.append((f"{name}.query", (lambda parts=parts: torch.cat([p.weight.detach() for p in parts]).clone()), write))
     return pairs
 
 
@@ -121,17 +135,19 @@ def main() -> None:
 
     rows = []
     for label, model, fused, batch in cases:
-        for keep_ratio in args.keep_ratios:
-            one = output_error(model, fused, batch, keep_ratio, split=False)
-            split = output_error(model, fused, batch, keep_ratio, split=True)
-            rows.append([label, keep_ratio, one[2], split[2], one[0], split[0], one[1], split[1]])
-            print(rows[-1], flush=True)
-    header = ["model", "keep ratio", "rank, one matrix", "rank per group, split", "weight error, one", "weight error, split",
-              "output error, one", "output error, split"]
+        grams = input_grams(model, fused, batch)
+        for method in ("svd", "svd_llm"):
+            for keep_ratio in args.keep_ratios:
+                one = output_error(model, fused, batch, keep_ratio, False, method, grams)
+                split = output_error(model, fused, batch, keep_ratio, True, method, grams)
+                rows.append([label, method, keep_ratio, one[2], split[2], one[0], split[0], one[1], split[1]])
+                print(rows[-1], flush=True)
+    header = ["model", "method", "keep ratio", "rank, one matrix", "rank per group, split", "weight error, one",
+              "weight error, split", "output error, one", "output error, split"]
     body = (
-        "SVD of each fused `(3 d, in)` projection as one matrix or as three `(d, in)` ones at the same parameter count; "
-        "relative Frobenius errors of the weight and of the last hidden states (real tokens) with only those layers "
-        "replaced.\n\n" + table(header, rows)
+        "Each fused `(3 d, in)` projection factorized as one matrix or as three `(d, in)` ones at the same parameter "
+        "count (SVD, and SVD-LLM whitened by the Gram matrix of the same tokens' inputs); relative Frobenius errors of "
+        "the weight and of the last hidden states (real tokens) with only those layers replaced.\n\n" + table(header, rows)
     )
     write_section("fused-projections", "A fused QKV projection: one matrix or split per group (issue 37)",
                   "python benchmarks/fused_projections.py", body, results="families.md")
