@@ -22,7 +22,7 @@ from lowrank.config import FactorizeConfig, build
 from lowrank.linalg.ranks import allocate_ranks, kept_ratio, weighted_spectrum
 from lowrank.linalg.solvers import weighted_error
 from lowrank.methods import get_method
-from lowrank.modules.matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, Targets, find_targets, matrix_type
+from lowrank.modules.matching import Targets, find_targets, matrix_type, require_targets
 from lowrank.modules.surgery import dense_weights, factorize_model
 from lowrank.train.importance import Importance, collect_importance
 from lowrank.train.rank_search import search_ranks
@@ -68,11 +68,9 @@ class CompressReport:
 
 
 def target_names(model: nn.Module, targets: Targets | None = None, exclude: Targets | None = None) -> list[str]:
-    """The Linear layers `targets` / `exclude` select (default: every Linear in the blocks); an error when none does."""
-    names = find_targets(model, targets or DEFAULT_TARGETS, exclude or DEFAULT_EXCLUDE)
-    if not names:
-        raise ValueError(f"factorize.targets: no Linear layer of the model matches {targets or DEFAULT_TARGETS!r}")
-    return names
+    """The Linear layers `targets` / `exclude` select (default: every Linear in the blocks); an InputError naming
+    the model's family when none does."""
+    return require_targets(model, targets, exclude)
 
 
 def _scores(importance: Scores | None) -> Mapping[str, Tensor] | None:
@@ -101,8 +99,10 @@ def compress_(
         importance: per-entry scores by layer name, the kind the method weighs by
             (`fisher_importance` for fwsvd and tfwsvd; Taylor scores for tvd; the
             pruned model's Fisher or pruning scores for the sparse methods).
-        targets, exclude: which Linear layers (peft's rules); default: every
-            Linear inside the Transformer blocks, never embeddings or heads.
+        targets, exclude: which Linear layers (peft's rules; GPT-2's Conv1D counts
+            as one); default: every Linear inside the Transformer blocks (the
+            family's pattern in `matching.FAMILY_TARGETS` where it has one), never
+            embeddings or heads.
         rank_multiple: round ranks to a multiple of this.
         masks: pruning masks by layer name; the layers factorized are the masked
             ones, each as `W * M` (the sparse methods need them).
@@ -212,6 +212,6 @@ def fisher_importance(
             question answering), as a transformers data collator gives them.
         kind: "fisher" (mean squared gradient) or "taylor" (|gradient * weight|, for tvd).
     """
-    names = find_targets(model, targets or DEFAULT_TARGETS, exclude or DEFAULT_EXCLUDE)
+    names = find_targets(model, targets or None, exclude or None)
     with torch.enable_grad():
         return collect_importance(model, dataloader, names, max_samples=max_samples)[kind].scores

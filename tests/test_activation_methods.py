@@ -95,7 +95,21 @@ def test_the_recorder_averages_over_real_tokens_only() -> None:
     real = x.reshape(-1, 4)[mask.reshape(-1).bool()].double().numpy()
     np.testing.assert_allclose(stats["abs_mean"]["layer"].numpy(), np.abs(real).mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats["gram"]["layer"].numpy(), real.T @ real / 8, rtol=1e-5)
-    assert recorder.tokens == 8
+    assert recorder.rows == {"layer": 8}
+
+
+def test_a_layer_used_twice_averages_over_both_uses() -> None:
+    """ALBERT runs one shared layer in every block: its statistics are the mean over all of its inputs."""
+    layer = nn.Linear(3, 3)
+    model = nn.ModuleDict({"layer": layer})
+    x = torch.randn(1, 4, 3)
+    recorder = ActivationRecorder(model, ["layer"])
+    with recorder.counting(torch.ones(1, 4)):
+        layer(layer(x))
+    recorder.remove()
+    both = torch.cat([x, layer(x)], dim=1).reshape(-1, 3).double().detach()
+    torch.testing.assert_close(recorder.results()["gram"]["layer"].double(), both.T @ both / 8, rtol=1e-5, atol=1e-6)
+    assert recorder.rows == {"layer": 8}
 
 
 def test_solve_spends_exactly_the_budget_on_what_hurts_most() -> None:

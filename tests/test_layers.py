@@ -27,6 +27,20 @@ def test_full_rank_factorized_linear_matches_the_dense_layer() -> None:
     assert "rank=8" in repr(layer)
 
 
+def test_a_conv1d_factorizes_as_the_linear_it_is() -> None:
+    """transformers' Conv1D (GPT-2) computes `x W + b` with W stored (in, out): read as (out, in), it gives the same layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(8, 12).double()  # nf=8 outputs, nx=12 inputs
+    nn.init.normal_(conv.bias)
+    layer = FactorizedLinear.from_linear(conv, rank=8, solver="svd")
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), atol=1e-12, rtol=1e-12)
+    assert (layer.in_features, layer.out_features) == (12, 8)
+    torch.testing.assert_close(dense_weights(nn.ModuleDict({"c": conv}), ["c"])["c"], conv.weight.T)
+
+
 def test_factorized_linear_keeps_device_dtype_and_bias() -> None:
     dense = nn.Linear(6, 4, bias=False).to(torch.bfloat16)
     layer = FactorizedLinear.from_linear(dense, rank=2, solver="fwsvd")

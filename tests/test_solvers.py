@@ -99,6 +99,18 @@ def test_als_recovers_an_exactly_low_rank_weight() -> None:
     assert weighted_error(weight, a, b, importance) < 1e-20
 
 
+def test_als_makes_its_pair_products_a_slice_at_a_time_past_the_limit_and_gets_the_same_factors(monkeypatch) -> None:
+    """A 7B matrix's pair table would not fit in memory: sliced, with small chunks of rows, the answer is the same."""
+    from lowrank.linalg import weighted_solvers
+
+    weight, importance = _matrix(), _importance()
+    whole = SOLVERS["als"](weight, 6, importance=importance, steps=4)
+    monkeypatch.setattr(weighted_solvers, "PAIR_ELEMENTS", 5 * 16)  # 21 pairs of 16 or 24 entries: 5 or 3 per slice
+    sliced = SOLVERS["als"](weight, 6, importance=importance, steps=4)
+    for a, b in zip(whole, sliced):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_als_lowers_the_weighted_error_monotonically_below_fwsvd() -> None:
     weight, importance = _matrix(), _importance()
     a_fw, b_fw = SOLVERS["fwsvd"](weight, 4, importance=importance)

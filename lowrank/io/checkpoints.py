@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 from lowrank.io.files import atomic_dir
-from lowrank.modules.layers import FactorizedLinear
+from lowrank.modules.layers import LINEAR_TYPES, FactorizedLinear, linear_weight
 from lowrank.modules.surgery import replace_modules
 
 SCHEMA_VERSION = 1
@@ -104,9 +104,10 @@ def load_compressed(path: str | Path, *, trust_remote_code: bool = False) -> Pre
     ranks = {name: rank for name, rank in entry.get("ranks", {}).items() if rank is not None}
 
     def make(name: str, module: nn.Module) -> nn.Module:
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, LINEAR_TYPES):  # a Conv1D (GPT-2) becomes the same FactorizedLinear as a Linear
             raise ValueError(f"{path}: recipe names {name!r}, which is not a Linear layer of {type(model).__name__}")
-        return FactorizedLinear(module.in_features, module.out_features, ranks[name], bias=module.bias is not None)
+        out_features, in_features = linear_weight(module).shape
+        return FactorizedLinear(in_features, out_features, ranks[name], bias=module.bias is not None)
 
     replace_modules(model, list(ranks), make)
     state = load_file(str(weights_file))

@@ -72,6 +72,9 @@ def check_model(cfg: ModelConfig) -> str:
     try:
         AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):  # transformers' own message ends with a keyword argument, not our key
+            raise InputError(f"model.name: {cfg.name!r} ships its own model code, which lowrank runs only when "
+                             "model.trust_remote_code is true (off by default)") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MissingInputError(f"model.name: cannot load {cfg.name!r}: {first}") from None
     return resolved

@@ -22,6 +22,10 @@ from lowrank.linalg.solvers import Callback, fwsvd_parts, register_solver, svd_p
 
 # Largest temporary the ALS Gram matrices may take, in elements (64 MiB of float32).
 CHUNK_ELEMENTS = 1 << 24
+# Largest table of pairwise products of factor rows, `rank (rank + 1) / 2` by the width, in elements (1 GiB of
+# float32): past it the pairs are made a slice at a time for every chunk of rows (a 7B FFN matrix at rank 1300
+# would need 40 GiB at once). Below it nothing changes, so small models get the same bits as before.
+PAIR_ELEMENTS = 1 << 28
 
 @dataclass(frozen=True)
 class _Problem:
@@ -93,14 +97,22 @@ def _solve_rows(target: Tensor, weights: Tensor, fixed: Tensor, lam: float) -> T
     rows = target.shape[0]
     rank = fixed.shape[0]
     first, second = torch.triu_indices(rank, rank, device=fixed.device)
-    pairs = fixed[first] * fixed[second]  # (rank (rank + 1) / 2, n)
+    whole = first.numel() * fixed.shape[1] <= PAIR_ELEMENTS
+    pairs = fixed[first] * fixed[second] if whole else None  # (rank (rank + 1) / 2, n)
+    step = max(1, PAIR_ELEMENTS // fixed.shape[1])  # pairs per slice, when they are made a slice at a time
     rhs = (weights * target) @ fixed.T  # (rows, rank)
     solution = torch.empty(rows, rank, dtype=fixed.dtype, device=fixed.device)
-    chunk = max(1, CHUNK_ELEMENTS // (rank * rank))
+    # Sliced pairs are remade for every chunk of rows: larger chunks (up to PAIR_ELEMENTS) make that rare.
+    chunk = max(1, (CHUNK_ELEMENTS if whole else PAIR_ELEMENTS) // (rank * rank))
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
         gram = torch.empty(stop - start, rank, rank, dtype=fixed.dtype, device=fixed.device)
-        gram[:, second, first] = weights[start:stop] @ pairs.T  # lower triangle is all Cholesky reads
+        if pairs is not None:
+            gram[:, second, first] = weights[start:stop] @ pairs.T  # lower triangle is all Cholesky reads
+        else:
+            for low in range(0, first.numel(), step):
+                i, j = first[low:low + step], second[low:low + step]
+                gram[:, j, i] = weights[start:stop] @ (fixed[i] * fixed[j]).T
         factor = _cholesky(gram, lam)
         solution[start:stop] = torch.cholesky_solve(rhs[start:stop, :, None], factor).squeeze(-1)
     return solution

@@ -4,12 +4,34 @@ A plain module rather than a wrapper around the dense layer: compression
 replaces layers instead of adapting them, so state-dict keys stay flat
 (`...query.down.weight`, `...query.up.weight`) and the saved model holds
 only the factors.
+
+transformers' `Conv1D` (GPT-2) is a Linear layer that stores its weight
+transposed, `(in, out)`; everything here reads a layer through
+`linear_weight`, which gives `(out, in)` for both, so a Conv1D is factorized
+into the same FactorizedLinear as a Linear.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+LINEAR_TYPES = (nn.Linear, Conv1D)  # the layers computing `x W^T + b` that a compression may replace
+
+
+def out_in(module: nn.Module, tensor: Tensor) -> Tensor:
+    """A tensor laid out like `module.weight`, as `(out, in)`: a Conv1D's is transposed (a view, not a copy)."""
+    return tensor.T if isinstance(module, Conv1D) else tensor
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The `(out, in)` weight of a Linear or Conv1D layer (a FactorizedLinear gives `A B`), detached."""
+    if isinstance(module, FactorizedLinear):
+        return (module.up.weight @ module.down.weight).detach()
+    if isinstance(module, LINEAR_TYPES):
+        return out_in(module, module.weight.detach())
+    raise ValueError(f"not a Linear layer (found {type(module).__name__})")
 
 
 class FactorizedLinear(nn.Module):
@@ -60,12 +82,13 @@ class FactorizedLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, rank: int, solver: str = "svd", importance: Tensor | None = None, **options: object
+        cls, linear: nn.Linear | Conv1D, rank: int, solver: str = "svd", importance: Tensor | None = None, **options: object
     ) -> "FactorizedLinear":
-        """Factorize a dense layer with a registered solver, keeping its bias, device and dtype."""
+        """Factorize a dense layer (Linear or Conv1D, `importance` as `(out, in)`) with a registered solver,
+        keeping its bias, device and dtype."""
         from lowrank.linalg.solvers import get_solver
 
-        a, b = get_solver(solver)(linear.weight.detach(), rank, importance=importance, **options)
+        a, b = get_solver(solver)(linear_weight(linear), rank, importance=importance, **options)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls.from_factors(a.to(linear.weight), b.to(linear.weight), bias)
 

@@ -126,7 +126,7 @@ def evaluate(p: Params, io: StageIO) -> StageResult:
     """Task score, parameter counts, size on disk and CPU latency of one model folder."""
     from lowrank.evaluation import count_parameters, dir_size_bytes, measure_latency
     from lowrank.io.checkpoints import load_compressed, recipe
-    from lowrank.modules.matching import DEFAULT_EXCLUDE, DEFAULT_TARGETS, find_targets
+    from lowrank.modules.matching import find_targets
 
     cfg, model_dir = p.evaluate, io.inputs["model"]
     prepared = PreparedData.open(io.inputs["data"])
@@ -135,7 +135,7 @@ def evaluate(p: Params, io: StageIO) -> StageResult:
     scores = prepared.evaluate_fn(cfg.batch_size, report=True)(model)
     eval_seconds = time.perf_counter() - started
     model.cpu()  # latency is a CPU figure: the compressed models are meant to serve there
-    targets = list(recipe(model).get("ranks", {})) or find_targets(model, DEFAULT_TARGETS, DEFAULT_EXCLUDE)
+    targets = list(recipe(model).get("ranks", {})) or find_targets(model)
     metrics: dict[str, Any] = {
         "task": scores,
         "reported_on": list(prepared.spec.eval_splits),

@@ -5,7 +5,8 @@ Two statistics per layer, over the real (non-padding) tokens of the batches seen
 - `gram` (in, in): the mean of x x^T, the input's second moment (SVD-LLM whitens by its Cholesky factor).
 
 They are recorded by forward pre-hooks during the fisher stage's pass, so the data is read once for every
-importance a method may want.
+importance a method may want. Each layer counts the rows it saw: a layer shared by several blocks (ALBERT's)
+sees every token once per use, and its statistics are the mean over all of its inputs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from lowrank.modules.layers import linear_weight
+
 ACTIVATION_KINDS = ("abs_mean", "gram")
 
 
@@ -25,12 +28,12 @@ class ActivationRecorder:
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         modules = dict(model.named_modules())
         self.names = list(names)
-        self.abs_sum = {n: torch.zeros(modules[n].in_features, dtype=torch.float64) for n in self.names}
-        self.gram_sum = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64) for n in self.names}
-        self.tokens = 0
+        width = {n: linear_weight(modules[n]).shape[1] for n in self.names}  # in_features, of a Conv1D too
+        self.abs_sum = {n: torch.zeros(width[n], dtype=torch.float64) for n in self.names}
+        self.gram_sum = {n: torch.zeros(width[n], width[n], dtype=torch.float64) for n in self.names}
+        self.rows = dict.fromkeys(self.names, 0)  # inputs seen, per layer
         self.mask: Tensor | None = None  # set around the forward passes that count (not, e.g., a check for wrong answers)
         self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
-        self._pass = self._counted = 0  # every layer sees the same tokens: they are counted once per forward pass
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple) -> None:
@@ -44,16 +47,14 @@ class ActivationRecorder:
             rows = rows.to(torch.float64).cpu()
             self.abs_sum[name].add_(rows.abs().sum(0))
             self.gram_sum[name].addmm_(rows.T, rows)
-            if self._counted != self._pass:
-                self._counted = self._pass
-                self.tokens += rows.shape[0]
+            self.rows[name] += rows.shape[0]
 
         return record
 
     @contextlib.contextmanager
     def counting(self, attention_mask: Tensor) -> Iterator[None]:
         """Record the inputs of the forward passes inside the block, over the tokens `attention_mask` marks."""
-        self.mask, self._pass = attention_mask, self._pass + 1
+        self.mask = attention_mask
         try:
             yield
         finally:
@@ -65,9 +66,9 @@ class ActivationRecorder:
 
     def results(self) -> dict[str, dict[str, Tensor]]:
         """{"abs_mean": {layer: (in,)}, "gram": {layer: (in, in)}} as float32 means over the tokens seen."""
-        if self.tokens == 0:
+        if not all(self.rows.values()):
             raise ValueError("no activation was recorded: the data is empty")
         return {
-            "abs_mean": {n: (s / self.tokens).float() for n, s in self.abs_sum.items()},
-            "gram": {n: (g / self.tokens).float() for n, g in self.gram_sum.items()},
+            "abs_mean": {n: (s / self.rows[n]).float() for n, s in self.abs_sum.items()},
+            "gram": {n: (g / self.rows[n]).float() for n, g in self.gram_sum.items()},
         }

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lowrank.devices import model_device, to_device
 from lowrank.io.files import atomic_write_bytes, safetensors_bytes, safetensors_info
+from lowrank.modules.layers import out_in
 from lowrank.modules.surgery import linear_weights
 from lowrank.train.loop import progress_bar
 
@@ -75,7 +76,8 @@ def collect_importance(
     from lowrank.kinds import kind_of_model
     from lowrank.train.activations import ActivationRecorder
 
-    weights = linear_weights(model, names, "importance target")
+    weights = linear_weights(model, names, "importance target", conv1d=True)
+    modules = dict(model.named_modules())  # scores are kept (out, in): a Conv1D's gradient is transposed
     # the loss is the model's own for its task (labels, or start and end positions); the kind says what "wrong" means
     kind = kind_of_model(model) if only_misclassified else None
     if max_samples is not None and max_samples <= 0:
@@ -87,8 +89,8 @@ def collect_importance(
         param.requires_grad_(False)
     for weight in weights.values():
         weight.requires_grad_(True)
-    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
-    taylor = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    fisher = {n: torch.zeros_like(out_in(modules[n], w), dtype=torch.float32) for n, w in weights.items()}
+    taylor = {n: torch.zeros_like(out_in(modules[n], w), dtype=torch.float32) for n, w in weights.items()}
     device = model_device(model)
     seen = used = units = 0
     bar = progress_bar(progress, total=max_samples, desc="importance", unit="ex")
@@ -114,9 +116,9 @@ def collect_importance(
                     loss = model(**part).loss
                 loss.backward()
                 for name, weight in weights.items():
-                    grad = weight.grad.float()
+                    grad = out_in(modules[name], weight.grad).float()
                     fisher[name].addcmul_(grad, grad)
-                    taylor[name].add_((grad * weight.detach().float()).abs())
+                    taylor[name].add_((grad * out_in(modules[name], weight.detach()).float()).abs())
                 units += 1
             used += batch["input_ids"].shape[0]
     finally:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank.linalg.ranks import break_even_rank
+from lowrank.modules.layers import out_in
 
 Shape = tuple[int, int]
 Factorize = Callable[[str, int], tuple[Tensor, Tensor]]
@@ -134,7 +135,7 @@ def measure(
         try:
             for rank in grids[name]:
                 a, b = factorize(name, rank) if largest is None else (largest[0][:, :rank], largest[1][:rank])
-                weight.data = (a @ b).to(original.dtype)
+                weight.data = out_in(modules[name], a @ b).to(original.dtype)  # a Conv1D stores (in, out)
                 with blocks.replay(blocks.index(name)):
                     increases[name][rank] = loss_fn(model) - base
         finally:
