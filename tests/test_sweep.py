@@ -162,7 +162,7 @@ def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone
         assert run.data.tags["finetune_compressed.lineage.output.model"].startswith(config["model"])
         method, ratio = config["overrides"]["factorize.method"], config["overrides"]["factorize.keep_ratio"]
         assert run.info.run_name == f"sst2-{method}-{ratio}-seed42"
-        assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["sst2-train", "sst2-validation"]
+        assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["sst2-select", "sst2-train", "sst2-validation"]
 
     # The sweep's own run: the table (also metrics/sweep.json, for DVC) and the Pareto plot.
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_sweep_run_id"])}
@@ -288,7 +288,7 @@ def test_parallel_sweep_on_an_mlflow_server_over_postgresql_loses_no_run(tmp_pat
             run = httpx.get(f"{rest}/runs/get", params={"run_id": best["mlflow_run_id"]}).json()["run"]
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
             assert metrics["evaluate_compressed.task.score"] == best["score"]
-            assert sorted(d["dataset"]["name"] for d in run["inputs"]["dataset_inputs"]) == ["sst2-train", "sst2-validation"]
+            assert sorted(d["dataset"]["name"] for d in run["inputs"]["dataset_inputs"]) == ["sst2-select", "sst2-train", "sst2-validation"]
             assert {o["model_id"] for o in run["outputs"]["model_outputs"]} >= {champion["model_id"]}
 
             import mlflow
