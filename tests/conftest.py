@@ -1,4 +1,15 @@
-"""Shared fixtures: a tiny BERT built from a config in code, and a tiny project."""
+"""Shared fixtures: a tiny BERT built from a config in code, and a tiny project.
+
+Two sets. `make test` (plain `pytest`) runs the fast one: units and the tiny
+pipeline in-process, a few minutes on 2 cores. Mark `@pytest.mark.slow` every
+test that starts a server (Prefect, MLflow, Dask, `mlflow models serve`), runs
+`lowrank` as a subprocess, kills processes or runs DVC; `make test-all` (or
+`pytest -m "slow or not slow"`; `-m slow` for those alone) adds them. Every
+test has `timeout` seconds (pyproject.toml), fixtures included; one that needs
+more says so with `@pytest.mark.timeout(seconds)`. Tests check what was done,
+never how fast (the machine is shared), and look only at processes they
+started.
+"""
 
 from __future__ import annotations
 
