@@ -32,7 +32,8 @@ GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "gl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tiny tensors gain nothing from more, and on a shared machine a second thread's waits made each step ~10x slower.
+torch.set_num_threads(1)
 
 # Character-level WordPiece vocabulary: every word tokenizes without a hub download.
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
