@@ -32,7 +32,9 @@ GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "gl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One thread: tiny tensors gain nothing from more, and on a shared machine a second thread's waits made each step ~10x slower.
+# One torch thread, here and in the processes tests start: tiny tensors gain nothing from more, and on a shared
+# machine a second thread's waits made each training step ~10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 # Character-level WordPiece vocabulary: every word tokenizes without a hub download.
