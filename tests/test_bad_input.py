@@ -170,7 +170,8 @@ def test_a_good_input_reaches_the_work_the_rows_stop_before(tmp_path: Path, mode
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_debug_shows_the_traceback(tmp_path: Path, model_dir: Path) -> None:
+def test_debug_shows_the_traceback(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LOWRANK_DEBUG", "")  # `--debug` sets it in this process: gone again after the test
     params = tiny_params(tmp_path, model_dir, GLUE_DIR)
     result = CliRunner().invoke(app, ["--debug", "check", "--params", str(params), "-S", "evaluate.threads=0"])
     assert result.exit_code != 0

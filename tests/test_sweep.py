@@ -227,6 +227,7 @@ def test_a_scheduler_that_does_not_answer_fails_before_any_work(tmp_path: Path, 
         port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
     tiny_params(tmp_path, tmp_path / "model", GLUE_DIR, sweep={"grid": GRID})
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOWRANK_DEBUG", "")  # as a user runs it, whatever an earlier in-process `--debug` left
     done = CliRunner().invoke(app, ["sweep", "--runner", "dask", "--address", f"tcp://127.0.0.1:{port}"])  # in-process
     assert done.exit_code == 2
     assert done.stderr.strip().splitlines() == [f"error: --address tcp://127.0.0.1:{port}: no scheduler answers (Connection refused)"]
