@@ -199,6 +199,7 @@ def yaml_load(path: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # two whole pipelines, a process per stage, behind DVC's queue
 def test_dvc_queue_runs_a_grid_and_exp_show_lists_it(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path) -> None:
     """DVC's way to a sweep: `dvc exp run --queue -S ...` per configuration, `dvc queue start`, `dvc exp show`."""
     project = tmp_path / "project"
