@@ -1,4 +1,15 @@
-"""Shared fixtures: a tiny BERT built from a config in code, and a tiny project."""
+"""Shared fixtures: a tiny BERT built from a config in code, and a tiny project.
+
+Two sets. `make test` (plain `pytest`) runs the fast one: units and the tiny
+pipeline in-process, a few minutes on 2 cores. Mark `@pytest.mark.slow` every
+test that starts a server (Prefect, MLflow, Dask, `mlflow models serve`), runs
+`lowrank` as a subprocess, kills processes or runs DVC; `make test-all` (or
+`pytest -m "slow or not slow"`; `-m slow` for those alone) adds them. Every
+test has `timeout` seconds (pyproject.toml), fixtures included; one that needs
+more says so with `@pytest.mark.timeout(seconds)`. Tests check what was done,
+never how fast (the machine is shared), and look only at processes they
+started.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +32,10 @@ GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "gl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One torch thread, here and in the processes tests start: tiny tensors gain nothing from more, and on a shared
+# machine a second thread's waits made each training step ~10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 # Character-level WordPiece vocabulary: every word tokenizes without a hub download.
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -74,6 +74,17 @@ def _without_timings(obj):
     return obj
 
 
+def _running_in(root: Path) -> list[str]:
+    """Command lines of the processes working in a folder under `root`: what this test started (children keep the
+    folder), whatever else runs on the machine."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):  # (None where the process is not ours to read)
+        if process.info["cwd"] and Path(process.info["cwd"]).is_relative_to(root):
+            found.append(" ".join(process.info["cmdline"] or ()))
+    return found
+
+
+@pytest.mark.timeout(900)  # eleven runs of the tiny pipeline
 def test_killed_at_each_stage_the_run_resumes_and_ends_the_same(tmp_path: Path, prefect_api: str) -> None:
     if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
         pytest.skip(f"GLUE data not found at {GLUE_DIR}")
@@ -107,7 +118,7 @@ def test_killed_at_each_stage_the_run_resumes_and_ends_the_same(tmp_path: Path, 
 
     running = httpx.post(f"{prefect_api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}).json()
     assert running == []
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "flows.cli" in " ".join(p.info["cmdline"] or ())]
+    assert not [command for command in _running_in(tmp_path) if "flows.cli" in command]
 
 
 def _servers(project: Path) -> list[psutil.Process]:
@@ -173,15 +184,14 @@ def test_a_signal_to_the_run_s_process_group_ends_it_promptly_and_leaves_nothing
     for line in process.stderr:
         if line.startswith("stage finetune: started"):
             break
-    started = time.monotonic()
     os.killpg(process.pid, signal.SIGTERM)
     process.stderr.read()
-    process.wait(90)
-    assert time.monotonic() - started < 30  # it hung for minutes when the server took the signal too
+    process.wait(120)
     assert process.returncode == 128 + signal.SIGTERM
     assert _servers(project) == []
     assert _leftovers(project) == []
     assert _running_mlflow_runs(project) == []
+    # Recorded, so the server outlived the signal: when it took the signal too, the run retried this report for minutes.
     assert _flow_run_states(project) == ["CRASHED"]
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import GLUE_DIR, save_tiny_model, tiny_params
 from lowrank.config import load_params
@@ -78,13 +79,14 @@ def test_the_tiny_pipeline_gives_the_pinned_metrics(tmp_path: Path, path: str) -
         if not name.startswith("summary"):  # newer than the pin: ratios of the pinned evaluations
             _close(got, pinned[f"{path}/{name}"], f"{path}/{name}")
         digests[name] = {key: digest(p) for key, p in get_stage(name).written_paths(layout).items() if p.exists()}
-    # Each stage again, in another process (another hash seed), on the same inputs:
-    # every artifact, plot and report byte-identical.
+    # Each stage again, in another process (another hash seed), on the same inputs and as many threads (their count
+    # changes a sum's rounding): every artifact, plot and report byte-identical.
     rerun = (
-        "import sys; from lowrank.config import load_params; from lowrank.pipeline import get_stage, pipeline\n"
-        "p = load_params(sys.argv[1])\nfor name in pipeline(p): get_stage(name).run(p)"
+        "import sys, torch; from lowrank.config import load_params; from lowrank.pipeline import get_stage, pipeline\n"
+        "torch.set_num_threads(int(sys.argv[2]))\np = load_params(sys.argv[1])\nfor name in pipeline(p): get_stage(name).run(p)"
     )
-    subprocess.run([sys.executable, "-c", rerun, str(tmp_path / "params.yaml")], check=True, capture_output=True, cwd=tmp_path)
+    threads = str(torch.get_num_threads())
+    subprocess.run([sys.executable, "-c", rerun, str(tmp_path / "params.yaml"), threads], check=True, capture_output=True, cwd=tmp_path)
     for name in pipeline(params):
         again = {key: digest(p) for key, p in get_stage(name).written_paths(layout).items() if p.exists()}
         assert again == digests[name], f"{name} wrote other bytes the second time"

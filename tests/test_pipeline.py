@@ -17,8 +17,6 @@ from conftest import REPO, tiny_params
 from lowrank.config import load_params
 from lowrank.pipeline import Layout, get_stage, pipeline, preflight
 
-pytestmark = pytest.mark.slow
-
 
 def _run_stages(params_path: Path, names: list[str]) -> dict:
     params = load_params(params_path)
@@ -65,6 +63,7 @@ def prefect_harness():
         yield
 
 
+@pytest.mark.slow
 def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path, prefect_harness, monkeypatch) -> None:
     import mlflow
 
@@ -155,6 +154,7 @@ def _dvc(cwd: Path, *args: str) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_dvc_repro_is_a_noop_the_second_time(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
@@ -198,6 +198,8 @@ def yaml_load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # two whole pipelines, a process per stage, behind DVC's queue
 def test_dvc_queue_runs_a_grid_and_exp_show_lists_it(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path) -> None:
     """DVC's way to a sweep: `dvc exp run --queue -S ...` per configuration, `dvc queue start`, `dvc exp show`."""
     project = tmp_path / "project"

@@ -101,12 +101,15 @@ def test_fingerprints_change_with_params_not_with_paths(tmp_path: Path) -> None:
 
 
 LOCK_SCRIPT = """
-import json, sys, time
+import json, os, sys, time
+from pathlib import Path
 from lowrank.config import load_params
 from lowrank.pipeline.store import StoreLayout, run_stored
 params = load_params(sys.argv[1])
 layout = StoreLayout.for_params(params, ["finetune"])
-while time.time() < float(sys.argv[2]):  # both processes start the stages at the same moment
+ready = Path(sys.argv[2])
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < 2:  # both processes start the stages at the same moment, once both have imported
     time.sleep(0.01)
 print(json.dumps({name: run_stored(name, params, layout)[1] for name in ("prepare", "finetune")}))
 """
@@ -114,10 +117,11 @@ print(json.dumps({name: run_stored(name, params, layout)[1] for name in ("prepar
 
 def test_two_processes_compute_each_store_entry_once(tmp_path: Path, glue_dir: Path) -> None:
     params = tiny_params(tmp_path, save_tiny_model(tmp_path / "model"), glue_dir)
-    start = time.time() + 25  # after both have imported torch and transformers
+    ready = tmp_path / "ready"
+    ready.mkdir()
     env = lowrank_env()
     processes = [
-        subprocess.Popen([sys.executable, "-c", LOCK_SCRIPT, str(params), str(start)], cwd=tmp_path, env=env,
+        subprocess.Popen([sys.executable, "-c", LOCK_SCRIPT, str(params), str(ready)], cwd=tmp_path, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
@@ -213,16 +217,21 @@ def test_sweep_on_a_local_dask_cluster_gives_the_same_bytes(tmp_path: Path, pref
         assert (local_model / "model.safetensors").read_bytes() == (dask_model / "model.safetensors").read_bytes()
 
 
-def test_a_scheduler_that_does_not_answer_fails_before_any_work(tmp_path: Path) -> None:
+def test_a_scheduler_that_does_not_answer_fails_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
     tiny_params(tmp_path, tmp_path / "model", GLUE_DIR, sweep={"grid": GRID})
-    done = subprocess.run([*LOWRANK, "sweep", "--runner", "dask", "--address", f"tcp://127.0.0.1:{port}"],
-                          cwd=tmp_path, env=lowrank_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOWRANK_DEBUG", "")  # as a user runs it, whatever an earlier in-process `--debug` left
+    done = CliRunner().invoke(app, ["sweep", "--runner", "dask", "--address", f"tcp://127.0.0.1:{port}"])  # in-process
+    assert done.exit_code == 2
     assert done.stderr.strip().splitlines() == [f"error: --address tcp://127.0.0.1:{port}: no scheduler answers (Connection refused)"]
-    assert not (tmp_path / "artifacts").exists()
+    assert done.stdout == "" and not (tmp_path / "artifacts").exists()
 
 
 def _postgres_databases(*names: str):

@@ -16,6 +16,7 @@ compute an entry while the others wait for it and then reuse it.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -37,15 +38,34 @@ RECORD = "result.json"  # written last: an entry without it is unfinished
 DIGEST_CHARS = 16  # of the fingerprint, in folder names (64 bits: no collision among a project's entries)
 
 
-@lru_cache(maxsize=1)
-def code_digest() -> str:
-    """Hash of the library's source: any change to `lowrank/` gives every stage a new fingerprint."""
-    root = Path(lowrank.__file__).parent
+class _Docstrings(ast.NodeTransformer):
+    def visit_Expr(self, node: ast.Expr) -> ast.AST | None:
+        # A string statement does nothing when run (a docstring, or a note after a field): it is not the code's meaning.
+        if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            return None
+        return node
+
+
+def source_digest(root: Path) -> str:
+    """Hash of what the modules under `root` do: their syntax trees without docstrings or comments.
+
+    Comments never reach the tree, and ast.dump leaves out line numbers, so
+    rewording or moving text keeps every fingerprint; any changed expression
+    gives new ones. (The dump's form follows the Python version: another
+    Python reruns the stages, as it may change their numbers.)
+    """
     hasher = hashlib.sha256(lowrank.__version__.encode())
     for file in sorted(root.rglob("*.py")):
+        tree = _Docstrings().visit(ast.parse(file.read_bytes(), filename=str(file)))
         hasher.update(file.relative_to(root).as_posix().encode())
-        hasher.update(file.read_bytes())
+        hasher.update(ast.dump(tree).encode())
     return hasher.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """The library's `source_digest`: a change to what `lowrank/` does gives every stage a new fingerprint."""
+    return source_digest(Path(lowrank.__file__).parent)
 
 
 def fingerprints(params: Params, names: Iterable[str]) -> dict[str, str]:
