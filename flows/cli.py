@@ -125,7 +125,7 @@ def compare(
             sweep_id, rows = sweep_rows(config.tracking, sweep)
         except LookupError as err:
             raise InputError(str(err)) from None
-    columns = ["run", "method", "keep_ratio", "score", "params_kept", "latency_ms.batch_1", "latency_ms.batch_32", "pareto"]
+    columns = ["run", "status", "method", "keep_ratio", "score", "params_kept", "latency_ms.batch_1", "latency_ms.batch_32", "pareto"]
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
     if fmt == "csv":
         import csv
