@@ -1,7 +1,7 @@
 """How a `lowrank` process starts and ends: one line for a bad input, clean unwinding on signals.
 
-A bad input (`lowrank.config.InputError`: a params value, a file, the data)
-is printed as one line, `error: <key or file>: <what>`, with exit code 2;
+A bad input (`lowrank.config.InputError`: a params value, a file, the data),
+or a disk that filled up, is printed as one line, `error: <key or file>: <what>`, with exit code 2;
 `--debug` or `LOWRANK_DEBUG=1` shows its traceback instead. Any other error
 keeps its traceback. SIGTERM unwinds like Ctrl-C, so every `with` block runs
 its exit: temporary folders go, MLflow runs end as FAILED, Prefect's
@@ -11,6 +11,7 @@ temporary server stops.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -68,6 +69,32 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+    except Exception as err:  # noqa: BLE001  a full disk, whoever hit it, is one line; anything else keeps its traceback
+        if debugging() or (line := _disk_full(err)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """What a write that found the disk full says, naming the file where the error does; else None.
+
+    Looked for along the exception's causes, and in the text of libraries that do not raise OSError
+    (safetensors' Rust writer, MLflow's artifact upload).
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL:
+            return f"{seen.filename}: {seen.strerror}" if seen.filename else str(seen.strerror)
+        text = str(seen)
+        if any(mark in text for mark in _FULL_TEXT):
+            return f"no space left on device ({' '.join(text.split())[:300]})"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # --------------------------------------------------------------------------- what a killed run leaves

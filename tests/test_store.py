@@ -150,3 +150,22 @@ def test_a_truncated_safetensors_is_one_line_naming_the_file(tmp_path: Path, tin
     with pytest.raises(InputError, match=f"^{weights}: not a readable safetensors file") as err:
         load_compressed(folder)
     assert "\n" not in str(err.value)
+
+
+def test_two_runs_publishing_at_once_leave_one_configuration_s_workspace(layout: StoreLayout) -> None:
+    import threading
+
+    other = StoreLayout(layout.artifacts, layout.metrics, {"t_up": "c" * 64, "t_down": "d" * 64})
+    for lay, data in ((layout, b"0123456789"), (other, b"abcdefghijklmnop")):
+        _run_both(lay, data)
+    rounds = [threading.Thread(target=publish, args=({"up": str(i)}, ["t_up", "t_down"], lay)) for i, lay in enumerate([layout, other] * 4)]
+    for thread in rounds:
+        thread.start()
+    for thread in rounds:
+        thread.join()
+    written = json.loads((layout.artifacts / WORKSPACE).read_text())
+    winner = layout if written["stages"]["t_up"]["fingerprint"] == "a" * 64 else other
+    assert written["stages"]["t_down"]["fingerprint"] == winner.fingerprints["t_down"]
+    for name in ("t_up", "t_down"):
+        assert (layout.artifacts / name / "data.bin").read_bytes() == (winner.entry(name) / name / "data.bin").read_bytes()
+        assert (layout.metrics / f"{name}.json").read_bytes() == (winner.entry(name) / "metrics" / f"{name}.json").read_bytes()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
@@ -56,8 +58,15 @@ def check_weights(folder: Path, key: str = "model.name") -> None:
             raise InputError(f"{key}: {err}") from None
 
 
-def check_model(cfg: ModelConfig) -> str:
-    """Resolve and read the model's config (and, for a folder, its weights' headers) now, before any work."""
+_WARNED: set[str] = set()
+
+
+def check_model(cfg: ModelConfig) -> Any | None:
+    """Resolve and read the model's config (and, for a folder, its weights' headers) now, before any work.
+
+    Returns the config, or None for a model whose code comes with its checkpoint (`trust_remote_code`):
+    reading its config would run that code, which a check must not; it says so, once per model.
+    """
     resolved = resolve_model(cfg.name)
     folder = Path(resolved)
     if folder.is_dir():
@@ -66,12 +75,27 @@ def check_model(cfg: ModelConfig) -> str:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"model.name: {folder / 'config.json'}: not valid JSON ({err})") from None
         check_weights(folder)
+    if cfg.trust_remote_code:
+        if cfg.name not in _WARNED:
+            _WARNED.add(cfg.name)
+            sys.stderr.write(
+                f"warning: model.trust_remote_code: {cfg.name} runs Python code from its checkpoint when a stage loads it; "
+                "the check did not run it, so the model's config and factorize.targets are checked only then\n"
+            )
+        return None
     try:
-        AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MissingInputError(f"model.name: cannot load {cfg.name!r}: {first}") from None
-    return resolved
+
+
+def meta_model(config: Any) -> PreTrainedModel:
+    """The classifier `config` describes, built on the meta device: its module names and shapes, no weights, no memory."""
+    import torch
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
 
 
 def load_tokenizer(cfg: ModelConfig):
