@@ -7,7 +7,8 @@ artifact of the logged model) through `lowrank.load_compressed`, safetensors
 only.
 
 predict takes a DataFrame with a column `text` (and `text_pair` for pair
-tasks, as transformers' pipelines name them) and returns one row per input:
+tasks, as transformers' pipelines name them) of strings, checked by
+`tasks.serving.validate_text_rows` (400 or 413 otherwise), and returns one row per input:
 `label` (the class name) and `score` (its probability), or for a regression
 task `score` alone (the predicted value). The rows are tokenized and batched
 as the evaluate stage does (truncated to the run's `max_length`, padded per
@@ -22,6 +23,8 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import set_model
+
+from tasks.serving import Limits, validate_text_rows
 
 MODEL_ARTIFACT = "model"  # the key of the model folder among the logged model's artifacts
 SERVING_ARTIFACT = "serving"  # a JSON file: max_length, batch_size, text_pair, method (an artifact: MLflow would log a
@@ -44,16 +47,13 @@ class LowrankClassifier(mlflow.pyfunc.PythonModel):
         self.batch_size = int(config.get("batch_size", 64))
         self.pair = bool(config.get("text_pair", False))
         self.regression = self.model.config.problem_type == "regression" or self.model.config.num_labels == 1
+        self.limits = Limits.from_env()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import torch
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        columns = ["text", "text_pair"] if self.pair else ["text"]
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise ValueError(f"input needs the column(s) {missing}; got {list(frame.columns)}")
-        texts = [frame[c].astype(str).tolist() for c in columns]
+        texts = validate_text_rows(frame, ["text", "text_pair"] if self.pair else ["text"], self.limits)
         rows = []
         for start in range(0, len(frame), self.batch_size):
             batch = [t[start:start + self.batch_size] for t in texts]
