@@ -142,13 +142,23 @@ def _problem(name: str, layout: StoreLayout, record: dict, seen: dict) -> str | 
         return problem
     if missing := [str(p) for p in st.written_paths(layout).values() if not p.exists()]:
         return f"{missing[0]} is missing"
-    for up in st.after:
+    for key, (up, _) in st.input_refs().items():
         upstream, _ = check_entry(up, layout, seen)
         if upstream is None:
             return f"its input entry {layout.entry(up)} is not finished"
-        if manifest_digest(upstream["files"]) != record.get("inputs", {}).get(up):
-            return f"its input entry {layout.entry(up)} holds other bytes than it was computed from"
+        if input_digest(name, key, layout, upstream) != record.get("inputs", {}).get(key):
+            return f"its input {key} ({st.input_paths(layout)[key]}) holds other bytes than it was computed from"
     return None
+
+
+def input_digest(name: str, key: str, layout: StoreLayout, upstream: dict) -> str:
+    """The hash of what stage `name` reads as input `key`: the manifest rows of that output in its upstream's record.
+
+    Only what it reads: the upstream's metrics file holds timings, which differ from one computation to the next.
+    """
+    up, _ = get_stage(name).input_refs()[key]
+    prefix = get_stage(name).input_paths(layout)[key].relative_to(layout.entry(up)).as_posix()
+    return manifest_digest({rel: row for rel, row in upstream["files"].items() if rel == prefix or rel.startswith(prefix + "/")})
 
 
 def finished(name: str, layout: StoreLayout) -> StageResult | None:
@@ -178,7 +188,7 @@ def run_stored(name: str, params: Params, layout: StoreLayout, refresh: bool = F
         if not refresh and record is not None:
             return _result(record), True
         # An input damaged since the caller checked it is computed again first (locks go downstream to upstream only).
-        inputs = {up: manifest_digest(_record_of(up, params, layout)["files"]) for up in st.after}
+        inputs = {key: input_digest(name, key, layout, _record_of(up, params, layout)) for key, (up, _) in st.input_refs().items()}
         if problem:
             _say(f"store: {name}: {problem}; computing it again")
         if entry.exists():  # an attempt that died, a damaged entry, or outputs someone deleted part of
