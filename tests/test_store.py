@@ -169,3 +169,13 @@ def test_two_runs_publishing_at_once_leave_one_configuration_s_workspace(layout:
     for name in ("t_up", "t_down"):
         assert (layout.artifacts / name / "data.bin").read_bytes() == (winner.entry(name) / name / "data.bin").read_bytes()
         assert (layout.metrics / f"{name}.json").read_bytes() == (winner.entry(name) / "metrics" / f"{name}.json").read_bytes()
+
+
+def test_a_stage_asked_for_while_its_input_is_damaged_rebuilds_the_input_and_keeps_itself(layout: StoreLayout, capsys) -> None:
+    _run_both(layout)
+    stored = layout.entry("t_up") / "t_up" / "data.bin"
+    stored.chmod(0o644)
+    stored.write_bytes(b"x123456789")
+    CALLS.clear()
+    assert run_stored("t_down", {"up": b"0123456789"}, layout)[1] is True  # its input rebuilt to the bytes it read
+    assert CALLS == ["t_up"] and "store: t_up:" in capsys.readouterr().err

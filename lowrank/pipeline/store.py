@@ -184,11 +184,12 @@ def run_stored(name: str, params: Params, layout: StoreLayout, refresh: bool = F
         return result, True
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".lock"):
+        # Inputs first: one damaged since the caller checked it is computed again (locks go downstream to upstream
+        # only), and if it comes back with the bytes this entry was computed from, the entry stands.
+        inputs = {key: input_digest(name, key, layout, _record_of(up, params, layout)) for key, (up, _) in st.input_refs().items()}
         record, problem = check_entry(name, layout)
         if not refresh and record is not None:
             return _result(record), True
-        # An input damaged since the caller checked it is computed again first (locks go downstream to upstream only).
-        inputs = {key: input_digest(name, key, layout, _record_of(up, params, layout)) for key, (up, _) in st.input_refs().items()}
         if problem:
             _say(f"store: {name}: {problem}; computing it again")
         if entry.exists():  # an attempt that died, a damaged entry, or outputs someone deleted part of
