@@ -146,14 +146,17 @@ def end_with_parent() -> Any:
     return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
+_WATCHDOG: list = []  # its Popen, held so that it is never collected (and warned about) while it runs
+
+
 def _start_watchdog(token: str) -> None:
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}  # unmarked: it outlives its owner by design
-    subprocess.Popen(
+    _WATCHDOG[:] = [subprocess.Popen(
         [sys.executable, "-m", "flows.watchdog", token], env=env, start_new_session=True, preexec_fn=end_with_parent(),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    )]
 
 
 def marked(token: str | None = None) -> list:
