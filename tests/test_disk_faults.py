@@ -84,3 +84,6 @@ def test_check_warns_once_about_remote_code_and_does_not_run_it(tmp_path: Path, 
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and f"model.trust_remote_code: {model} runs Python code" in warnings[0]
     assert not marker.exists()
+    asked = CliRunner().invoke(app, ["check", "--run-remote-code", "--params", str(params)])
+    assert asked.exit_code == 0, asked.output
+    assert marker.exists()  # asked, it ran the checkpoint's code to read the config

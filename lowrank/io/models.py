@@ -61,11 +61,12 @@ def check_weights(folder: Path, key: str = "model.name") -> None:
 _WARNED: set[str] = set()
 
 
-def check_model(cfg: ModelConfig) -> Any | None:
+def check_model(cfg: ModelConfig, run_remote_code: bool = False) -> Any | None:
     """Resolve and read the model's config (and, for a folder, its weights' headers) now, before any work.
 
     Returns the config, or None for a model whose code comes with its checkpoint (`trust_remote_code`):
-    reading its config would run that code, which a check must not; it says so, once per model.
+    reading its config would run that code, which a check does only when asked (`run_remote_code`);
+    it says so, once per model.
     """
     resolved = resolve_model(cfg.name)
     folder = Path(resolved)
@@ -75,16 +76,17 @@ def check_model(cfg: ModelConfig) -> Any | None:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"model.name: {folder / 'config.json'}: not valid JSON ({err})") from None
         check_weights(folder)
-    if cfg.trust_remote_code:
-        if cfg.name not in _WARNED:
-            _WARNED.add(cfg.name)
-            sys.stderr.write(
-                f"warning: model.trust_remote_code: {cfg.name} runs Python code from its checkpoint when a stage loads it; "
-                "the check did not run it, so the model's config and factorize.targets are checked only then\n"
-            )
+    if cfg.trust_remote_code and cfg.name not in _WARNED:
+        _WARNED.add(cfg.name)
+        sys.stderr.write(
+            f"warning: model.trust_remote_code: {cfg.name} runs Python code from its checkpoint when a stage loads it; "
+            + ("the check ran it\n" if run_remote_code else "the check did not run it, so the model's config and "
+               "factorize.targets are checked only then (`lowrank check --run-remote-code` runs it)\n")
+        )
+    if cfg.trust_remote_code and not run_remote_code:
         return None
     try:
-        return AutoConfig.from_pretrained(resolved)
+        return AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MissingInputError(f"model.name: cannot load {cfg.name!r}: {first}") from None

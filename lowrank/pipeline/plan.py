@@ -57,8 +57,11 @@ def pipeline(params: Params) -> list[str]:
     return path_stages(params.orchestration.path)
 
 
-def preflight(params: Params) -> None:
-    """Check every input the run names (data files, model, output folders, target patterns) before any work."""
+def preflight(params: Params, run_remote_code: bool = False) -> None:
+    """Check every input the run names (data files, model, output folders, target patterns) before any work.
+
+    A model with `trust_remote_code` has its config read (running its checkpoint's code) only with `run_remote_code`.
+    """
     from lowrank.data.loading import check_sources
     from lowrank.devices import default_device
     from lowrank.io.files import check_writable
@@ -69,7 +72,7 @@ def preflight(params: Params) -> None:
     with os_errors("paths.metrics"):
         check_writable(params.paths.metrics, "paths.metrics")
     with os_errors("model.name"):
-        config = check_model(params.model)
+        config = check_model(params.model, run_remote_code)
     if config is not None and params.orchestration.path != "dense":
         check_targets(config, params)
     with os_errors("data"):
