@@ -4,8 +4,9 @@ DVC and users read `artifacts/<stage>/...` and `metrics/<stage>.json`. A run
 swaps them all at once, at its end, under one lock, and then writes
 `artifacts/WORKSPACE.json` naming its configuration and the store entries the
 files come from: two runs in one folder leave the workspace of the one that
-finished last, never a mix. The files are copies (reflinks where the
-filesystem has them), not links: editing one never reaches the store.
+finished last, never a mix, and a swap cut short leaves no `WORKSPACE.json`.
+The files are copies (reflinks where the filesystem has them), not links:
+editing one never reaches the store.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def publish(params: Params, names: Iterable[str], layout: StoreLayout) -> Path:
     names = list(names)
     layout.artifacts.mkdir(parents=True, exist_ok=True)
     with FileLock(str(layout.artifacts / LOCK)):
+        (layout.artifacts / RECORD).unlink(missing_ok=True)  # a swap cut short (a kill, a full disk) claims no configuration
         for name in names:
             materialize(name, layout)
         values = flatten(params)
