@@ -59,3 +59,16 @@ def test_a_model_left_pending_by_an_ended_run_is_marked_failed_and_named_once(cf
     assert mlflow.get_logged_model(pending.model_id).status == LoggedModelStatus.FAILED
     assert mlflow.get_logged_model(ready.model_id).status == LoggedModelStatus.READY
     assert tracking.failed_models(cfg) == []
+
+
+def test_compare_says_when_a_configuration_s_model_failed(cfg: TrackingConfig, folder: Path) -> None:
+    from tasks.tracking import configuration_rows
+
+    ids = []
+    for status in (LoggedModelStatus.READY, LoggedModelStatus.FAILED):
+        with mlflow.start_run(tags={"path": "factorize", "keep_ratio": "0.5", "method": "svd"}) as run:
+            mlflow.log_metrics({"evaluate_dense.params.target_linear": 100.0, "evaluate_compressed.params.target_linear": 50.0,
+                                "evaluate_compressed.task.score": 0.8})
+            mlflow.set_tag("model.evaluate_compressed", _logged(folder, status, run.info.run_id).model_id)
+        ids.append(run.info.run_id)
+    assert [row["status"] for row in configuration_rows(ids)] == ["FINISHED", "FINISHED, model FAILED"]
