@@ -98,6 +98,7 @@ ROWS = [
     ("CSV field over the limit", {"set": [*CUSTOM, "data.custom.train_file=long.csv"], "files": {"long.csv": f"s,l\nok,1\n{'x' * 131073},0\n"}},
      "long.csv:3: field larger than field limit (131072)"),
     ("YAML alias bomb", {"params": "bomb"}, "its aliases expand to more than 100,000 values"),
+    ("tracking database where nothing can be written", {"set": ["tracking.uri=sqlite:////proc/x/mlflow.db"]}, "tracking.uri: cannot write in /proc/x"),
     ("params file missing", {"params": "missing"}, "params file not found"),
     ("params not YAML", {"params": "broken"}, "not valid YAML"),
 ]

@@ -118,7 +118,12 @@ def check_tracking(cfg: TrackingConfig, timeout: float = 3.0) -> None:
     import socket
     from urllib.parse import urlparse
 
+    from lowrank.io.files import check_writable
+
     parsed = urlparse(cfg.uri)
+    if cfg.enabled and parsed.scheme == "sqlite":  # a local database file: its folder must take it
+        with os_errors("tracking.uri"):
+            check_writable(Path(cfg.uri.removeprefix("sqlite:///")).parent, "tracking.uri")
     if not cfg.enabled or not parsed.hostname:  # sqlite:///file, a folder: nothing to reach
         return
     port = parsed.port or {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306}.get(parsed.scheme.split("+")[0])
