@@ -32,7 +32,9 @@ if __name__ == "__main__":
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     pids = [p.pid for p in pool._processes.values()] + [child.pid]
     print(json.dumps(pids), flush=True)
-    time.sleep(120)
+    sys.stdin.readline()  # until the test closes it (an exit without a signal), or a signal comes
+    pool.shutdown()
+    child.kill()
 """
 
 
@@ -40,23 +42,30 @@ def _alive(pids: list[int]) -> list[int]:
     return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_when_the_owner_dies_by_any_signal_its_workers_end_within_seconds(tmp_path: Path, sig: int) -> None:
+def _watchdogs(owner: int) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "flows.watchdog" in " ".join(p.info["cmdline"] or ())
+            and f":{owner}:" in " ".join(p.info["cmdline"])]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, None], ids=["SIGKILL", "SIGTERM", "exit"])
+def test_when_the_owner_dies_by_any_signal_its_workers_end_within_seconds(tmp_path: Path, sig: int | None) -> None:
     script = tmp_path / "owner.py"
     script.write_text(OWNER)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("LOWRANK_OWNER", None)
-    owner, pids = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env), []
+    owner = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    pids: list[int] = []
     try:
         pids = json.loads(owner.stdout.readline())
         tracker = [p.pid for p in psutil.Process(owner.pid).children() if "resource_tracker" in " ".join(p.cmdline())]
-        assert len(_alive(pids)) == 3 and len(tracker) == 1
-        owner.send_signal(sig)
+        pids += tracker + _watchdogs(owner.pid)
+        assert len(_alive(pids)) == 5 and len(tracker) == 1  # two workers, a child, the tracker, the watchdog
+        owner.send_signal(sig) if sig else owner.stdin.close()
         owner.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(pids + tracker) and time.monotonic() < deadline:
+        while _alive(pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _alive(pids + tracker) == []
+        assert _alive(pids) == []  # the watchdog too: it ends once it has ended the rest
     finally:
         owner.kill()
         for pid in _alive(pids):
