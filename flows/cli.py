@@ -36,13 +36,13 @@ def main(
     lifecycle.configure(debug, quiet)
 
 
-def _checked(params: Path, overrides: list[str]):
+def _checked(params: Path, overrides: list[str], run_remote_code: bool = False):
     """The validated params, with every input they name checked: before Prefect starts or a model loads."""
     from lowrank.config import load_params
     from lowrank.pipeline import preflight
 
     config = load_params(params, overrides)
-    preflight(config)
+    preflight(config, run_remote_code)
     return config
 
 
@@ -125,7 +125,7 @@ def compare(
             sweep_id, rows = sweep_rows(config.tracking, sweep)
         except LookupError as err:
             raise InputError(str(err)) from None
-    columns = ["run", "method", "keep_ratio", "score", "params_kept", "latency_ms.batch_1", "latency_ms.batch_32", "pareto"]
+    columns = ["run", "status", "method", "keep_ratio", "score", "params_kept", "latency_ms.batch_1", "latency_ms.batch_32", "pareto"]
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
     if fmt == "csv":
         import csv
@@ -174,12 +174,15 @@ def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET
 
 
 @app.command()
-def check(params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
-    """Validate params.yaml and every input it names, without running anything."""
+def check(
+    params: Path = PARAMS, set_param: Optional[List[str]] = SET,
+    run_remote_code: bool = typer.Option(False, help="With model.trust_remote_code: run the checkpoint's code to check its config and targets."),
+) -> None:
+    """Validate params.yaml and every input it names, without running anything (a checkpoint's own code only if asked)."""
     from lowrank.config import flatten
 
     with lifecycle.user_errors():
-        config = _checked(params, list(set_param or []))
+        config = _checked(params, list(set_param or []), run_remote_code)
     _print(flatten(config))
 
 

@@ -9,6 +9,7 @@ from prefect import flow
 from lowrank.config import load_params
 from lowrank.pipeline import pipeline, preflight
 from lowrank.pipeline.store import StoreLayout
+from lowrank.pipeline.workspace import publish
 from tasks import tracking
 from tasks.models import log_results
 
@@ -18,7 +19,7 @@ from .steps import execute
 
 @flow(name="compress", log_prints=True)
 def compress(params_path: str = "params.yaml", overrides: list[str] | None = None, checked: bool = False) -> dict:
-    """Run the pipeline that `params.yaml` describes; every stage is cached in the store, then linked into the workspace.
+    """Run the pipeline that `params.yaml` describes; every stage is cached in the store, then all are copied into the workspace.
 
     Returns, per stage, whether it came from the cache, its wall-clock seconds and its metrics.
     """
@@ -37,6 +38,7 @@ def compress(params_path: str = "params.yaml", overrides: list[str] | None = Non
             summary[name] = {"cached": cached, "seconds": seconds, "metrics": results[name].metrics}
             if track and name == "prepare":  # the splits as inputs, as soon as they exist
                 scored = tracking.log_datasets(params, layout)
+        publish(params, names, layout)  # as a whole, at the end: the workspace is one configuration's (WORKSPACE.json)
         if track:  # every stage's metrics, each evaluation's against the model it scored (on the evaluation split)
             log_results(results, params, layout, scored)
     return summary

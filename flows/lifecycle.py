@@ -1,7 +1,7 @@
 """How a `lowrank` process starts and ends: one line for a bad input, clean unwinding on signals.
 
-A bad input (`lowrank.config.InputError`: a params value, a file, the data)
-is printed as one line, `error: <key or file>: <what>`, with exit code 2;
+A bad input (`lowrank.config.InputError`: a params value, a file, the data),
+or a disk that filled up, is printed as one line, `error: <key or file>: <what>`, with exit code 2;
 `--debug` or `LOWRANK_DEBUG=1` shows its traceback instead. Any other error
 keeps its traceback. SIGTERM unwinds like Ctrl-C, so every `with` block runs
 its exit: temporary folders go, MLflow runs end as FAILED, Prefect's
@@ -11,11 +11,12 @@ temporary server stops.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import typer
 
@@ -68,12 +69,37 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+    except Exception as err:  # noqa: BLE001  a full disk, whoever hit it, is one line; anything else keeps its traceback
+        if debugging() or (line := _disk_full(err)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """What a write that found the disk full says, naming the file where the error does; else None.
+
+    Looked for along the exception's causes, and in the text of libraries that do not raise OSError
+    (safetensors' Rust writer, MLflow's artifact upload).
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL:
+            return f"{seen.filename}: {seen.strerror}" if seen.filename else str(seen.strerror)
+        text = str(seen)
+        if any(mark in text for mark in _FULL_TEXT):
+            return f"no space left on device ({' '.join(text.split())[:300]})"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # --------------------------------------------------------------------------- what a killed run leaves
 
 OWNER_ENV = "LOWRANK_OWNER"  # host:pid:start of the lowrank process; children (Prefect's server) inherit it
-_SERVER_MARK = "prefect.server.api.server:create_app"  # in the command line of Prefect's temporary server
 
 
 def owner_token(pid: int | None = None) -> str:
@@ -102,46 +128,95 @@ def owner_alive(token: str) -> bool:
 
 
 def claim() -> str:
-    """Mark this process as the owner of what it starts from now on (Prefect's server inherits the mark)."""
+    """Mark this process as the owner of what it starts from now on (Prefect's server, sweep workers and the
+    resource tracker inherit the mark), and start the watchdog that ends them all if this process dies."""
     os.environ[OWNER_ENV] = owner_token()
+    _start_watchdog(os.environ[OWNER_ENV])
     return os.environ[OWNER_ENV]
 
 
-def stop_orphan_servers() -> list[int]:
-    """Stop the temporary Prefect servers whose lowrank process died without stopping them (SIGKILL where the
-    kernel does not end them with it: not Linux, or a server Prefect started itself)."""
+def end_with_parent() -> Any:
+    """A `preexec_fn`: on Linux, the child gets SIGTERM when the thread that started it dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, in the parent: the child only calls it
+    except (OSError, AttributeError):  # not Linux
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+_WATCHDOG: list = []  # its Popen, held so that it is never collected (and warned about) while it runs
+
+
+def _start_watchdog(token: str) -> None:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}  # unmarked: it outlives its owner by design
+    _WATCHDOG[:] = [subprocess.Popen(
+        [sys.executable, "-m", "flows.watchdog", token], env=env, start_new_session=True, preexec_fn=end_with_parent(),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )]
+
+
+def marked(token: str | None = None) -> list:
+    """The processes that carry a lowrank owner's mark (`token`'s, or anyone's) in their environment."""
     import psutil
 
-    stopped = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
+    found = []
+    for process in psutil.process_iter():
         try:
-            if _SERVER_MARK not in " ".join(process.info["cmdline"] or ()):
-                continue
-            token = process.environ().get(OWNER_ENV)
-            if token and not owner_alive(token):
-                process.terminate()
-                try:
-                    process.wait(5)
-                except psutil.TimeoutExpired:
-                    process.kill()
-                stopped.append(process.pid)
+            mark = process.environ().get(OWNER_ENV)
         except psutil.Error:
             continue
-    return stopped
+        if mark and process.pid != os.getpid() and (token is None or mark == token):
+            found.append(process)
+    return found
+
+
+def end_processes(processes: list, grace: float = 3.0) -> list[int]:
+    """SIGTERM, then SIGKILL what is still there after `grace` seconds; returns the pids ended."""
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    return [process.pid for process in processes]
+
+
+def stop_orphans() -> list[int]:
+    """End what lowrank processes that died left running (their watchdog did not get to it: killed too, or not
+    Linux): Prefect's temporary server, sweep workers, multiprocessing's resource tracker, all found by their mark."""
+    import psutil
+
+    orphans = []
+    for process in marked():
+        with contextlib.suppress(psutil.Error):
+            if not owner_alive(process.environ()[OWNER_ENV]):
+                orphans.append(process)
+    return end_processes(orphans) if orphans else []
 
 
 def recover(params) -> dict[str, list]:
-    """Before a run: remove what runs that died left behind (temporary folders, Prefect servers, RUNNING MLflow runs)."""
+    """Before a run: remove what runs that died left behind (temporary folders, processes, RUNNING MLflow runs)."""
     from lowrank.io.files import remove_stale_temporaries
     from tasks import tracking
 
     found: dict[str, list] = {
         "temporaries": [p for root in (params.paths.artifacts, params.paths.metrics) for p in remove_stale_temporaries(root)],
-        "servers": stop_orphan_servers(),
+        "processes": stop_orphans(),
         "mlflow_runs": tracking.close_stale_runs(params.tracking, owner_alive) if params.tracking.enabled else [],
     }
+    found["failed_mlflow_models"] = tracking.failed_models(params.tracking) if params.tracking.enabled else []
     if any(found.values()):
         print(f"cleaned up after a run that died: {', '.join(f'{len(v)} {k}' for k, v in found.items() if v)}", file=sys.stderr)
+    for model in found["failed_mlflow_models"]:
+        print(f"warning: MLflow logged model {model} is FAILED (its upload did not finish): not reused, logged again when scored", file=sys.stderr)
     return found
 
 

@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 from lowrank.config import InputError
 
+from .lifecycle import end_with_parent
+
 RUNNERS = ("local", "dask")
 # Stages that train: with --gpu each asks the Dask scheduler for a worker with a free GPU.
 TRAINING_STAGES = ("finetune", "finetune_compressed", "prune", "mrft")
@@ -85,18 +87,6 @@ def engine(kind: str, workers: int | None = None, threads: int | None = None, ad
     return Engine(DaskTaskRunner(cluster_kwargs=cluster), kind, workers, threads, gpu=gpu)
 
 
-def _end_with_parent() -> Any:
-    """What the child runs before the server: on Linux, ask for SIGTERM when the process that started it dies."""
-    import ctypes
-    import signal
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, in the parent: the child only calls it
-    except (OSError, AttributeError):  # not Linux
-        return None
-    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-
-
 def _owned_server() -> Any:
     """Prefect's temporary server, in a session of its own, ending with the lowrank process that started it.
 
@@ -114,7 +104,7 @@ def _owned_server() -> Any:
 
     class OwnedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> Any:
-            detached = partial(subprocess.Popen, start_new_session=True, preexec_fn=_end_with_parent())
+            detached = partial(subprocess.Popen, start_new_session=True, preexec_fn=end_with_parent())
             with mock.patch.object(subprocess, "Popen", detached):  # Prefect builds the command; only its start changes
                 return super()._run_uvicorn_command()
 

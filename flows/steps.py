@@ -7,7 +7,7 @@ import time
 
 from lowrank.config import Params
 from lowrank.pipeline import StageResult
-from lowrank.pipeline.store import StoreLayout, materialize
+from lowrank.pipeline.store import StoreLayout
 from tasks import tracking
 from tasks.stages import run_stage
 
@@ -19,14 +19,10 @@ def progress(line: str) -> None:
 
 
 def execute(name: str, params: Params, layout: StoreLayout, *, track: bool) -> tuple[StageResult, bool, float]:
-    """Run a stage through Prefect; returns its result, whether the store had it, and the seconds it took.
-
-    The stage's outputs are then linked to its workspace paths, where `dvc` and users look.
-    """
+    """Run a stage through Prefect; returns its result, whether the store had it, and the seconds it took."""
     started = time.perf_counter()
     progress(f"stage {name}: started")
     result, cached, _costs = run_stage.with_options(name=name)(name, params, layout, return_state=True).result()
-    materialize(name, layout)
     seconds = time.perf_counter() - started
     progress(f"stage {name}: {'cached' if cached else 'ran'}, {seconds:.1f} s")
     if track:

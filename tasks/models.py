@@ -69,9 +69,10 @@ def log_model(evaluation: str, params: Params, layout: Layout) -> str:
     folder = get_stage(evaluation).input_paths(layout)["model"]
     md5 = stored_md5(str(folder))
     experiment = mlflow.active_run().info.experiment_id
-    found = mlflow.search_logged_models([experiment], filter_string=f"tags.`{MD5_TAG}` = '{md5}'", max_results=1, output_format="list")
-    if found:
-        return found[0].model_id
+    found = mlflow.search_logged_models([experiment], filter_string=f"tags.`{MD5_TAG}` = '{md5}'", max_results=20, output_format="list")
+    for model in found:  # an upload that failed (a full disk) left a model that does not load: log it again
+        if whole(model, folder):
+            return model.model_id
     maker = EVALUATIONS[evaluation].split(".", 1)[0]
     spec = resolve_task(params.data)
     method = "dense" if maker == "finetune" else ("pruned" if maker == "prune" else params.factorize.method)
@@ -81,6 +82,30 @@ def log_model(evaluation: str, params: Params, layout: Layout) -> str:
                                        "text_pair": spec.is_pair, "method": method}))
         info = _log_pyfunc(maker, params, folder, serving, spec, md5, method)
     return info.model_id
+
+
+def _artifact_sizes(client: Any, model_id: str, path: str | None = None) -> dict[str, int]:
+    sizes = {}
+    for info in client.list_logged_model_artifacts(model_id, path):
+        if info.is_dir:
+            sizes.update(_artifact_sizes(client, model_id, info.path))
+        else:
+            sizes[info.path] = info.file_size
+    return sizes
+
+
+def whole(model: Any, folder: Path) -> bool:
+    """Whether a logged model can be reused for `folder`: READY, and every file of the folder uploaded at its size."""
+    from mlflow.entities import LoggedModelStatus
+
+    if model.status != LoggedModelStatus.READY:
+        return False
+    try:
+        sizes = _artifact_sizes(mlflow.MlflowClient(), model.model_id)
+    except (OSError, mlflow.MlflowException):  # its artifacts are gone or unreadable
+        return False
+    local = [(file.relative_to(folder).as_posix(), file.stat().st_size) for file in folder.rglob("*") if file.is_file()]
+    return all(any(path.endswith(f"/{rel}") and size == want for path, size in sizes.items()) for rel, want in local)
 
 
 def _log_pyfunc(maker: str, params: Params, folder: Path, serving: Path, spec: Any, md5: str, method: str) -> Any:

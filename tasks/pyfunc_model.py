@@ -11,9 +11,10 @@ kind serves it (lowrank/kinds): for a classifier, `text` (and `text_pair` for
 pair tasks, as transformers' pipelines name them) in, `label` (the class name)
 and `score` (its probability) out, or for a regression `score` alone; for a
 tagger, `text` (or `words`) in, `entities` out; for a QA reader, `question` and
-`context` in, `answer`, its `start` and `end` and `score` out. The rows are
-tokenized and batched as the evaluate stage does (truncated to the run's
-`max_length`, padded per batch), so the predictions are the evaluation's.
+`context` in, `answer`, its `start` and `end` and `score` out. The text columns
+are checked first by `tasks.serving.validate_text_rows` (400 or 413 otherwise).
+The rows are tokenized and batched as the evaluate stage does (truncated to the
+run's `max_length`, padded per batch), so the predictions are the evaluation's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import set_model
+
+from tasks.serving import Limits, validate_text_rows
 
 MODEL_ARTIFACT = "model"  # the key of the model folder among the logged model's artifacts
 SERVING_ARTIFACT = "serving"  # a JSON file: max_length, batch_size, text_pair, method (an artifact: MLflow would log a
@@ -47,9 +50,11 @@ class LowrankClassifier(mlflow.pyfunc.PythonModel):
         self.batch_size = int(config.get("batch_size", 64))
         self.pair = bool(config.get("text_pair", False))
         self.kind = kind_of_model(self.model)
+        self.limits = Limits.from_env()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        validate_text_rows(frame, self.kind.text_columns(frame, self.pair), self.limits)
         return pd.DataFrame(self.kind.serve(self.model, self.tokenizer, frame, self.max_length, self.batch_size, self.pair))
 
 

@@ -23,7 +23,7 @@ from lowrank.pipeline import Layout, StageResult, get_stage
 from lowrank.pipeline.store import StoreLayout
 
 from .lineage import dvc_md5, stored_md5
-from .models import log_results
+from .models import MODEL_TAG, log_results
 
 # MLflow caps a param value at 6000 characters.
 _MAX_PARAM = 6000
@@ -157,6 +157,32 @@ def close_stale_runs(cfg: TrackingConfig, alive: Callable[[str], bool]) -> list[
     return closed
 
 
+REPORTED_TAG = "lowrank.failure_reported"
+
+
+def failed_models(cfg: TrackingConfig) -> list[str]:
+    """The logged models whose upload did not finish, each named once: "<name> (<id>)".
+
+    A model still PENDING whose run has ended (its process died: `close_stale_runs` ran first) is marked
+    FAILED; a FAILED model is never reused (`models.whole`), the next run that scores its folder logs it again.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    configure(cfg)
+    client, found = mlflow.MlflowClient(), []
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    for model in mlflow.search_logged_models([experiment.experiment_id], output_format="list"):
+        if model.tags.get(REPORTED_TAG) or model.status not in (LoggedModelStatus.PENDING, LoggedModelStatus.FAILED):
+            continue
+        if model.status == LoggedModelStatus.PENDING:
+            if model.source_run_id and client.get_run(model.source_run_id).info.status == "RUNNING":
+                continue  # still being uploaded
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        client.set_logged_model_tags(model.model_id, {REPORTED_TAG: "true"})
+        found.append(f"{model.name} ({model.model_id})")
+    return found
+
+
 def _param_value(value: Any) -> str:
     return "null" if value is None else str(value)[:_MAX_PARAM]
 
@@ -251,6 +277,17 @@ def sweep_rows(cfg: TrackingConfig, sweep: str | None = None) -> tuple[str, list
     return found[0].data.tags["sweep"], configuration_rows(found[0].data.tags[SWEEP_RUNS_TAG].split(","))
 
 
+def _status(client: Any, run: Any, evaluation: str) -> str:
+    """The run's status, and its model's where that is not READY (an upload that failed: the model does not load)."""
+    model_id = run.data.tags.get(f"{MODEL_TAG}{evaluation}")
+    try:
+        model = client.get_logged_model(model_id) if model_id else None
+    except mlflow.MlflowException:
+        return f"{run.info.status}, model {model_id} missing"
+    state = getattr(getattr(model, "status", None), "value", "READY")
+    return run.info.status if state == "READY" else f"{run.info.status}, model {state}"
+
+
 def configuration_rows(run_ids: list[str]) -> list[dict[str, Any]]:
     """One row per configuration run, and whether it is on the Pareto front of score against parameters kept."""
     from lowrank.pipeline.plan import shipped
@@ -261,7 +298,8 @@ def configuration_rows(run_ids: list[str]) -> list[dict[str, Any]]:
         metrics, evaluation = run.data.metrics, shipped(run.data.tags["path"])[0]
         dense = metrics.get("evaluate_dense.params.target_linear")
         rows.append({
-            "run": run.info.run_name, "run_id": run.info.run_id, "method": run.data.tags.get("method"),
+            "run": run.info.run_name, "run_id": run.info.run_id, "status": _status(client, run, evaluation),
+            "method": run.data.tags.get("method"),
             "keep_ratio": float(run.data.tags.get("keep_ratio", "nan")),
             "score": metrics.get(f"{evaluation}.task.score"),
             "dense_score": metrics.get("evaluate_dense.task.score"),

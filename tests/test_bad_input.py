@@ -82,6 +82,11 @@ def _sst2_short_row(data: bytes) -> bytes:
     return b"\n".join(lines)
 
 
+CUSTOM = ["data.task=custom", "data.custom={train_file: ok.csv, eval_file: ok.csv, text_a: s, label: l, label_names: ['0', '1']}"]
+FILES = {"ok.csv": "s,l\ngood,1\nbad,0\n"}
+# Nine aliases of nine aliases ... of a list: 9 KB that stands for billions of values ("billion laughs").
+BOMB = "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+
 # (id, what to change, the text the one line must hold)
 ROWS = [
     ("unknown solver", {"set": ["factorize.method=tfwsvd", "factorize.solver=foo"]},
@@ -106,6 +111,14 @@ ROWS = [
     ("tracking server down", {"set": ["tracking.uri=http://127.0.0.1:9"]}, "tracking.uri: http://127.0.0.1:9 does not answer"),
     ("tracking database down", {"set": ["tracking.uri=postgresql://u@127.0.0.1:9/x"]}, "tracking.uri: postgresql://u@127.0.0.1:9/x does not answer"),
     ("select metric not evaluated", {"set": ["sweep.select.metric=accuracy"]}, "sweep.select.metric: accuracy is not a metric of the evaluate stage"),
+    ("targets matching no layer", {"set": ["factorize.targets=[no.such.layer]"]}, "factorize.targets: ['no.such.layer'] (less factorize.exclude) matches no Linear layer"),
+    ("catastrophic target regex", {"set": ["factorize.targets=(a+)+b"]}, "factorize.targets: '(a+)+b' has a repetition inside a repetition"),
+    ("model name too long", {"set": [f"model.name=/tmp/{'a' * 300}"]}, "model.name: /tmp/aaa"),
+    ("data file a device", {"set": [*CUSTOM, "data.custom.train_file=zero.csv"], "files": {"zero.csv": None}}, "split train: zero.csv is not a regular file"),
+    ("CSV field over the limit", {"set": [*CUSTOM, "data.custom.train_file=long.csv"], "files": {"long.csv": f"s,l\nok,1\n{'x' * 131073},0\n"}},
+     "long.csv:3: field larger than field limit (131072)"),
+    ("YAML alias bomb", {"params": "bomb"}, "its aliases expand to more than 100,000 values"),
+    ("tracking database where nothing can be written", {"set": ["tracking.uri=sqlite:////proc/x/mlflow.db"]}, "tracking.uri: cannot write in /proc/x"),
     ("params file missing", {"params": "missing"}, "params file not found"),
     ("params not YAML", {"params": "broken"}, "not valid YAML"),
 ]
@@ -128,6 +141,13 @@ def _case(tmp_path: Path, model_dir: Path, change: dict, monkeypatch) -> tuple[P
         params.write_text(yaml.safe_dump(raw))
         monkeypatch.delenv("GLUE_DIR", raising=False)
         monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for name, text in {**FILES, **change.get("files", {})}.items() if "files" in change else ():
+        if text is None:
+            (tmp_path / name).symlink_to("/dev/zero")
+        else:
+            (tmp_path / name).write_text(text)
+    if change.get("params") == "bomb":
+        params.write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + BOMB + params.read_text())
     if change.get("params") == "missing":
         params = tmp_path / "nope.yaml"
     elif change.get("params") == "broken":

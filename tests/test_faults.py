@@ -166,7 +166,7 @@ def test_recover_stops_a_server_whose_owner_died(tmp_path: Path) -> None:
                             env={**os.environ, lifecycle.OWNER_ENV: lifecycle.owner_token()})
     try:
         time.sleep(0.5)
-        stopped = lifecycle.stop_orphan_servers()
+        stopped = lifecycle.stop_orphans()
         assert fake.pid in stopped and mine.pid not in stopped
         assert fake.poll() is not None and mine.poll() is None  # stopped and reaped by psutil: only the other one runs
     finally:

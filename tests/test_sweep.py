@@ -179,6 +179,7 @@ def test_sweep_shares_stages_keeps_every_model_and_fails_one_configuration_alone
     import csv
 
     table = list(csv.DictReader(done.stdout.splitlines()))
+    assert {r["status"] for r in table} == {"FINISHED"}  # a FAILED run or model would say so here
     assert sorted(r["run"] for r in table) == sorted(f"sst2-{c['overrides']['factorize.method']}-{c['overrides']['factorize.keep_ratio']}-seed42" for c in configs[:4])
     for row in table:
         beaten = any(float(o["score"]) >= float(row["score"]) and float(o["params_kept"]) <= float(row["params_kept"])

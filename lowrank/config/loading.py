@@ -18,6 +18,53 @@ from lowrank.config.base import ConfigError, InputError, TrainConfig, check
 from lowrank.config.sections import Params
 from lowrank.config.sweep import MAX_CONFIGS, SweepConfig, as_overrides, check_key, expand, label
 
+# A params file is a few hundred values; YAML aliases can make a 9 KB file stand for billions ("billion laughs"),
+# which loads as shared references in a moment and then takes minutes and gigabytes to copy, check and hash.
+MAX_YAML_VALUES = 100_000
+
+
+class _SizedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document that stands for more than MAX_YAML_VALUES values or refers to itself."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _count(node, {}, set())
+        return super().construct_document(node)
+
+
+class _Unbounded(ValueError):
+    def __init__(self, node: yaml.Node, what: str) -> None:
+        super().__init__(what)
+        self.line, self.what = node.start_mark.line + 1, what
+
+
+def _count(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values `node` stands for with every alias expanded, counted without expanding them."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise _Unbounded(node, "an alias refers to the value that contains it")
+    open_.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_count(child, sizes, open_) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_count(key, sizes, open_) + _count(value, sizes, open_) for key, value in node.value)
+    else:
+        size = 1
+    open_.discard(id(node))
+    if size > MAX_YAML_VALUES:
+        raise _Unbounded(node, f"its aliases expand to more than {MAX_YAML_VALUES:,} values")
+    sizes[id(node)] = size
+    return size
+
+
+def load_yaml(text: str, where: str, file: bool = True) -> Any:
+    """`yaml.safe_load` with a bound on what aliases expand to; errors name `where` (`file:line`, or an override)."""
+    try:
+        return yaml.load(text, Loader=_SizedLoader)  # noqa: S506  a SafeLoader subclass
+    except _Unbounded as err:
+        raise ConfigError(f"{where}:{err.line}: {err.what}" if file else f"{where}: {err.what}") from None
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -106,7 +153,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if not isinstance(child, dict):
                 raise ConfigError(f"override {dotted}: {part} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text)
+        node[parts[-1]] = load_yaml(text, f"override {dotted}", file=False)
     return raw
 
 
@@ -120,7 +167,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -9,7 +9,6 @@ crash an hour into fine-tuning.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +16,8 @@ from typing import Any, Literal
 from lowrank.linalg.solvers import iterative_solvers, solver_options
 from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT
 from lowrank.methods import METHODS, get_method, method_names
-from lowrank.config.base import CompressedTrainConfig, ConfigError, TrainConfig, check
+from lowrank.config.base import CompressedTrainConfig, TrainConfig, check
+from lowrank.config.patterns import check_pattern
 from lowrank.config.lpaf import MrftConfig, PruneConfig
 from lowrank.config.sweep import SweepConfig
 
@@ -191,10 +191,7 @@ class FactorizeConfig:
         for key in ("targets", "exclude"):
             patterns = getattr(self, key)
             if isinstance(patterns, str):
-                try:
-                    re.compile(patterns)
-                except re.error as err:
-                    raise ConfigError(f"factorize.{key}: not a regular expression: {err}") from None
+                check_pattern(patterns, f"factorize.{key}")
         check(0 < self.keep_ratio <= 1, "factorize.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
         check(0 <= self.min_rank_share <= 1, "factorize.min_rank_share", f"must be in [0, 1], got {self.min_rank_share}")
         check(self.pruned_weight >= 0, "factorize.pruned_weight", f"must be >= 0, got {self.pruned_weight}")

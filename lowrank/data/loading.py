@@ -106,9 +106,12 @@ def check_files(spec: TaskSpec, glue_dir: str | Path | None = None) -> dict[str,
     if glue_dir is not None and spec.glue_folder is not None and not Path(glue_dir).expanduser().is_dir():
         raise MissingInputError(f"data.glue_dir: GLUE folder not found: {glue_dir}")
     paths = {split: split_path(spec, split, glue_dir) for split in spec.splits}
-    missing = [f"{split}: {path}" for split, path in paths.items() if not path.is_file()]
+    missing = [f"{split}: {path}" for split, path in paths.items() if not path.exists()]
     if missing:
         raise MissingInputError(f"task {spec.name}: data file(s) not found: {'; '.join(missing)}")
+    for split, path in paths.items():
+        if not path.is_file():  # a folder, /dev/zero, a pipe: reading it would fail or never end
+            raise DataError(f"task {spec.name}, split {split}: {path} is not a regular file")
     for split in paths:
         read_split(spec, split, glue_dir)  # every row parsed: SST-2's 68,000 in 0.15 s, so a bad row fails now
     return paths

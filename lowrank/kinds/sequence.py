@@ -139,6 +139,9 @@ class SequenceKind(TaskKind):
         outputs = [("double", "score")] if spec.is_regression else [("string", "label"), ("double", "score")]
         return inputs, outputs, EXAMPLES[spec.is_pair]
 
+    def text_columns(self, frame: Any, pair: bool) -> list[str]:
+        return ["text", "text_pair"] if pair else ["text"]
+
     def serve(self, model: nn.Module, tokenizer: Any, frame: Any, max_length: int, batch_size: int, pair: bool) -> Rows:
         """`label` (the class name) and `score` (its probability), or for a regression `score` alone (the value)."""
         columns = ["text", "text_pair"] if pair else ["text"]

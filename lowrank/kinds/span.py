@@ -232,6 +232,9 @@ class SpanKind(TaskKind):
         example = {"question": ["Where did John fly?"], "context": ["John Smith flew to Paris with Air France."]}
         return inputs, outputs, example
 
+    def text_columns(self, frame: Any, pair: bool) -> list[str]:
+        return ["question", "context"]
+
     def serve(self, model: nn.Module, tokenizer: Any, frame: Any, max_length: int, batch_size: int, pair: bool) -> Rows:
         """`answer` (text), its character span `start`, `end` in the context, and `score` (its probability in its window)."""
         missing = [c for c in ("question", "context") if c not in frame.columns]

@@ -160,6 +160,9 @@ class TokenKind(TaskKind):
         entity = [("string", "type"), ("long", "start"), ("long", "end"), ("string", "text"), ("double", "score")]
         return [("string", "text")], [(entity, "entities")], {"text": ["John Smith flew to Paris with Air France."]}
 
+    def text_columns(self, frame: Any, pair: bool) -> list[str]:
+        return [] if "words" in frame.columns else ["text"]  # pre-split `words` are lists, joined by serve
+
     def serve(self, model: nn.Module, tokenizer: Any, frame: Any, max_length: int, batch_size: int, pair: bool) -> Rows:
         """`entities`: each with its type, character span in the text, text and score (mean probability of its tags).
 

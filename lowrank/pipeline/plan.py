@@ -7,7 +7,9 @@ order: a stage may only read what an earlier one wrote).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from lowrank.config import InputError, MissingInputError, Params, TrackingConfig
 from lowrank.pipeline.stage import METRICS, STAGES, Layout, get_stage
@@ -56,17 +58,26 @@ def pipeline(params: Params) -> list[str]:
     return path_stages(params.orchestration.path)
 
 
-def preflight(params: Params) -> None:
-    """Check every input the run names (data files, model, output folders) before any work."""
+def preflight(params: Params, run_remote_code: bool = False) -> None:
+    """Check every input the run names (data files, model, output folders, target patterns) before any work.
+
+    A model with `trust_remote_code` has its config read (running its checkpoint's code) only with `run_remote_code`.
+    """
     from lowrank.data.loading import check_sources, resolve_task
     from lowrank.devices import default_device
     from lowrank.io.files import check_writable
     from lowrank.io.models import check_head, check_model
 
-    check_writable(params.paths.artifacts, "paths.artifacts")
-    check_writable(params.paths.metrics, "paths.metrics")
-    check_model(params.model)
-    check_sources(params.data)
+    with os_errors("paths.artifacts"):
+        check_writable(params.paths.artifacts, "paths.artifacts")
+    with os_errors("paths.metrics"):
+        check_writable(params.paths.metrics, "paths.metrics")
+    with os_errors("model.name"):
+        config = check_model(params.model, run_remote_code)
+    if config is not None and params.orchestration.path != "dense":
+        check_targets(config, params)
+    with os_errors("data"):
+        check_sources(params.data)
     if params.model.finetuned:
         check_head(params.model, resolve_task(params.data))
     check_tracking(params.tracking)
@@ -76,12 +87,46 @@ def preflight(params: Params) -> None:
         raise InputError(str(err)) from None
 
 
+@contextlib.contextmanager
+def os_errors(key: str) -> Iterator[None]:
+    """An OS error on a path `key` names (too long, not a folder, no permission, a device) is a one-line InputError."""
+    try:
+        yield
+    except InputError:
+        raise
+    except OSError as err:
+        name = str(err.filename or "")
+        name = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+        raise InputError(f"{key}: {name + ': ' if name else ''}{err.strerror or err}") from None
+
+
+def check_targets(config: object, params: Params) -> None:
+    """`factorize.targets` must select some Linear layer of the model: matched against its module names, built
+    on the meta device from its config, so a pattern that selects nothing fails before fine-tuning, not after."""
+    from lowrank.io.models import meta_model
+    from lowrank.modules.matching import find_targets
+
+    cfg = params.factorize
+    model = meta_model(config)
+    if not find_targets(model, cfg.targets or None, cfg.exclude or None):
+        linear = [name for name, module in model.named_modules() if type(module).__name__ == "Linear"]
+        raise InputError(
+            f"factorize.targets: {cfg.targets!r} (less factorize.exclude) matches no Linear layer of {params.model.name}; "
+            f"its Linear layers are named like {', '.join(linear[:2])}"
+        )
+
+
 def check_tracking(cfg: TrackingConfig, timeout: float = 3.0) -> None:
     """A tracking server or database named by host must answer now, not after the first hour of training."""
     import socket
     from urllib.parse import urlparse
 
+    from lowrank.io.files import check_writable
+
     parsed = urlparse(cfg.uri)
+    if cfg.enabled and parsed.scheme == "sqlite":  # a local database file: its folder must take it
+        with os_errors("tracking.uri"):
+            check_writable(Path(cfg.uri.removeprefix("sqlite:///")).parent, "tracking.uri")
     if not cfg.enabled or not parsed.hostname:  # sqlite:///file, a folder: nothing to reach
         return
     port = parsed.port or {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306}.get(parsed.scheme.split("+")[0])

@@ -11,6 +11,7 @@ from these declarations.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -139,7 +140,13 @@ class Stage:
 
     def run(self, params: Params, layout: Layout | None = None) -> StageResult:
         """Run the stage on the paths `params` gives (or `layout`)."""
-        return self.fn(params, self.io(layout or Layout.from_params(params)))
+        layout = layout or Layout.from_params(params)
+        try:
+            return self.fn(params, self.io(layout))
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) and not err.filename:  # datasets' and torch's writers name no file
+                err.filename = str(layout.artifacts_of(self.name))
+            raise
 
 
 STAGES: dict[str, Stage] = {}

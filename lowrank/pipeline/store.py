@@ -9,8 +9,11 @@ configurations share, and each stage writes to
 `<paths.artifacts>/store/<stage>/<fingerprint>/`, a folder no other
 configuration writes to.
 
-An entry is finished when its `result.json` exists, written last; a lock file
-per fingerprint lets one process (of a sweep, a run, or two of them at once)
+An entry is finished when its `result.json` exists, written last, and its
+files still have the sizes and SHA-256 hashes it lists, and the entries it read
+still hold the bytes it records it read (so a damaged entry, once rebuilt,
+reaches everything below it). Finished files are read-only. A lock file per
+fingerprint lets one process (of a sweep, a run, or two of them at once)
 compute an entry while the others wait for it and then reuse it.
 """
 
@@ -20,8 +23,8 @@ import ast
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -30,11 +33,13 @@ from filelock import FileLock
 
 import lowrank
 from lowrank.config import Params, select, to_dict
-from lowrank.io.files import atomic_dir, read_json, write_json
+from lowrank.io.files import read_json, write_json
+from lowrank.io.manifest import READ_ONLY, build_manifest, make_read_only, manifest_digest, verify
 from lowrank.pipeline.stage import Layout, StageResult, get_stage
 
 STORE = "store"  # the store's folder under paths.artifacts
 RECORD = "result.json"  # written last: an entry without it is unfinished
+STATE = ".verified.json"  # each file's stat when it was last hashed (lowrank.io.manifest)
 DIGEST_CHARS = 16  # of the fingerprint, in folder names (64 bits: no collision among a project's entries)
 
 
@@ -120,14 +125,74 @@ def _record(result: StageResult) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(result), default=str))
 
 
+def _result(record: dict) -> StageResult:
+    return StageResult(**{field.name: record[field.name] for field in dataclasses.fields(StageResult) if field.name in record})
+
+
+def check_entry(name: str, layout: StoreLayout, seen: dict | None = None) -> tuple[dict | None, str | None]:
+    """The entry's record if it, and every entry upstream of it, still holds what it recorded; else why not.
+
+    Returns (record, None) when whole, (None, None) when never finished, and
+    (None, problem) when finished once but no longer to be trusted: a file
+    missing, resized or changed (the hash is computed only for files whose stat
+    changed since they were last hashed), or an upstream entry whose bytes are
+    not those this one was computed from. So a damaged entry can never leave
+    the entries below it looking finished.
+    """
+    seen = {} if seen is None else seen
+    if name in seen:
+        return seen[name]
+    entry = layout.entry(name)
+    try:
+        record = read_json(entry / RECORD)
+    except FileNotFoundError:
+        found: tuple[dict | None, str | None] = (None, None)
+    except (OSError, ValueError) as err:
+        found = (None, f"{entry / RECORD} is unreadable ({err})")
+    else:
+        found = (record, _problem(name, layout, record, seen))
+        if found[1]:
+            found = (None, found[1])
+    seen[name] = found
+    return found
+
+
+def _problem(name: str, layout: StoreLayout, record: dict, seen: dict) -> str | None:
+    entry, st = layout.entry(name), get_stage(name)
+    if not isinstance(record, dict) or "files" not in record:
+        return f"{entry / RECORD} lists no file hashes (an older lowrank wrote it)"
+    if problem := verify(entry, record["files"], entry / STATE):
+        return problem
+    if missing := [str(p) for p in st.written_paths(layout).values() if not p.exists()]:
+        return f"{missing[0]} is missing"
+    for key, (up, _) in st.input_refs().items():
+        upstream, _ = check_entry(up, layout, seen)
+        if upstream is None:
+            return f"its input entry {layout.entry(up)} is not finished"
+        if input_digest(name, key, layout, upstream) != record.get("inputs", {}).get(key):
+            return f"its input {key} ({st.input_paths(layout)[key]}) holds other bytes than it was computed from"
+    return None
+
+
+def input_digest(name: str, key: str, layout: StoreLayout, upstream: dict) -> str:
+    """The hash of what stage `name` reads as input `key`: the manifest rows of that output in its upstream's record.
+
+    Only what it reads: the upstream's metrics file holds timings, which differ from one computation to the next.
+    """
+    up, _ = get_stage(name).input_refs()[key]
+    prefix = get_stage(name).input_paths(layout)[key].relative_to(layout.entry(up)).as_posix()
+    return manifest_digest({rel: row for rel, row in upstream["files"].items() if rel == prefix or rel.startswith(prefix + "/")})
+
+
 def finished(name: str, layout: StoreLayout) -> StageResult | None:
-    """The stored result of an entry whose outputs are all still there, else None."""
-    record = layout.entry(name) / RECORD
-    if not record.is_file():
-        return None
-    if not all(path.exists() for path in get_stage(name).written_paths(layout).values()):
-        return None  # someone deleted part of it: compute it again
-    return StageResult(**read_json(record))
+    """The stored result of an entry that, with everything upstream of it, still holds what it recorded; else None."""
+    record, _ = check_entry(name, layout)
+    return None if record is None else _result(record)
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def run_stored(name: str, params: Params, layout: StoreLayout, refresh: bool = False) -> tuple[StageResult, bool]:
@@ -135,49 +200,34 @@ def run_stored(name: str, params: Params, layout: StoreLayout, refresh: bool = F
 
     The lock is per fingerprint: two processes wanting the same entry compute it once.
     `refresh` computes it again whatever the store holds (`orchestration.cache: false`).
+    An entry that fails its check is said so, naming the file, and computed again, after its inputs.
     """
-    entry = layout.entry(name)
+    entry, st = layout.entry(name), get_stage(name)
     if not refresh and (result := finished(name, layout)) is not None:
         return result, True
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".lock"):
-        if not refresh and (result := finished(name, layout)) is not None:
-            return result, True
-        if entry.exists():  # an attempt that died, or outputs someone deleted part of
+        # Inputs first: one damaged since the caller checked it is computed again (locks go downstream to upstream
+        # only), and if it comes back with the bytes this entry was computed from, the entry stands.
+        inputs = {key: input_digest(name, key, layout, _record_of(up, params, layout)) for key, (up, _) in st.input_refs().items()}
+        record, problem = check_entry(name, layout)
+        if not refresh and record is not None:
+            return _result(record), True
+        if problem:
+            _say(f"store: {name}: {problem}; computing it again")
+        if entry.exists():  # an attempt that died, a damaged entry, or outputs someone deleted part of
             shutil.rmtree(entry)
-        record = _record(get_stage(name).run(params, layout))
-        write_json(entry / RECORD, record)
-    return StageResult(**record), False  # the JSON form, as a later hit reads it
+        record = _record(st.run(params, layout))
+        make_read_only(entry)  # first: the chmod moves each file's ctime, which the manifest's state records
+        record.update(files=build_manifest(entry, skip=(RECORD, STATE), state=entry / STATE), inputs=inputs)
+        write_json(entry / RECORD, record)  # last: the entry counts as finished from here
+        (entry / RECORD).chmod(READ_ONLY)
+    return _result(record), False  # the JSON form, as a later hit reads it
 
 
-def _link_file(source: str | Path, target: str | Path) -> None:
-    """Hard-link a file (a copy where links fail): the workspace view costs no space."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def materialize(name: str, layout: StoreLayout) -> None:
-    """Put a stored stage's outputs, plots, reports and metrics at its workspace paths (what DVC and users read).
-
-    Each path is replaced whole by a rename, so a reader sees the old or the new one, never a mix.
-    Writers never modify a file in place, so the links cannot change the store behind its back.
-    """
-    st, workspace = get_stage(name), layout.workspace()
-    stored, target = st.written_paths(layout), st.written_paths(workspace)
-    moves = [(stored[key], target[key]) for key in stored] + [(st.metrics_path(layout), st.metrics_path(workspace))]
-    for source, dest in moves:
-        if not source.exists():
-            continue
-        if source.is_dir():
-            with atomic_dir(dest) as tmp:
-                tmp.rmdir()  # copytree makes it
-                shutil.copytree(source, tmp, copy_function=_link_file)
-        elif not (dest.exists() and os.path.samefile(source, dest)):
-            # (renaming a link onto another link of the same file does nothing and would leave the temporary name)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-link")
-            tmp.unlink(missing_ok=True)
-            _link_file(source, tmp)
-            os.replace(tmp, dest)
+def _record_of(name: str, params: Params, layout: StoreLayout) -> dict:
+    run_stored(name, params, layout)
+    record, problem = check_entry(name, layout)
+    if record is None:
+        raise RuntimeError(f"store: {name}: {problem or 'not finished'} right after it was computed")
+    return record

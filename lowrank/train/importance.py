@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lowrank.devices import model_device, to_device
-from lowrank.io.files import atomic_write_bytes, safetensors_bytes, safetensors_info
+from lowrank.io.files import atomic_write_bytes, load_tensors, safetensors_bytes, safetensors_info
 from lowrank.modules.layers import out_in
 from lowrank.modules.surgery import linear_weights
 from lowrank.train.loop import progress_bar
@@ -152,4 +151,4 @@ def load_importance(path: str | Path) -> Importance:
     if not path.is_file():
         raise FileNotFoundError(f"importance file not found: {path} (run the fisher stage)")
     metadata = safetensors_info(path)
-    return Importance(load_file(str(path)), int(metadata.get("num_samples", 0)), metadata.get("kind", "fisher"))
+    return Importance(load_tensors(path), int(metadata.get("num_samples", 0)), metadata.get("kind", "fisher"))

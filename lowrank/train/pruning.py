@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lowrank.train.hooks import TrainHook
-from lowrank.io.files import atomic_write_bytes, safetensors_bytes
+from lowrank.io.files import atomic_write_bytes, load_tensors, safetensors_bytes
 from lowrank.modules.surgery import linear_weights
 
 PruneMethod = Literal["movement", "taylor", "magnitude"]
@@ -323,7 +322,7 @@ class Pruner(TrainHook):
 
 def load_pruning_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Read the (masks, scores) that `Pruner.save` wrote, keyed by module name."""
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     masks = {k[len("mask.") :]: v.bool() for k, v in tensors.items() if k.startswith("mask.")}
     scores = {k[len("score.") :]: v for k, v in tensors.items() if k.startswith("score.")}
     return masks, scores

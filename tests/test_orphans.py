@@ -1,0 +1,120 @@
+"""Nothing a lowrank process started outlives it: its watchdog ends its workers, whatever killed it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import GLUE_DIR, LOWRANK, REPO, lowrank_env, save_tiny_model, tiny_params
+
+pytestmark = pytest.mark.slow  # starts and kills processes
+
+# A stand-in for a sweep: claims, then starts what a sweep starts (spawn workers, which bring the resource
+# tracker, and a plain child), prints their pids and waits to be killed.
+OWNER = """
+import json, multiprocessing, subprocess, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from flows import lifecycle
+
+if __name__ == "__main__":
+    lifecycle.claim()
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    list(pool.map(time.sleep, [0, 0]))  # the workers start on first use
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    pids = [p.pid for p in pool._processes.values()] + [child.pid]
+    print(json.dumps(pids), flush=True)
+    sys.stdin.readline()  # until the test closes it (an exit without a signal), or a signal comes
+    pool.shutdown()
+    child.kill()
+"""
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def _watchdogs(owner: int) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "flows.watchdog" in " ".join(p.info["cmdline"] or ())
+            and f":{owner}:" in " ".join(p.info["cmdline"])]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, None], ids=["SIGKILL", "SIGTERM", "exit"])
+def test_when_the_owner_dies_by_any_signal_its_workers_end_within_seconds(tmp_path: Path, sig: int | None) -> None:
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LOWRANK_OWNER", None)
+    owner = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    pids: list[int] = []
+    try:
+        pids = json.loads(owner.stdout.readline())
+        tracker = [p.pid for p in psutil.Process(owner.pid).children() if "resource_tracker" in " ".join(p.cmdline())]
+        pids += tracker + _watchdogs(owner.pid)
+        assert len(_alive(pids)) == 5 and len(tracker) == 1  # two workers, a child, the tracker, the watchdog
+        owner.send_signal(sig) if sig else owner.stdin.close()
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _alive(pids) == []  # the watchdog too: it ends once it has ended the rest
+    finally:
+        owner.kill()
+        for pid in _alive(pids):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_next_start_ends_what_a_dead_owner_left(tmp_path: Path) -> None:
+    from flows import lifecycle
+
+    dead = f"{socket.gethostname()}:{2 ** 22 + 7}:1.000"  # a pid above the kernel's default maximum: never alive
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, lifecycle.OWNER_ENV: dead})
+    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            env={**os.environ, lifecycle.OWNER_ENV: lifecycle.owner_token()})
+    try:
+        time.sleep(0.5)
+        stopped = lifecycle.stop_orphans()
+        assert left.pid in stopped and mine.pid not in stopped
+        assert left.poll() is not None and mine.poll() is None
+    finally:
+        left.kill(), mine.kill()
+
+
+def _marked_by(pid: int) -> list[psutil.Process]:
+    from flows import lifecycle
+
+    return [p for p in lifecycle.marked() if p.environ()[lifecycle.OWNER_ENV].split(":")[1] == str(pid)]
+
+
+def test_a_sweep_killed_with_sigkill_leaves_no_worker_tracker_or_server(tmp_path: Path) -> None:
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    sweep = {"grid": {"factorize.keep_ratio": [0.5, 0.3]}}
+    tiny_params(tmp_path, save_tiny_model(tmp_path / "model"), GLUE_DIR, evaluate={"latency": False}, sweep=sweep,
+                finetune={"epochs": 200})  # long enough to be killed while the workers train
+    env = lowrank_env(PREFECT_HOME=str(tmp_path / ".prefect"))  # no server configured: the sweep starts its own
+    sweep_process = subprocess.Popen([*LOWRANK, "--quiet", "sweep", "--workers", "2", "--threads", "1"], cwd=tmp_path, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and sum("spawn_main" in " ".join(p.cmdline()) for p in _marked_by(sweep_process.pid)) < 1:
+            time.sleep(1)
+        started = _marked_by(sweep_process.pid)
+        kinds = " ".join(" ".join(p.cmdline()) for p in started)
+        assert "spawn_main" in kinds and "resource_tracker" in kinds and "prefect.server" in kinds
+        sweep_process.kill()
+        sweep_process.wait(10)
+        _, alive = psutil.wait_procs(started, timeout=15)
+        assert alive == []
+    finally:
+        sweep_process.kill()
+        for process in _marked_by(sweep_process.pid):
+            process.kill()
