@@ -185,7 +185,7 @@ def test_a_good_input_reaches_the_work_the_rows_stop_before(tmp_path: Path, mode
         pytest.skip(f"GLUE data not found at {GLUE_DIR}")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(lifecycle.OWNER_ENV, "")  # `run` claims ownership in this process's environment: undone after
-    monkeypatch.setattr(lifecycle, "stop_orphan_servers", lambda: [])  # other runs' servers on the machine are not ours
+    monkeypatch.setattr(lifecycle, "stop_orphans", lambda: [])  # other runs' servers on the machine are not ours
     params = tiny_params(tmp_path, model_dir, GLUE_DIR, tracking={"enabled": False})  # (MLflow's database: seconds to make)
     result = CliRunner().invoke(app, ["run", "--params", str(params)])
     assert long_work == ["Prefect's server started"] and result.exit_code != 0

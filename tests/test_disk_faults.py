@@ -78,6 +78,11 @@ def test_check_warns_once_about_remote_code_and_does_not_run_it(tmp_path: Path, 
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "remote.RemoteConfig"}}))
     monkeypatch.chdir(tmp_path)
+    # Loading a remote config marks its class for auto-saving its source; the class is BertConfig itself here, and
+    # left marked, every later save_pretrained of a BERT in this process would try to copy transformers' own files.
+    from transformers import BertConfig
+
+    monkeypatch.setattr(BertConfig, "_auto_class", None)
     params = tiny_params(tmp_path, model, GLUE_DIR, model={"trust_remote_code": True})
     result = CliRunner().invoke(app, ["check", "--params", str(params)])
     assert result.exit_code == 0, result.output

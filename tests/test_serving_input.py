@@ -50,11 +50,12 @@ def test_mlflow_s_scoring_server_answers_400_and_413(tmp_path: Path, tiny_model_
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
+    from lowrank.data.tasks import get_task
     from tasks.models import MODEL_CODE, _signature
 
     serving = tmp_path / "serving.json"
     serving.write_text(json.dumps({"max_length": 16, "batch_size": 8, "text_pair": False, "method": "dense"}))
-    mlflow.pyfunc.save_model(str(tmp_path / "served"), python_model=str(MODEL_CODE), signature=_signature(False, False),
+    mlflow.pyfunc.save_model(str(tmp_path / "served"), python_model=str(MODEL_CODE), signature=_signature(get_task("sst2"))[0],
                              artifacts={"model": str(tiny_model_dir), "serving": str(serving)})
     monkeypatch.setenv("LOWRANK_SERVE_MAX_ROWS", "3")
     client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(tmp_path / "served"))))

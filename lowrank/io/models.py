@@ -95,12 +95,16 @@ def check_model(cfg: ModelConfig, run_remote_code: bool = False) -> Any | None:
         raise MissingInputError(f"model.name: cannot load {cfg.name!r}: {first}") from None
 
 
-def meta_model(config: Any) -> PreTrainedModel:
-    """The classifier `config` describes, built on the meta device: its module names and shapes, no weights, no memory."""
+def meta_model(config: Any, spec: Any) -> PreTrainedModel:
+    """The model of the task's kind that `config` describes, built on the meta device: its module names and shapes,
+    no weights, no memory."""
     import torch
 
+    from lowrank.kinds import auto_class, get_kind
+
+    kind = get_kind(spec.kind)
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return auto_class(kind).from_config(config)  # the head is never a target: its size does not matter
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -103,11 +103,12 @@ def os_errors(key: str) -> Iterator[None]:
 def check_targets(config: object, params: Params) -> None:
     """`factorize.targets` must select some Linear layer of the model: matched against its module names, built
     on the meta device from its config, so a pattern that selects nothing fails before fine-tuning, not after."""
+    from lowrank.data.loading import resolve_task
     from lowrank.io.models import meta_model
     from lowrank.modules.matching import find_targets
 
     cfg = params.factorize
-    model = meta_model(config)
+    model = meta_model(config, resolve_task(params.data))
     if not find_targets(model, cfg.targets or None, cfg.exclude or None):
         linear = [name for name, module in model.named_modules() if type(module).__name__ == "Linear"]
         raise InputError(
