@@ -7,6 +7,7 @@ that talks to MLflow, so the tracking backend can change without touching it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 import warnings
@@ -23,7 +24,7 @@ from lowrank.pipeline import Layout, StageResult, get_stage
 from lowrank.pipeline.store import StoreLayout
 
 from .lineage import dvc_md5, stored_md5
-from .models import log_results
+from .models import log_results, run_goal
 
 # MLflow caps a param value at 6000 characters.
 _MAX_PARAM = 6000
@@ -269,7 +270,9 @@ def configuration_rows(run_ids: list[str]) -> list[dict[str, Any]]:
             "params_kept": metrics[f"{evaluation}.params.target_linear"] / dense if dense else None,
             **{f"latency_ms.batch_{b}": metrics.get(f"{evaluation}.latency.batch_{b}.median_ms") for b in (1, 32)},
         })
-    marks = pareto([(r["score"] or 0.0, r["params_kept"] or 1.0) for r in rows])
+    goal = run_goal(client.get_run(run_ids[0])) if run_ids else "max"
+    worst = -math.inf if goal == "max" else math.inf  # a configuration without a score is on no front
+    marks = pareto([(worst if r["score"] is None else r["score"], r["params_kept"] or 1.0) for r in rows], goal)
     for row, mark in zip(rows, marks):
         row["pareto"] = mark
     return rows
@@ -291,7 +294,7 @@ def log_sweep(cfg: TrackingConfig, sweep: str, run_ids: list[str], metrics_dir: 
         x = f"latency_ms.batch_{batch}"
         timed = [r for r in scored if r[x] is not None]
         if timed:
-            front = pareto([(r["score"], r[x]) for r in timed])
+            front = pareto([(r["score"], r[x]) for r in timed], run_goal(mlflow.MlflowClient().get_run(run_ids[0])))
             dense_x = next((r[f"dense_{x}"] for r in timed if r[f"dense_{x}"] is not None), None)
             plots.append(plot_pareto(timed, dense, metrics_dir / f"sweep_latency_batch_{batch}.png", x=x,
                                      xlabel=f"CPU latency at batch {batch} (ms, eager PyTorch)", front=front, dense_x=dense_x))
