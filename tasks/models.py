@@ -158,7 +158,7 @@ def run_goal(run: Any) -> str:
     """Whether a higher or a lower task score is better in a configuration run: its task kind's goal, from its params."""
     from lowrank.kinds import task_goal
 
-    params = run.data.params
+    params = getattr(run.data, "params", None) or {}  # a run logged without its params: the defaults' task
     return task_goal(params.get("data.task", "sst2"), params.get("data.custom.kind"))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowrank.config import InputError, MissingInputError, Params, TrackingConfig
-from lowrank.pipeline.stage import STAGES, Layout, get_stage
+from lowrank.pipeline.stage import METRICS, STAGES, Layout, get_stage
 
 # The last stage of each `orchestration.path`.
 PATH_ENDS = {
@@ -44,8 +44,9 @@ def path_stages(path: str) -> list[str]:
 def shipped(path: str) -> tuple[str, str, str]:
     """The path's final model: (the stage that evaluates it, the stage that makes it, that stage's output key)."""
     evaluation = get_stage(PATH_ENDS[path])
-    if "model" not in evaluation.inputs:  # a summary: its last input is the evaluation of the final model
-        evaluation = get_stage(list(evaluation.inputs.values())[-1].split(".", 1)[0])
+    if "model" not in evaluation.inputs:  # a summary: its last metrics input is the evaluation of the final model
+        metrics = [source for source in evaluation.inputs.values() if source.endswith(f".{METRICS}")]
+        evaluation = get_stage(metrics[-1].split(".", 1)[0])
     maker, key = evaluation.inputs["model"].split(".", 1)
     return evaluation.name, maker, key
 

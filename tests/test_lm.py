@@ -1,0 +1,274 @@
+"""The `lm` kind on a tiny Llama built in code: perplexity against known answers, its readers, goal min in every
+choice, greedy generation through compression, serving, and the factorize path end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lowrank.config import InputError
+from lowrank.kinds import better, get_kind
+
+WORDS = "the a cat dog sat ran on under mat rug big small red blue and slept".split()
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+DOCUMENTS = [
+    "the cat sat on the mat", "a dog ran under the rug", "the big cat slept on a red mat",
+    "a small dog sat under the blue rug", "the cat and the dog slept", "a red cat ran on the big rug",
+]
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A random 2-layer Llama (grouped-query attention, gated FFN) with a word-level tokenizer, saved like a hub model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_text(path: Path, documents=DOCUMENTS, repeat: int = 1) -> Path:
+    path.write_text("\n".join(documents * repeat) + "\n")
+    return path
+
+
+def _custom(train: Path, dev: Path, text_a: str | None = None):
+    from lowrank.config.sections import CustomDataConfig
+
+    return CustomDataConfig(train_file=str(train), eval_file=str(dev), kind="lm", text_a=text_a)
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+def test_perplexity_of_known_logits_over_real_tokens_only() -> None:
+    kind = get_kind("lm")
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    logits = probs.log().expand(2, 4, 4).clone()  # (B, T, V): the same distribution at every position
+    labels = torch.tensor([[0, 1, 2, 3], [0, 0, -100, -100]])  # row 2: one real next token, then padding
+    logits[1, 2:] = torch.randn(2, 4) * 50  # garbage where the padding is: never read
+    # predicted: row 1 tokens 1, 2, 3 (p .25, .125, .125); row 2 token 0 (p .5)
+    nll = -(math.log(0.25) + 2 * math.log(0.125) + math.log(0.5)) / 4
+    metrics = kind.metrics(None, {"logits": logits, "labels": labels}, None)
+    assert metrics["nll"] == pytest.approx(nll) and metrics["score"] == metrics["perplexity"] == pytest.approx(math.exp(nll))
+    uniform = kind.metrics(None, {"logits": torch.zeros(1, 5, 7), "labels": torch.tensor([[1, 2, 3, 4, 5]])}, None)
+    assert uniform["perplexity"] == pytest.approx(7.0)  # a uniform model's perplexity is the vocabulary's size
+    assert kind.goal == "min" and kind.baseline(None, None) is None
+
+
+def test_better_honours_the_goal() -> None:
+    assert better(3.0, 5.0, "min") and not better(5.0, 3.0, "min") and better(5.0, 3.0) and better(1.0, None, "min")
+    assert not better(3.0, 3.0, "min")  # a tie beats nothing
+    with pytest.raises(ValueError, match="goal"):
+        better(1.0, 2.0, "lowest")
+
+
+def test_keep_best_ends_on_the_lowest_perplexity_and_the_start_guard_too() -> None:
+    from test_training import CFG, _run, _same
+
+    final, snapshots, result = _run(CFG, [9.0, 4.0, 6.0], goal="min")
+    assert (result.best_epoch, result.best_score) == (2, 4.0) and _same(final, snapshots[1])
+    final, snapshots, result = _run(CFG, [5.0, 6.0, 7.0, 8.0], score_start=True, goal="min")  # + ft only made it worse
+    assert (result.best_epoch, result.best_score) == (0, 5.0) and _same(final, snapshots[0])
+
+
+def test_pareto_score_kept_and_the_champion_honour_goal_min() -> None:
+    from types import SimpleNamespace
+
+    from lowrank.config.sweep import SelectConfig
+    from lowrank.pipeline.factorize import collapse_report
+    from lowrank.pipeline.summary import pareto, score_kept
+    from tasks.models import choose
+
+    # (perplexity, params kept): (12, .5) is beaten by (10, .5); (20, .2) is the cheapest
+    assert pareto([(10.0, 0.5), (12.0, 0.5), (20.0, 0.2), (25.0, 0.3)], "min") == [True, False, True, False]
+    assert score_kept(20.0, 10.0, "min") == 0.5 and score_kept(0.45, 0.9) == 0.5
+    assert collapse_report([{"epoch": 0, "score": 30.0}, {"epoch": 1, "score": 30.0}], None)["collapsed"] is False
+
+    def run(keep: float, ppl: float):
+        metrics = {"evaluate_compressed.params.target_linear": keep * 1000, "evaluate_compressed.task.score": ppl}
+        return SimpleNamespace(data=SimpleNamespace(metrics=metrics, tags={"path": "factorize", "keep_ratio": str(keep)},
+                                                    params={"data.task": "custom", "data.custom.kind": "lm"}))
+
+    runs = [run(0.5, 12.0), run(0.3, 15.0), run(0.7, 11.0)]
+    best, reason = choose(SelectConfig(), runs)
+    assert best is runs[2] and "(min)" in reason
+    assert choose(SelectConfig(max_keep_ratio=0.5), runs)[0] is runs[0]
+    assert choose(SelectConfig(goal="max"), runs)[0] is runs[1]  # as configured, whatever the kind
+
+
+def test_distillation_averages_kl_over_real_tokens_only() -> None:
+    from lowrank.train.loop import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    loss = distillation_loss(student, teacher, 2.0, mask)
+    moved = student.clone()
+    moved[1, 2:] += 100  # padding positions: anything there leaves the loss alone
+    assert torch.allclose(distillation_loss(moved, teacher, 2.0, mask), loss)
+    kl = [torch.nn.functional.kl_div(student[b, t].div(2).log_softmax(-1), teacher[b, t].div(2).softmax(-1), reduction="sum")
+          for b, t in mask.nonzero().tolist()]
+    assert torch.allclose(loss, torch.stack(kl).mean() * 4)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def test_text_and_jsonl_files_are_read_and_a_bad_row_named_by_file_and_line(tmp_path: Path) -> None:
+    from lowrank.data.loading import read_split
+    from lowrank.data.tasks import DataError
+
+    kind = get_kind("lm")
+    text = tmp_path / "train.txt"
+    text.write_text("the cat sat\n\n  \na dog ran\n")
+    spec = kind.custom_task(_custom(text, text))
+    assert read_split(spec, "train") == [{"text": "the cat sat"}, {"text": "a dog ran"}]  # blank lines are no documents
+
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text('{"body": "the cat sat"}\n{"body": "a dog ran"}\n')
+    spec = kind.custom_task(_custom(jsonl, jsonl, text_a="body"))
+    assert read_split(spec, "validation") == [{"text": "the cat sat"}, {"text": "a dog ran"}]
+    jsonl.write_text('{"body": "the cat sat"}\n\n{"body": 7}\n')
+    with pytest.raises(DataError, match=rf"^{jsonl}:3: 'body' should be a non-empty string, got 7$"):
+        read_split(spec, "train")
+    jsonl.write_text('{"body": "the cat sat"}\n{"body": "a dog\n')
+    with pytest.raises(DataError, match=rf"^{jsonl}:2: not valid JSON"):
+        read_split(spec, "train")
+
+
+def test_documents_become_windows_with_padding_masked_out_of_the_labels(tmp_path: Path) -> None:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    kind = get_kind("lm")
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path / "llama"))
+    raw = Dataset.from_list([{"text": "the cat sat on the mat"}, {"text": "a dog ran"}, {"text": "cat"}])
+    data = kind.encode(raw, None, tokenizer, 4, "train")
+    ids = tokenizer(["the cat sat on the mat", "a dog ran"])["input_ids"]
+    assert data["input_ids"] == [ids[0][:4], ids[0][4:], ids[1]]  # 6 words in windows of 4, none lost; "cat" predicts nothing
+    batch = kind.collator(tokenizer)([data[1], data[2]])
+    assert batch["labels"].tolist() == [ids[0][4:] + [-100], ids[1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def test_greedy_generation_is_the_same_after_compression_near_full_rank(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank import compress_, load_compressed, save_compressed
+    from lowrank.modules.layers import FactorizedLinear
+    from lowrank.modules.matching import find_targets
+
+    folder = save_tiny_llama(tmp_path / "llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    targets = find_targets(model)
+    kinds = sorted({name.rsplit(".", 1)[1] for name in targets})
+    assert kinds == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"] and len(targets) == 14  # the defaults find them all
+    prompt = tokenizer("the cat sat on", return_tensors="pt")["input_ids"]
+
+    def greedy(m) -> list[int]:
+        with torch.inference_mode():
+            return m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist()
+
+    before = greedy(model)
+    compress_(model, method="svd", keep_ratio=0.99)
+    assert sum(isinstance(m, FactorizedLinear) for m in model.modules()) == 14
+    assert greedy(model) == before and len(before) == prompt.shape[1] + 8
+    save_compressed(model, tmp_path / "compressed", method="svd", tokenizer=tokenizer)
+    assert greedy(load_compressed(tmp_path / "compressed").eval()) == before
+
+
+def test_the_served_lm_returns_generated_text_and_exports_or_says_why(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank.io.export import export_onnx
+
+    kind = get_kind("lm")
+    folder = save_tiny_llama(tmp_path / "llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    frame = pd.DataFrame({"prompt": ["the cat sat", "a dog"], "max_new_tokens": [3, 5]})
+    rows = kind.serve(model, tokenizer, frame, 16, 8, False)
+    assert [len(r["text"].split()) for r in rows] == [3, 5]  # word-level: one word per generated token
+    assert all(w in WORDS + SPECIAL for r in rows for w in r["text"].split())
+    assert len(kind.serve(model, tokenizer, pd.DataFrame({"prompt": ["the"]}), 16, 8, False)[0]["text"].split()) == 32
+    inputs, outputs, example = kind.serving_schema(None)
+    assert [c[1] for c in inputs] == ["prompt", "max_new_tokens"] and outputs == [("string", "text")] and set(example) == {"prompt", "max_new_tokens"}
+    with pytest.raises(ValueError, match="'prompt'"):
+        kind.serve(model, tokenizer, pd.DataFrame({"text": ["x"]}), 16, 8, False)
+    checked = export_onnx(model, tmp_path / "model.onnx")
+    assert checked["max_abs_diff"] < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------- the pipeline
+
+
+def lm_params(root: Path, model_dir: Path, **sections) -> Path:
+    from conftest import tiny_params
+
+    root.mkdir(parents=True, exist_ok=True)
+    custom = {"kind": "lm", "train_file": str(write_text(root / "train.txt", repeat=6)), "eval_file": str(write_text(root / "dev.txt"))}
+    data = {"task": "custom", "custom": custom, "max_train_samples": None, "max_eval_samples": None, "max_length": 16}
+    return tiny_params(root, model_dir, root, data=data, evaluate={"latency": False}, **sections)
+
+
+DISTILLED = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "distill": {"enabled": True, "weight": 0.5}}
+
+
+@pytest.mark.parametrize("method", ["fwsvd", "svd_llm"])
+def test_the_factorize_path_runs_in_process_on_a_tiny_llama(tmp_path: Path, method: str) -> None:
+    from lowrank.config import load_params
+    from lowrank.pipeline import get_stage, pipeline, preflight
+
+    sections = {"factorize": {"method": method, "keep_ratio": 0.5}, "finetune_compressed": DISTILLED,
+                "finetune": {"epochs": 2, "batch_size": 8, "lr": 3e-3}}
+    params = load_params(lm_params(tmp_path, save_tiny_llama(tmp_path / "llama"), **sections))
+    preflight(params)
+    for name in pipeline(params):
+        get_stage(name).run(params)
+    metrics = lambda name: json.loads((tmp_path / "metrics" / f"{name}.json").read_text())  # noqa: E731
+    vocab = len(SPECIAL + WORDS)
+    dense, compressed = metrics("evaluate_dense")["task"], metrics("evaluate_compressed")["task"]
+    assert dense["score"] == pytest.approx(dense["perplexity"]) and dense["nll"] == pytest.approx(math.log(dense["perplexity"]))
+    assert dense["perplexity"] < vocab  # two epochs on repeated text beat the uniform guess
+    finetuned = metrics("finetune")
+    assert finetuned["best_score"] == min(row["score"] for row in finetuned["history"])  # keep_best took the lowest
+    plus_ft = metrics("finetune_compressed")
+    assert plus_ft["collapsed"] is False and plus_ft["history"][0]["epoch"] == 0
+    summary = metrics("summary_factorize")
+    assert summary["compressed"]["score_kept"] == pytest.approx(dense["score"] / compressed["score"])
+
+
+def test_fisher_only_misclassified_is_refused_for_an_lm() -> None:
+    with pytest.raises(ValueError, match="fisher.only_misclassified"):
+        get_kind("lm").misclassified(None, {})
+
+
+@pytest.mark.slow
+def test_lowrank_run_on_a_tiny_llama(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import lowrank_env
+
+    params = lm_params(tmp_path, save_tiny_llama(tmp_path / "llama"), factorize={"method": "svd", "keep_ratio": 0.5})
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", str(params), "--no-track"], cwd=tmp_path,
+                          env=lowrank_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    evaluated = json.loads((tmp_path / "metrics" / "evaluate_compressed.json").read_text())
+    assert evaluated["task"]["perplexity"] > 1.0
