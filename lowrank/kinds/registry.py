@@ -1,10 +1,10 @@
 """The task-kind table: what the pipeline needs to know about a kind of task, declared once per kind.
 
-A kind (sequence classification, token classification, extractive QA) says
+A kind (sequence classification, token classification, extractive QA, causal LM) says
 which transformers auto class holds its model, how a file's rows become
 features and labels, how batches are collated, which model outputs the
 evaluation reads (and the ONNX export writes), its metrics and which one is
-the score, the score of the trivial answer a collapsed model gives, and what
+the score and whether higher or lower is better, the score of the trivial answer a collapsed model gives, and what
 the served model takes and returns. The stages, export, training and tracking
 ask the kind; none of them tests a kind's name. A new kind is one module with
 one `register_kind(...)` call (as a method is one `@register_method`).
