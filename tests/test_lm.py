@@ -260,6 +260,31 @@ def test_the_factorize_path_runs_in_process_on_a_tiny_llama(tmp_path: Path, meth
     assert summary["compressed"]["score_kept"] == pytest.approx(dense["score"] / compressed["score"])
 
 
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_bad_jsonl_row_or_a_classifier_checkpoint_is_one_line_with_exit_2_before_any_work(tmp_path: Path, monkeypatch, command: str) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from test_kinds import save_tiny
+
+    monkeypatch.chdir(tmp_path)
+    params = lm_params(tmp_path, save_tiny_llama(tmp_path / "llama"))
+    raw = yaml.safe_load(params.read_text())
+    (tmp_path / "dev.jsonl").write_text('{"text": "the cat sat"}\n{"txt": "a dog ran"}\n')
+    raw["data"]["custom"]["eval_file"] = str(tmp_path / "dev.jsonl")
+    params.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, [command, "--params", str(params)])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {tmp_path / 'dev.jsonl'}:2: 'text' should be a non-empty string, got None"
+    raw["data"]["custom"]["eval_file"] = str(write_text(tmp_path / "dev.txt"))
+    raw["model"] = {"name": str(save_tiny(tmp_path / "classifier", "BertForSequenceClassification")), "finetuned": True}
+    params.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, [command, "--params", str(params)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "head BertForSequenceClassification (sequence task kind), the task custom is a lm task (AutoModelForCausalLM)" in result.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_fisher_only_misclassified_is_refused_for_an_lm() -> None:
     with pytest.raises(ValueError, match="fisher.only_misclassified"):
         get_kind("lm").misclassified(None, {})
