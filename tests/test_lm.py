@@ -230,19 +230,22 @@ def lm_params(root: Path, model_dir: Path, **sections) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     custom = {"kind": "lm", "train_file": str(write_text(root / "train.txt", repeat=6)), "eval_file": str(write_text(root / "dev.txt"))}
     data = {"task": "custom", "custom": custom, "max_train_samples": None, "max_eval_samples": None, "max_length": 16}
-    return tiny_params(root, model_dir, root, data=data, evaluate={"latency": False}, **sections)
+    sections = {"data": data, "evaluate": {"latency": False}, **sections}
+    return tiny_params(root, model_dir, root, **sections)
 
 
 DISTILLED = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "distill": {"enabled": True, "weight": 0.5}}
 
 
-@pytest.mark.parametrize("method", ["fwsvd", "svd_llm"])
-def test_the_factorize_path_runs_in_process_on_a_tiny_llama(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "latency"), [("fwsvd", False), ("svd_llm", True)])
+def test_the_factorize_path_runs_in_process_on_a_tiny_llama(tmp_path: Path, method: str, latency: bool) -> None:
     from lowrank.config import load_params
     from lowrank.pipeline import get_stage, pipeline, preflight
 
     sections = {"factorize": {"method": method, "keep_ratio": 0.5}, "finetune_compressed": DISTILLED,
-                "finetune": {"epochs": 2, "batch_size": 8, "lr": 3e-3}}
+                "finetune": {"epochs": 2, "batch_size": 8, "lr": 3e-3},
+                "evaluate": {"latency": latency, "latency_runtimes": ["torch", "onnxruntime"], "latency_batch_sizes": [1, 2],
+                             "latency_seq_len": 8, "latency_warmup": 0, "latency_repeats": 1}}
     params = load_params(lm_params(tmp_path, save_tiny_llama(tmp_path / "llama"), **sections))
     preflight(params)
     for name in pipeline(params):
@@ -256,6 +259,7 @@ def test_the_factorize_path_runs_in_process_on_a_tiny_llama(tmp_path: Path, meth
     assert finetuned["best_score"] == min(row["score"] for row in finetuned["history"])  # keep_best took the lowest
     plus_ft = metrics("finetune_compressed")
     assert plus_ft["collapsed"] is False and plus_ft["history"][0]["epoch"] == 0
+    assert ("latency_onnxruntime" in metrics("evaluate_compressed")) == latency  # the exported decoder runs in onnxruntime
     summary = metrics("summary_factorize")
     assert summary["compressed"]["score_kept"] == pytest.approx(dense["score"] / compressed["score"])
 
