@@ -165,6 +165,30 @@ def test_documents_become_windows_with_padding_masked_out_of_the_labels(tmp_path
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
+def test_activation_statistics_count_real_tokens_only(tmp_path: Path) -> None:
+    """ASVD's and SVD-LLM's input statistics of a right-padded batch equal those of its rows one by one, unpadded."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowrank.modules.matching import find_targets
+    from lowrank.train.importance import collect_importance
+
+    kind = get_kind("lm")
+    folder = save_tiny_llama(tmp_path / "llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    data = kind.encode(Dataset.from_list([{"text": DOCUMENTS[3]}, {"text": "a dog ran"}]), None, tokenizer, 16, "train")
+    names = find_targets(model)[:3]
+
+    def stats(batch_size: int) -> dict:
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=kind.collator(tokenizer))
+        return collect_importance(model, loader, names, activations=True, progress=False)
+
+    padded, alone = stats(2), stats(1)
+    for key in ("abs_mean", "gram"):
+        for name in names:
+            assert torch.allclose(padded[key].scores[name], alone[key].scores[name], atol=1e-5), (key, name)
+
+
 # ---------------------------------------------------------------------------------------------------- models
 
 
