@@ -243,6 +243,22 @@ def test_the_served_lm_returns_generated_text_and_exports_or_says_why(tmp_path: 
         kind.serve(model, tokenizer, pd.DataFrame({"text": ["x"]}), 16, 8, False)
     checked = export_onnx(model, tmp_path / "model.onnx")
     assert checked["max_abs_diff"] < 1e-4
+    from datasets import Dataset
+
+    from lowrank.evaluation import predict
+    from lowrank.io.export import onnx_session, predict_onnx
+
+    # evaluation keeps each token's NLL, not the logits: the perplexity is exp of the model's own loss over one batch
+    data = kind.encode(Dataset.from_list([{"text": t} for t in DOCUMENTS]), None, tokenizer, 16, "validation")
+    loader = torch.utils.data.DataLoader(data, batch_size=len(data), collate_fn=kind.collator(tokenizer))
+    condensed = predict(model, loader, tuple(kind.outputs), kind.targets, kind.condense)
+    assert set(condensed) == {"nll", "labels"}
+    with torch.no_grad():
+        loss = model(**next(iter(loader))).loss
+    assert kind.metrics(None, condensed, data)["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert kind.metrics(None, predict(model, loader), data)["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    onnx = predict_onnx(onnx_session(tmp_path / "model.onnx"), loader, tuple(kind.outputs), kind.targets, kind.condense)
+    assert kind.metrics(None, onnx, data)["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------- the pipeline

@@ -25,23 +25,22 @@ IGNORED = -100  # the label the next-token loss skips: padding
 MAX_NEW_TOKENS = 32  # what the served model generates when a request does not say
 
 
-def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """(sum of the next-token NLL, number of tokens predicted) over the labels that are not IGNORED.
-
-    logits (B, T, V) predict position t + 1 from position t, as the causal LM's own loss reads them."""
-    predicted, targets = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
-    real = targets != IGNORED
-    nll = F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none")
-    return float(nll.view_as(real)[real].sum()), int(real.sum())
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T): at position t the NLL of token t + 1, as the causal LM's own loss reads the logits (B, T, V); 0 where no
+    real token follows (the last position, padding)."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(logits.device), ignore_index=IGNORED, reduction="none")
+    return F.pad(nll, (0, 1))
 
 
-def perplexity_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """`perplexity` = exp(mean NLL per real token) and that mean NLL (`nll`, nats); `score` is the perplexity."""
-    total, count = next_token_nll(logits, labels)
+def perplexity_metrics(nll: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """`perplexity` = exp(mean NLL per real token) and that mean NLL (`nll`, nats), from `token_nll`'s (B, T); `score`
+    is the perplexity."""
+    real = labels[:, 1:] != IGNORED
+    count = int(real.sum())
     if count == 0:
         raise ValueError("no token to predict: every evaluation row is shorter than two tokens")
-    nll = total / count
-    return {"perplexity": math.exp(nll), "nll": nll, "score": math.exp(nll)}
+    mean = float(nll[:, :-1][real].double().sum()) / count
+    return {"perplexity": math.exp(mean), "nll": mean, "score": math.exp(mean)}
 
 
 def read_documents(path: Path, key: str | None) -> Rows:
@@ -128,8 +127,15 @@ class LMKind(TaskKind):
     def misclassified(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise ValueError("fisher.only_misclassified: a language model has no wrong answers to select; set it to false")
 
+    def condense(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each token's NLL (B, T) instead of its logits (B, T, V): 1000 windows of 128 tokens over a 32k vocabulary
+        would hold 16 GB of logits."""
+        return {"nll": token_nll(outputs["logits"], targets["labels"])}
+
     def metrics(self, spec: Any, outputs: Mapping[str, torch.Tensor], dataset: Any) -> dict[str, float]:
-        return perplexity_metrics(outputs["logits"], outputs["labels"])
+        """From the condensed `nll`, or from `logits` where a caller kept them."""
+        nll = outputs["nll"] if "nll" in outputs else token_nll(outputs["logits"], outputs["labels"])
+        return perplexity_metrics(nll, outputs["labels"])
 
     def baseline(self, spec: Any, dataset: Any) -> None:
         """None: a language model has no trivial answer whose exact score a collapse lands on, so none is flagged."""

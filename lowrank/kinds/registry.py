@@ -90,6 +90,11 @@ class TaskKind:
         raise NotImplementedError
 
     # ---- scoring
+    def condense(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What evaluation keeps of one batch's `outputs` for `metrics` (default: all; an LM keeps each token's
+        NLL, not its logits over the whole vocabulary)."""
+        return outputs
+
     def metrics(self, spec: Any, outputs: Mapping[str, torch.Tensor], dataset: Any) -> dict[str, float]:
         """The task's metrics of one evaluation split, with `score` among them (better as `goal` says)."""
         raise NotImplementedError

@@ -83,7 +83,7 @@ class PreparedData:
             scores = []
             for split in splits:
                 run = predict if isinstance(model, torch.nn.Module) else predict_onnx
-                outputs = run(model, self.loader(split, batch_size), tuple(kind.outputs), kind.targets)
+                outputs = run(model, self.loader(split, batch_size), tuple(kind.outputs), kind.targets, kind.condense)
                 split_metrics = kind.metrics(self.spec, outputs, self.dataset[split])
                 if split in scored:
                     scores.append(split_metrics["score"])
