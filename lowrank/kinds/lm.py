@@ -5,7 +5,8 @@ any other file is plain text, one document per line (blank lines skipped). Each 
 into consecutive windows of `data.max_length` tokens (no document is packed with another, no token is dropped
 but a last window of a single token, which predicts nothing). Labels are the input ids with padding at -100:
 the model's own next-token loss trains, and Fisher, Taylor and the activation statistics see real tokens only.
-The score is the perplexity of the held-out text: exp of the mean next-token NLL over its real tokens.
+The score is the perplexity of the held-out text: exp of the mean next-token NLL over its real tokens (a window's
+first token is context only, as in the model's own loss). Evaluation keeps each token's NLL, not its logits.
 """
 
 from __future__ import annotations
