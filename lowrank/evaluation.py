@@ -16,15 +16,7 @@ from lowrank.config import LATENCY_RUNTIMES
 from lowrank.devices import model_device, to_device
 from lowrank.modules.layers import FactorizedLinear
 
-
-Condense = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-
-
-def keep_parts(parts: dict[str, list[torch.Tensor]], *named: dict[str, torch.Tensor]) -> None:
-    """Add one batch's named tensors (on the CPU) to the lists `gather` joins."""
-    for tensors in named:
-        for name, value in tensors.items():
-            parts.setdefault(name, []).append(value.cpu())
+Condense = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # a task kind's
 
 
 @torch.inference_mode()
@@ -32,6 +24,8 @@ def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], outputs
             targets: Sequence[str] = ("labels",), condense: Condense | None = None) -> dict[str, torch.Tensor]:
     """The model's `outputs` and the batches' `targets` over a whole loader, by name, in the dataset's order
     (also when the loader sorts by length); with `condense` (a task kind's), what it keeps of each batch's outputs."""
+    from lowrank.data.loading import gather, keep_parts
+
     model.eval()
     device = model_device(model)
     parts: dict[str, list[torch.Tensor]] = {}
@@ -41,8 +35,6 @@ def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], outputs
         result = model(**to_device(batch, device))
         found = {name: getattr(result, name).float() for name in outputs}
         keep_parts(parts, kept, condense(found, kept) if condense else found)
-    from lowrank.data.loading import gather
-
     return gather(parts, loader)
 
 

@@ -58,8 +58,7 @@ def feed(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_
 
 def predict_onnx(session, loader, outputs=("logits",), targets=("labels",), condense=None) -> dict[str, torch.Tensor]:
     """Outputs of an onnxruntime session and the batches' targets over a loader, in the dataset's order (as `evaluation.predict`)."""
-    from lowrank.data.loading import gather
-    from lowrank.evaluation import keep_parts
+    from lowrank.data.loading import gather, keep_parts
 
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
