@@ -16,24 +16,25 @@ from lowrank.config import LATENCY_RUNTIMES
 from lowrank.devices import model_device, to_device
 from lowrank.modules.layers import FactorizedLinear
 
+Condense = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # a task kind's
+
 
 @torch.inference_mode()
 def predict(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], outputs: Sequence[str] = ("logits",),
-            targets: Sequence[str] = ("labels",)) -> dict[str, torch.Tensor]:
+            targets: Sequence[str] = ("labels",), condense: Condense | None = None) -> dict[str, torch.Tensor]:
     """The model's `outputs` and the batches' `targets` over a whole loader, by name, in the dataset's order
-    (also when the loader sorts by length)."""
+    (also when the loader sorts by length); with `condense` (a task kind's), what it keeps of each batch's outputs."""
+    from lowrank.data.loading import gather, keep_parts
+
     model.eval()
     device = model_device(model)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in (*outputs, *targets)}
+    parts: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         batch = dict(batch)
-        for name in targets:
-            parts[name].append(batch.pop(name))
+        kept = {name: batch.pop(name) for name in targets}
         result = model(**to_device(batch, device))
-        for name in outputs:
-            parts[name].append(getattr(result, name).float().cpu())
-    from lowrank.data.loading import gather
-
+        found = {name: getattr(result, name).float() for name in outputs}
+        keep_parts(parts, kept, condense(found, kept) if condense else found)
     return gather(parts, loader)
 
 

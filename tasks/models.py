@@ -38,10 +38,10 @@ def _signature(spec: Any) -> tuple[Any, dict]:
 
     from lowrank.kinds import get_kind
 
-    def column(kind: Any, name: str) -> ColSpec:
+    def column(kind: Any, name: str, required: bool = True) -> ColSpec:  # a third item: False for an optional input
         if isinstance(kind, list):
             return ColSpec(Array(Object([Property(n, t) for t, n in kind])), name)
-        return ColSpec(kind, name)
+        return ColSpec(kind, name, required=required)
 
     inputs, outputs, example = get_kind(spec.kind).serving_schema(spec)
     signature = ModelSignature(inputs=Schema([column(*c) for c in inputs]), outputs=Schema([column(*c) for c in outputs]))
@@ -173,9 +173,18 @@ def choose(select: SelectConfig, runs: list[Any]) -> tuple[Any | None, str]:
     budget = ", ".join(f"{k}={getattr(select, k)}" for k in ("max_keep_ratio", "max_latency_ms") if getattr(select, k) is not None)
     if not within:
         return None, f"no configuration meets {budget}: nothing registered"
-    sign = 1 if select.goal == "max" else -1  # a tie goes to the smaller model, then to the earlier configuration
+    goal = select.goal_for(run_goal(runs[0]))
+    sign = 1 if goal == "max" else -1  # a tie goes to the smaller model, then to the earlier configuration
     best = max(within, key=lambda run: (sign * _value(run, select.metric), -(_value(run, "params.target_linear") or 0)))
-    return best, f"best {select.metric} ({select.goal}) of {len(within)} configuration(s)" + (f" within {budget}" if budget else "")
+    return best, f"best {select.metric} ({goal}) of {len(within)} configuration(s)" + (f" within {budget}" if budget else "")
+
+
+def run_goal(run: Any) -> str:
+    """Whether a higher or a lower task score is better in a configuration run: its task kind's goal, from its params."""
+    from lowrank.kinds import task_goal
+
+    params = getattr(run.data, "params", None) or {}  # a run logged without its params: the defaults' task
+    return task_goal(params.get("data.task", "sst2"), params.get("data.custom.kind"))
 
 
 def register_champion(select: SelectConfig, task: str, run_ids: list[str]) -> dict[str, Any]:
@@ -207,7 +216,7 @@ def _champion_tags(run: Any, evaluation: str, select: SelectConfig) -> dict[str,
         "method": run.data.tags.get("method"), "keep_ratio": run.data.tags.get("keep_ratio"),
         "task.score": metric("task.score"), "params.target_linear": metric("params.target_linear"),
         "params.total": metric("params.total"), select.latency_metric: metric(select.latency_metric),
-        "selected_by": f"{select.goal} {select.metric}", "source_run": run.info.run_id, "sweep": run.data.tags.get("sweep"),
+        "selected_by": f"{select.goal_for(run_goal(run))} {select.metric}", "source_run": run.info.run_id, "sweep": run.data.tags.get("sweep"),
     }
     maker = shipped(run.data.tags["path"])[1]
     tags["lineage.model"] = run.data.tags.get(f"{maker}.lineage.output.model")  # path@md5 of the weights, and of the data

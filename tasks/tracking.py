@@ -7,6 +7,7 @@ that talks to MLflow, so the tracking backend can change without touching it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 import warnings
@@ -23,7 +24,7 @@ from lowrank.pipeline import Layout, StageResult, get_stage
 from lowrank.pipeline.store import StoreLayout
 
 from .lineage import dvc_md5, stored_md5
-from .models import MODEL_TAG, log_results
+from .models import MODEL_TAG, log_results, run_goal
 
 # MLflow caps a param value at 6000 characters.
 _MAX_PARAM = 6000
@@ -293,9 +294,9 @@ def configuration_rows(run_ids: list[str]) -> list[dict[str, Any]]:
     from lowrank.pipeline.plan import shipped
     from lowrank.pipeline.summary import pareto
 
-    client, rows = mlflow.MlflowClient(), []
+    client, rows, goal = mlflow.MlflowClient(), [], "max"
     for run in (client.get_run(run_id) for run_id in run_ids):
-        metrics, evaluation = run.data.metrics, shipped(run.data.tags["path"])[0]
+        metrics, evaluation, goal = run.data.metrics, shipped(run.data.tags["path"])[0], run_goal(run)  # one task: one goal
         dense = metrics.get("evaluate_dense.params.target_linear")
         rows.append({
             "run": run.info.run_name, "run_id": run.info.run_id, "status": _status(client, run, evaluation),
@@ -307,7 +308,8 @@ def configuration_rows(run_ids: list[str]) -> list[dict[str, Any]]:
             "params_kept": metrics[f"{evaluation}.params.target_linear"] / dense if dense else None,
             **{f"latency_ms.batch_{b}": metrics.get(f"{evaluation}.latency.batch_{b}.median_ms") for b in (1, 32)},
         })
-    marks = pareto([(r["score"] or 0.0, r["params_kept"] or 1.0) for r in rows])
+    worst = 0.0 if goal == "max" else math.inf  # what a configuration without a score counts as
+    marks = pareto([(worst if r["score"] is None else r["score"], r["params_kept"] or 1.0) for r in rows], goal)
     for row, mark in zip(rows, marks):
         row["pareto"] = mark
     return rows
@@ -324,12 +326,13 @@ def log_sweep(cfg: TrackingConfig, sweep: str, run_ids: list[str], metrics_dir: 
     dense = next((r["dense_score"] for r in rows if r["dense_score"] is not None), None)
     table = write_json(metrics_dir / "sweep.json", {"sweep": sweep, "configurations": rows, "champion": champion})
     scored = [r for r in rows if r["score"] is not None and r["params_kept"] is not None]
+    goal = run_goal(mlflow.MlflowClient().get_run(run_ids[0])) if run_ids else "max"
     plots = [plot_pareto(scored, dense, metrics_dir / "sweep_pareto.png")]
     for batch in (1, 32):  # the trade-off against CPU latency, where the evaluations measured it
         x = f"latency_ms.batch_{batch}"
         timed = [r for r in scored if r[x] is not None]
         if timed:
-            front = pareto([(r["score"], r[x]) for r in timed])
+            front = pareto([(r["score"], r[x]) for r in timed], goal)
             dense_x = next((r[f"dense_{x}"] for r in timed if r[f"dense_{x}"] is not None), None)
             plots.append(plot_pareto(timed, dense, metrics_dir / f"sweep_latency_batch_{batch}.png", x=x,
                                      xlabel=f"CPU latency at batch {batch} (ms, eager PyTorch)", front=front, dense_x=dense_x))

@@ -70,11 +70,12 @@ def write_squad(path: Path, questions=QA, repeat: int = 1) -> Path:
 # ---------------------------------------------------------------------------------------------------- the table
 
 
-def test_three_kinds_are_registered_each_with_its_model_class_and_outputs() -> None:
+def test_four_kinds_are_registered_each_with_its_model_class_and_outputs() -> None:
     assert {name: (k.auto_class, tuple(k.outputs)) for name, k in KINDS.items()} == {
         "sequence": ("AutoModelForSequenceClassification", ("logits",)),
         "token": ("AutoModelForTokenClassification", ("logits",)),
         "span": ("AutoModelForQuestionAnswering", ("start_logits", "end_logits")),
+        "lm": ("AutoModelForCausalLM", ("logits",)),
     }
     with pytest.raises(InputError, match="known kinds: sequence"):
         get_kind("parse")

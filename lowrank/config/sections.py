@@ -40,7 +40,7 @@ class CustomDataConfig:
         the columns text_a, text_b and label; `token` reads CoNLL columns (`word tag`
         per line, a blank line between sentences) or JSONL with `tokens` and `tags`
         (other keys: text_a, label), its tags listed in label_names; `span` reads
-        SQuAD-format JSON.
+        SQuAD-format JSON; `lm` reads plain text (a document per line) or JSONL (key text_a, default `text`).
     label_names: label values (tags) as they appear in the files, mapped to ids in
         this order; null for a sequence task = regression.
     """

@@ -33,19 +33,23 @@ class SelectConfig:
     """
 
     metric: str = "task.score"
-    goal: str = "max"  # max or min (a latency or a size)
+    goal: str | None = None  # max or min (a latency or a size); null: the task's for a task.* metric (min for an lm's perplexity), else max
     max_keep_ratio: float | None = None  # the configured factorize.keep_ratio, at most this
     max_latency_ms: float | None = None  # `latency_metric` of the final model, at most this
     latency_metric: str = "latency.batch_1.median_ms"
     register: bool = True
     name: str | None = None
 
+    def goal_for(self, task_goal: str) -> str:
+        """The goal of `metric`: as configured, else the task's (`task_goal`) for a task metric, else max."""
+        return self.goal or (task_goal if self.metric.startswith("task.") else "max")
+
     def __post_init__(self) -> None:
         for key in ("metric", "latency_metric"):
             value = getattr(self, key)
             check(value.split(".", 1)[0] in EVALUATE_METRICS, f"sweep.select.{key}",
                   f"{value} is not a metric of the evaluate stage (its metrics start with {', '.join(EVALUATE_METRICS)})")
-        check(self.goal in ("max", "min"), "sweep.select.goal", f"max or min, got {self.goal}")
+        check(self.goal in ("max", "min", None), "sweep.select.goal", f"max, min or null, got {self.goal}")
         check(self.max_keep_ratio is None or 0 < self.max_keep_ratio <= 1, "sweep.select.max_keep_ratio", "must be in (0, 1] or null")
         check(self.max_latency_ms is None or self.max_latency_ms > 0, "sweep.select.max_latency_ms", "must be positive or null")
 

@@ -256,6 +256,13 @@ def in_dataset_order(loader: Any, *outputs: torch.Tensor) -> tuple[torch.Tensor,
     return tuple(torch.empty_like(out).index_copy_(0, where, out) for out in outputs)
 
 
+def keep_parts(parts: dict[str, list[torch.Tensor]], *named: dict[str, torch.Tensor]) -> None:
+    """Add one batch's named tensors (on the CPU) to the lists `gather` joins."""
+    for tensors in named:
+        for name, value in tensors.items():
+            parts.setdefault(name, []).append(value.cpu())
+
+
 def gather(parts: dict[str, list[torch.Tensor]], loader: Any) -> dict[str, torch.Tensor]:
     """Per-batch outputs of a pass over `loader` joined along the batch, in the dataset's order; per-token ones
     padded to the longest batch (logits with 0, labels with -100: padding is never scored)."""

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 from lowrank.config.base import InputError
 
 Column = int | str  # a position (files without a header) or a header / JSON key name
-FileFormat = Literal["tsv", "csv", "jsonl", "conll", "squad"]  # the last two: token and span kinds (lowrank/kinds)
+FileFormat = Literal["tsv", "csv", "jsonl", "conll", "squad", "text"]  # the last three: token, span and lm kinds (lowrank/kinds)
 
 
 class DataError(InputError):
@@ -55,7 +55,7 @@ class SplitFile:
         if len(self.text_columns) not in (1, 2):
             raise ValueError(f"{self.path}: a task has one or two text columns, got {self.text_columns}")
         columns = (*self.text_columns, self.label_column)
-        if self.format in ("conll", "squad"):
+        if self.format in ("conll", "squad", "text"):
             return  # read by their kind's own reader, which knows the columns
         if self.header or self.format == "jsonl":
             if self.num_columns is not None:

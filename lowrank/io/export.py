@@ -56,18 +56,17 @@ def feed(session, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_
     return {i.name: given[i.name] for i in session.get_inputs()}
 
 
-def predict_onnx(session, loader, outputs=("logits",), targets=("labels",)) -> dict[str, torch.Tensor]:
+def predict_onnx(session, loader, outputs=("logits",), targets=("labels",), condense=None) -> dict[str, torch.Tensor]:
     """Outputs of an onnxruntime session and the batches' targets over a loader, in the dataset's order (as `evaluation.predict`)."""
-    from lowrank.data.loading import gather
+    from lowrank.data.loading import gather, keep_parts
 
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in (*outputs, *targets)}
+    parts: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
-        for name in targets:
-            parts[name].append(batch[name])
+        kept = {name: batch[name] for name in targets}
         types = batch.get("token_type_ids")
         inputs = feed(session, batch["input_ids"].numpy(), batch["attention_mask"].numpy(), None if types is None else types.numpy())
-        for name, value in zip(outputs, session.run(list(outputs), inputs)):
-            parts[name].append(torch.from_numpy(value).float())
+        found = {name: torch.from_numpy(value).float() for name, value in zip(outputs, session.run(list(outputs), inputs))}
+        keep_parts(parts, kept, condense(found, kept) if condense else found)
     return gather(parts, loader)
 
 

@@ -1,10 +1,10 @@
 """The task-kind table: what the pipeline needs to know about a kind of task, declared once per kind.
 
-A kind (sequence classification, token classification, extractive QA) says
+A kind (sequence classification, token classification, extractive QA, causal LM) says
 which transformers auto class holds its model, how a file's rows become
 features and labels, how batches are collated, which model outputs the
 evaluation reads (and the ONNX export writes), its metrics and which one is
-the score, the score of the trivial answer a collapsed model gives, and what
+the score and whether higher or lower is better, the score of the trivial answer a collapsed model gives, and what
 the served model takes and returns. The stages, export, training and tracking
 ask the kind; none of them tests a kind's name. A new kind is one module with
 one `register_kind(...)` call (as a method is one `@register_method`).
@@ -29,6 +29,7 @@ class TaskKind:
     auto_class: the transformers auto class of its models (`AutoModelForTokenClassification`).
     outputs: the model outputs evaluation reads and ONNX exports, each with its dynamic axes.
     targets: the batch keys that hold the labels (what the model's loss takes).
+    goal: whether a higher (`max`) or a lower (`min`, a perplexity) `score` is better; every choice asks `better`.
     summary: one line for `lowrank tasks`.
     """
 
@@ -36,6 +37,7 @@ class TaskKind:
     auto_class: str
     outputs: Mapping[str, Mapping[int, str]]
     targets: tuple[str, ...]
+    goal: str = "max"
     summary: str
 
     @property
@@ -79,22 +81,33 @@ class TaskKind:
         """What distillation matches between student and teacher, classes on the last axis."""
         return outputs.logits
 
+    def distill_mask(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Which positions of `distill_logits`' (batch, length) axes distillation averages over; None: every row once."""
+        return None
+
     def misclassified(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Indices of the batch's examples the model gets wrong (`fisher.only_misclassified`, TFWSVD's appendix)."""
         raise NotImplementedError
 
     # ---- scoring
+    def condense(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What evaluation keeps of one batch's `outputs` for `metrics` (default: all; an LM keeps each token's
+        NLL, not its logits over the whole vocabulary)."""
+        return outputs
+
     def metrics(self, spec: Any, outputs: Mapping[str, torch.Tensor], dataset: Any) -> dict[str, float]:
-        """The task's metrics of one evaluation split, with `score` among them (higher is better)."""
+        """The task's metrics of one evaluation split, with `score` among them (better as `goal` says)."""
         raise NotImplementedError
 
-    def baseline(self, spec: Any, dataset: Any) -> float:
-        """The `score` of the trivial answer (majority class, all `O`, empty answers): where a collapsed model ends."""
+    def baseline(self, spec: Any, dataset: Any) -> float | None:
+        """The `score` of the trivial answer (majority class, all `O`, empty answers): where a collapsed model ends;
+        None where a kind has none (no collapse is flagged then)."""
         raise NotImplementedError
 
     # ---- serving
     def serving_schema(self, spec: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], dict[str, list]]:
-        """(input columns, output columns, an input example) of the MLflow pyfunc; types as mlflow names them."""
+        """(input columns, output columns, an input example) of the MLflow pyfunc; types as mlflow names them; a
+        column is (type, name) or (type, name, False) where the input may leave it out."""
         raise NotImplementedError
 
     def text_columns(self, frame: Any, pair: bool) -> list[str]:
@@ -106,7 +119,26 @@ class TaskKind:
         raise NotImplementedError
 
     def row(self) -> dict[str, Any]:
-        return {"kind": self.name, "model": self.auto_class, "outputs": list(self.outputs), "summary": self.summary}
+        return {"kind": self.name, "model": self.auto_class, "outputs": list(self.outputs), "goal": self.goal, "summary": self.summary}
+
+
+GOALS = ("max", "min")
+
+
+def better(a: float, b: float | None, goal: str = "max") -> bool:
+    """Whether score `a` beats `b` (None: nothing to beat) under `goal`: the one comparison every choice makes."""
+    if goal not in GOALS:
+        raise ValueError(f"goal must be one of {GOALS}, got {goal!r}")
+    return b is None or (a > b if goal == "max" else a < b)
+
+
+def task_goal(task: str, custom_kind: str | None = None) -> str:
+    """The goal of the task that `data.task` names (of `data.custom.kind` for the user's files)."""
+    if custom_kind:
+        return get_kind(custom_kind).goal
+    from lowrank.data.tasks import get_task
+
+    return get_kind(get_task(task).kind).goal
 
 
 KINDS: dict[str, TaskKind] = {}

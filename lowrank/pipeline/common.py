@@ -69,7 +69,8 @@ def train_and_save(
     from lowrank.train.loop import train
 
     loader = prepared.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
-    result = train(model, loader, cfg, evaluate=prepared.select_fn(cfg.eval_batch_size), description=description, **train_options)
+    result = train(model, loader, cfg, evaluate=prepared.select_fn(cfg.eval_batch_size), description=description,
+                   goal=prepared.kind.goal, **train_options)
     with atomic_dir(io.outputs["model"]) as tmp:
         save(model, tmp)
         prepared.tokenizer.save_pretrained(str(tmp))

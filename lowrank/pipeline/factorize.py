@@ -142,13 +142,14 @@ def factorize(p: Params, io: StageIO) -> StageResult:
 register_evaluation("evaluate_factorized", "factorize.model")
 
 
-def collapse_report(history: list[dict], majority: float) -> dict[str, Any]:
+def collapse_report(history: list[dict], majority: float | None) -> dict[str, Any]:
     """Every epoch at which fine-tuning took a model that scored above the task kind's trivial answer down to
     exactly it (`majority` is that answer's score: the majority class, all `O` tags, empty answers; the key keeps
-    its name). `collapsed` is true when any epoch did, also when keep_best ended on another one.
+    its name). `collapsed` is true when any epoch did, also when keep_best ended on another one. A kind without
+    a trivial answer (`majority` None: a language model's perplexity) never collapses.
     """
     start = history[0]["score"] if history and history[0]["epoch"] == 0 else None
-    fell = [] if start is None or start <= majority + 1e-9 else [
+    fell = [] if start is None or majority is None or start <= majority + 1e-9 else [
         int(row["epoch"]) for row in history[1:] if abs(row["score"] - majority) <= 1e-9
     ]
     return {"start_score": start, "majority_score": majority, "collapsed": bool(fell), "collapsed_epochs": fell}

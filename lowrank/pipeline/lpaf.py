@@ -257,7 +257,7 @@ def mrft(p: Params, io: StageIO) -> StageResult:
     loader = prepared.loader("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     result = train(
         model, loader, cfg.train, evaluate=prepared.select_fn(cfg.train.eval_batch_size), hooks=[scheduler],
-        teacher=teacher, distill=cfg.distill if teacher is not None else None, description="mrft",
+        teacher=teacher, distill=cfg.distill if teacher is not None else None, description="mrft", goal=prepared.kind.goal,
     )
     finalize(model)
     targets = list(entry.get("ranks", {}))

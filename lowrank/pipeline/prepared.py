@@ -51,11 +51,12 @@ class PreparedData:
         `max_samples` rows would be the shortest)."""
         return self.loader(split, batch_size, shuffle=self.group_by_length, seed=seed)
 
-    def baseline_score(self, splits: tuple[str, ...] | None = None) -> float:
+    def baseline_score(self, splits: tuple[str, ...] | None = None) -> float | None:
         """The `score` of the kind's trivial answer (majority class, all `O`, empty answers) on `splits` (default:
-        the selection split, which + ft's history scores): where a collapsed model ends."""
+        the selection split, which + ft's history scores): where a collapsed model ends; None where the kind has none."""
         splits = splits or (data_lib.SELECT,)
-        return sum(self.kind.baseline(self.spec, self.dataset[s]) for s in splits) / len(splits)
+        scores = [self.kind.baseline(self.spec, self.dataset[s]) for s in splits]
+        return None if None in scores else sum(scores) / len(scores)
 
     def select_fn(self, batch_size: int) -> Callable[[torch.nn.Module], dict[str, float]]:
         """Scores on the selection split: what keep_best, the epoch-0 guard and the collapse flag read."""
@@ -82,7 +83,7 @@ class PreparedData:
             scores = []
             for split in splits:
                 run = predict if isinstance(model, torch.nn.Module) else predict_onnx
-                outputs = run(model, self.loader(split, batch_size), tuple(kind.outputs), kind.targets)
+                outputs = run(model, self.loader(split, batch_size), tuple(kind.outputs), kind.targets, kind.condense)
                 split_metrics = kind.metrics(self.spec, outputs, self.dataset[split])
                 if split in scored:
                     scores.append(split_metrics["score"])

@@ -35,8 +35,12 @@ def _latencies(metrics: dict[str, Any]) -> dict[str, float]:
     return found
 
 
-def compare(evaluations: dict[str, dict[str, Any]], side_by_side: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def compare(evaluations: dict[str, dict[str, Any]], side_by_side: dict[str, dict[str, Any]] | None = None,
+            goal: str = "max") -> dict[str, Any]:
     """Each model's headline figures, and the compressed ones' ratios to the first (dense) one.
+
+    `score_kept` is the score's ratio to the dense one's, inverted where lower is better (`goal` min: a perplexity),
+    so 1 is the dense model's quality and less is worse either way.
 
     `side_by_side` (runtime -> `latency_side_by_side`'s result) gives `latency_ms` and `speedup` (medians, with
     `speedup_spread` [p10, p90]); without it there are no speed-ups, only each evaluation's standalone latency.
@@ -59,7 +63,7 @@ def compare(evaluations: dict[str, dict[str, Any]], side_by_side: dict[str, dict
             model["latency_ms"] = {key: result["ms"][label]["median"] for key, result in timed.items()}
         if label == dense_label:
             continue
-        model["score_kept"] = model["score"] / dense["score"] if dense["score"] else None
+        model["score_kept"] = score_kept(model["score"], dense["score"], goal)
         model["params_kept"] = model["params_target_linear"] / dense["params_target_linear"]
         model["size_kept"] = model["size_bytes"] / dense["size_bytes"]
         if timed:
@@ -87,8 +91,11 @@ def register_summary(path: str, evaluations: dict[str, str]) -> None:
     """`summary_<path>`: `evaluations` maps a model's label to its evaluate stage, the dense one first."""
 
     def summarize(p: Params, io: StageIO) -> StageResult:
+        from lowrank.kinds import task_goal
+
         timed = time_side_by_side(p.evaluate, {label: io.inputs[f"model_{label}"] for label in evaluations})
-        return io.finish(compare({label: read_json(io.inputs[label]) for label in evaluations}, timed))
+        goal = task_goal(p.data.task, p.data.custom.kind if p.data.custom else None)
+        return io.finish(compare({label: read_json(io.inputs[label]) for label in evaluations}, timed, goal))
 
     inputs = {label: f"{name}.metrics" for label, name in evaluations.items()}
     inputs.update({f"model_{label}": EVALUATIONS[name] for label, name in evaluations.items()})
@@ -100,9 +107,18 @@ register_summary("factorize_only", {"dense": "evaluate_dense", "factorized": "ev
 register_summary("lpaf", {"dense": "evaluate_dense", "pruned_factorized": "evaluate_pruned_factorized", "lpaf": "evaluate_lpaf"})
 
 
-def pareto(points: list[tuple[float, float]]) -> list[bool]:
-    """Which (score, cost) points no other point beats: a score at least as high at a cost at most as low, one of them strictly."""
+def score_kept(score: float, dense: float, goal: str = "max") -> float | None:
+    """The share of the dense model's score a model keeps: score / dense, or dense / score where lower is better."""
+    num, den = (score, dense) if goal == "max" else (dense, score)
+    return num / den if den else None
+
+
+def pareto(points: list[tuple[float, float]], goal: str = "max") -> list[bool]:
+    """Which (score, cost) points no other point beats: a score at least as good (`goal`) at a cost at most as
+    low, one of them strictly."""
+    from lowrank.kinds import better
+
     return [
-        not any(s >= score and c <= cost and (s > score or c < cost) for s, c in points)
+        not any(not better(score, s, goal) and c <= cost and (better(s, score, goal) or c < cost) for s, c in points)
         for score, cost in points
     ]

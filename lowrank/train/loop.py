@@ -24,7 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from lowrank.config import DistillationConfig, TrainConfig
 from lowrank.devices import model_device, to_device
-from lowrank.kinds import kind_of_model
+from lowrank.kinds import better, kind_of_model
 from lowrank.train.hooks import TrainHook
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
@@ -69,12 +69,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL between softened distributions (MSE for regression), scaled by T^2 to keep gradients comparable."""
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL between softened distributions (MSE for regression), scaled by T^2 to keep gradients comparable.
+
+    Without `mask`, the KL summed over all but the first axis, averaged over it (per example); with a (batch,
+    length) `mask`, the KL of each marked position's distribution, averaged over those (per real token)."""
     if student.shape[-1] == 1:
         return F.mse_loss(student, teacher)
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
+    if mask is None:
+        return F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
+    kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="none", log_target=True).sum(-1)
+    real = mask.bool()
+    return kl[real].sum() / real.sum().clamp(min=1) * t * t
 
 
 def mean_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -119,7 +126,8 @@ def weighted_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.
         terms.append(w.task * outputs.loss)
     if w.logits > 0:
         kind = kind_of_model(model, default="sequence")  # a plain module is scored by its logits
-        terms.append(w.logits * distillation_loss(kind.distill_logits(outputs), kind.distill_logits(reference), w.temperature))
+        terms.append(w.logits * distillation_loss(kind.distill_logits(outputs), kind.distill_logits(reference), w.temperature,
+                                                  kind.distill_mask(batch)))
     if hidden:  # hidden_states[0] is the embeddings' output, which compression does not touch
         terms.append(w.hidden * mean_mse(outputs.hidden_states[1:], reference.hidden_states[1:]))
     if attention:
@@ -187,13 +195,14 @@ def train(
     distill: DistillationConfig | None = None,
     keep_best: bool | None = None,
     score_start: bool = False,
+    goal: str = "max",
     progress: bool = True,
     description: str = "train",
     plan: Sequence[Phase] | None = None,
 ) -> TrainResult:
     """Fine-tune `model` in place; with `keep_best` (default: `cfg.keep_best`), end on the weights of the best evaluation.
 
-    `evaluate(model)` must return a dict holding `score` (higher is better).
+    `evaluate(model)` must return a dict holding `score`, better as `goal` says (`max`; `min` for a perplexity).
     Pruning runs pass `keep_best=False`: an early epoch would have the wrong density.
     `score_start` scores the model before any step, as epoch 0: with `keep_best`, the run
     ends on the starting weights when no epoch beats them (a trained epoch wins ties).
@@ -227,7 +236,7 @@ def train(
         history.append(row)
         write(f"{description} epoch {int(row['epoch'])}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()), file=sys.stderr)
         # a trained epoch wins a tie with the start
-        if keep_best and (best["score"] is None or row["score"] > best["score"] or (best["epoch"] == 0 and row["score"] == best["score"])):
+        if keep_best and (better(row["score"], best["score"], goal) or (best["epoch"] == 0 and row["score"] == best["score"])):
             best.update(score=row["score"], epoch=int(row["epoch"]),
                         state={k: v.detach().clone() for k, v in model.state_dict().items()})
 
