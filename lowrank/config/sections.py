@@ -41,17 +41,27 @@ class CustomDataConfig:
         per line, a blank line between sentences) or JSONL with `tokens` and `tags`
         (other keys: text_a, label), its tags listed in label_names; `span` reads
         SQuAD-format JSON.
+    eval_file: null = a seeded `eval_share` of the train file's rows is the eval split (the rest trains).
     label_names: label values (tags) as they appear in the files, mapped to ids in
-        this order; null for a sequence task = regression.
+        this order; null for a sequence task = the train file's labels, sorted.
+    regression: a sequence task's labels are scores (Pearson, Spearman); null = only
+        when every label in the train file is a number.
     """
 
     train_file: str
-    eval_file: str
+    eval_file: str | None = None
     text_a: str | None = None
     label: str | None = None
     text_b: str | None = None
     label_names: list[str] | None = None
     kind: str = "sequence"
+    eval_share: float = 0.2
+    regression: bool | None = None
+
+    def __post_init__(self) -> None:
+        check(0 < self.eval_share < 1, "data.custom.eval_share", f"must be in (0, 1), got {self.eval_share}")
+        check(not (self.regression and self.label_names), "data.custom.regression",
+              "a regression has no label_names; drop one of the two")
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,8 @@ class SequenceKind(TaskKind):
         from lowrank.data.tasks import custom_task
 
         check(custom.text_a is not None and custom.label is not None, "data.custom", "a sequence task needs text_a and label")
-        return custom_task(custom.train_file, custom.eval_file, custom.text_a, custom.label, custom.text_b, custom.label_names)
+        return custom_task(custom.train_file, custom.eval_file, custom.text_a, custom.label, custom.text_b, custom.label_names,
+                           custom.eval_share, custom.regression)
 
     def head_kwargs(self, spec: Any) -> dict[str, Any]:
         names = spec.label_names

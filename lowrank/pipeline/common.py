@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -104,8 +105,18 @@ def finetune(p: Params, io: StageIO) -> StageResult:
         m.save_pretrained(str(path), safe_serialization=True)
 
     if p.model.finetuned:
-        return take_as_is(model, prepared, p.finetune, io, save)
-    return train_and_save(model, prepared, p.finetune, io, "finetune", save)
+        result = take_as_is(model, prepared, p.finetune, io, save)
+    else:
+        result = train_and_save(model, prepared, p.finetune, io, "finetune", save)
+    warn_if_trivial(result.metrics["best_score"], prepared.baseline_score())
+    return result
+
+
+def warn_if_trivial(score: float, baseline: float) -> None:
+    """Say so when the dense model is no better than the trivial answer: compressing it then measures nothing."""
+    if score <= baseline + 1e-9:
+        print(f"warning: the dense model scores {score:.4f} on the selection split, no better than the trivial answer "
+              f"({baseline:.4f}: majority class, all `O`, empty answers); more rows or epochs may help", file=sys.stderr)
 
 
 def take_as_is(model: torch.nn.Module, prepared: PreparedData, cfg: TrainConfig, io: StageIO,
