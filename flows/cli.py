@@ -63,6 +63,9 @@ def run(params: Path = PARAMS, set_param: Optional[List[str]] = SET, no_cache: b
 
         with shared_api(), tags(lifecycle.OWNER_PREFECT_TAG + owner):
             summary = compress(str(params), overrides, checked=True)
+    from .console import print_table, run_table
+
+    print_table(run_table(summary), "dense against compressed")
     _print(summary)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
@@ -92,7 +94,22 @@ def load_for_task(cfg: ModelConfig, spec: Any) -> PreTrainedModel:
     if cfg.finetuned:
         check_head(cfg, spec)
         return auto_class(kind).from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
-    return auto_class(kind).from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code, **kind.head_kwargs(spec))
+    # A fresh head is new by design: transformers' LOAD REPORT (a warning in escape codes listing the head as "missing"
+    # and the pretraining head as "unexpected") says nothing to act on here. Errors still raise.
+    with quiet_logger("transformers.modeling_utils"):
+        return auto_class(kind).from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code, **kind.head_kwargs(spec))
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise one logger's level for the block, then put it back."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def check_head(cfg: ModelConfig, spec: Any) -> None:
