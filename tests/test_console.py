@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -73,3 +74,13 @@ def test_a_tiny_runs_redirected_stderr_is_short(tmp_path: Path, tiny_model_dir: 
     assert noise == []
     assert "stage summary_factorize: ran" in done.stderr and lines[-4].split()[:2] == ["model", "score"]
     assert [line.split()[0] for line in lines[-3:]] == ["dense", "factorized", "compressed"]
+
+
+@pytest.mark.parametrize("command", [["--help"], ["methods"], ["schema"]])
+def test_commands_that_answer_at_once_import_no_torch(command: list[str]) -> None:
+    probe = ("import sys; from flows.cli import app\n"
+             f"try:\n    app({command!r})\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'prefect', 'mlflow') if m in sys.modules), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], env=lowrank_env(), capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr[-2000:]
+    assert done.stdout  # the command answered
