@@ -87,3 +87,43 @@ def test_a_dense_model_at_the_trivial_score_is_warned(capsys: pytest.CaptureFixt
     assert "no better than the trivial answer (0.5000" in capsys.readouterr().err
     warn_if_trivial(0.75, 0.5)
     assert capsys.readouterr().err == ""
+
+
+def test_glue_labels_carry_names_and_keep_their_ids(glue_dir: Path) -> None:
+    from lowrank.data.loading import read_split
+    from lowrank.data.tasks import get_task, task_from_dict, task_to_dict
+
+    sst2 = get_task("sst2")
+    assert sst2.label_names == ("negative", "positive") and sst2.label_ids == {"0": 0, "1": 1}
+    assert get_task("wnli").label_names == ("not_entailment", "entailment")  # the hub's class ids: 1 = entailment
+    assert task_from_dict(task_to_dict(sst2)) == sst2
+    first = (glue_dir / "SST-2" / "train.tsv").read_text().splitlines()[1].split("\t")
+    assert read_split(sst2, "train", glue_dir)[0] == {"text_a": first[0], "label": int(first[1])}
+
+
+def test_the_data_folder_beside_the_checkout_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from lowrank.config import DataConfig
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    (tmp_path / "shared" / "data" / "glue").mkdir(parents=True)
+    (tmp_path / "checkout").mkdir()
+    monkeypatch.chdir(tmp_path / "checkout")
+    assert DataConfig().resolved_glue_dir() == tmp_path / "shared" / "data" / "glue"
+    assert "reading GLUE from" in capsys.readouterr().err
+    assert DataConfig(glue_dir="elsewhere").resolved_glue_dir() == Path("elsewhere")
+    monkeypatch.chdir(tmp_path)
+    assert DataConfig().resolved_glue_dir() is None  # nothing beside: the hub
+
+
+def test_the_hub_is_tried_only_when_it_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowrank.data.loading import check_files
+    from lowrank.data.tasks import get_task
+    from lowrank.io import hub
+
+    for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(hub, "_answers", lambda host: False)
+    with pytest.raises(DataError, match="which is offline"):
+        check_files(get_task("sst2"), None)
+    monkeypatch.setattr(hub, "_answers", lambda host: True)
+    assert check_files(get_task("sst2"), None) == {}  # online: the hub is read, nothing local to check

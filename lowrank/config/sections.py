@@ -17,11 +17,12 @@ from typing import Any, Literal
 from lowrank.linalg.solvers import iterative_solvers, solver_options
 from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT
 from lowrank.methods import METHODS, get_method, method_names
-from lowrank.config.base import CompressedTrainConfig, ConfigError, TrainConfig, check
+from lowrank.config.base import CompressedTrainConfig, ConfigError, TrainConfig, check, note
 from lowrank.config.lpaf import MrftConfig, PruneConfig
 from lowrank.config.sweep import SweepConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SHARED_GLUE = "../shared/data/glue"  # the project's data folder, beside the checkout (the Makefile's GLUE_DIR too)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which task and how much of it; `glue_dir: null` falls back to $GLUE_DIR, then the hub."""
+    """Which task and how much of it; `glue_dir: null` falls back to $GLUE_DIR, then ../shared/data/glue, then the hub."""
 
     task: str = "sst2"
     glue_dir: str | None = None
@@ -108,9 +109,16 @@ class DataConfig:
         )
 
     def resolved_glue_dir(self) -> Path | None:
-        """The GLUE folder to read, or None to read from the hub."""
+        """The GLUE folder to read: `data.glue_dir`, else $GLUE_DIR, else the project's data folder beside the checkout
+        (`../shared/data/glue` from the working directory, as the Makefile sets it; said in one line); None: the hub."""
         value = self.glue_dir or os.environ.get("GLUE_DIR")
-        return Path(value).expanduser() if value else None
+        if value:
+            return Path(value).expanduser()
+        beside = Path(SHARED_GLUE).resolve()
+        if not beside.is_dir():
+            return None
+        note(f"note: data.glue_dir and GLUE_DIR are unset: reading GLUE from {beside}, found beside the checkout")
+        return beside
 
 
 @dataclass(frozen=True)

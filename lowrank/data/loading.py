@@ -10,7 +10,6 @@ lowrank/kinds; this module re-exports what the stages use.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +96,12 @@ def check_files(spec: TaskSpec, glue_dir: str | Path | None = None) -> dict[str,
     one error.
     """
     if reads_from_hub(spec, glue_dir):
-        if _hub_offline():
+        from lowrank.io import hub
+
+        if hub.offline():
             raise DataError(
                 f"data.glue_dir: task {spec.name} would be read from the hub ({HUB_DATASET}), which is offline "
-                "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): set GLUE_DIR or data.glue_dir to a GLUE folder"
+                "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE, or no answer): set GLUE_DIR or data.glue_dir to a GLUE folder"
             )
         return {}
     if glue_dir is not None and spec.glue_folder is not None and not Path(glue_dir).expanduser().is_dir():
@@ -112,10 +113,6 @@ def check_files(spec: TaskSpec, glue_dir: str | Path | None = None) -> dict[str,
     for split in paths:
         read_split(spec, split, glue_dir)  # every row parsed: SST-2's 68,000 in 0.15 s, so a bad row fails now
     return paths
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(key, "").lower() in ("1", "true", "yes", "on") for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def check_sources(cfg: DataConfig) -> dict[str, Path]:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
-from lowrank.config.base import InputError
+from lowrank.config.base import InputError, note
 
 Column = int | str  # a position (files without a header) or a header / JSON key name
 FileFormat = Literal["tsv", "csv", "jsonl", "conll", "squad"]  # the last two: token and span kinds (lowrank/kinds)
@@ -78,9 +77,11 @@ class TaskSpec:
         name: registry name (`sst2`, ... or `custom`); also the hub config name for GLUE.
         text_fields: names of the text columns in the hub dataset (GLUE) or the
             user's files; one name for single sentences, two for pairs.
-        label_names: label values as written in the files; the value at position
-            i gets id i. None for regression. For GLUE the order matches the hub's
-            class ids, so hub labels need no mapping.
+        label_names: the classes' names; the class at position i gets id i. None for
+            regression. For GLUE the order and the names are the hub's, so hub labels
+            need no mapping (SST-2: negative, positive).
+        label_values: the labels as written in the files, in the same order, where they
+            differ from the names (GLUE's binary files write 0 and 1).
         metrics: what `metrics.compute_metrics` reports; their mean is the score.
         eval_splits: the splits scored after training (MNLI has two).
         files: the file of `train` and of every evaluation split.
@@ -110,6 +111,7 @@ class TaskSpec:
     home: tuple[str, str] | None = None
     test_splits: tuple[str, ...] = ()
     eval_from_train: float | None = None
+    label_values: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         missing = [s for s in self.splits if s not in self.files]
@@ -121,6 +123,13 @@ class TaskSpec:
         for split, spec in self.files.items():
             if len(spec.text_columns) != len(self.text_fields):
                 raise ValueError(f"task {self.name}, split {split}: {len(self.text_fields)} text fields but columns {spec.text_columns}")
+
+    @property
+    def label_ids(self) -> dict[str, int] | None:
+        """A label as written in the files -> its class id; None for regression."""
+        if self.label_names is None:
+            return None
+        return {value: i for i, value in enumerate(self.label_values or self.label_names)}
 
     @property
     def is_regression(self) -> bool:
@@ -142,7 +151,7 @@ class TaskSpec:
 
 # --------------------------------------------------------------------------- GLUE registry
 
-_BINARY = ("0", "1")
+_BINARY = ("0", "1")  # as the binary tasks' files write their labels; each task names its two classes (the hub's names)
 _NLI2 = ("entailment", "not_entailment")
 
 
@@ -173,14 +182,17 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         # CoLA: no header; columns are source, label, the original author's mark, sentence.
-        _glue("cola", "CoLA", ("sentence",), (3,), 1, _BINARY, ("matthews_correlation",), no_header=True, num_columns=4),
-        _glue("sst2", "SST-2", ("sentence",), ("sentence",), "label", _BINARY, ("accuracy",)),
+        _glue("cola", "CoLA", ("sentence",), (3,), 1, ("unacceptable", "acceptable"), ("matthews_correlation",), no_header=True,
+              num_columns=4, label_values=_BINARY),
+        _glue("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("negative", "positive"), ("accuracy",), label_values=_BINARY),
         # MRPC: Quality, #1 ID, #2 ID, #1 String, #2 String (header with a BOM, hence utf-8-sig).
-        _glue("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", _BINARY, ("f1", "accuracy")),
+        _glue("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", ("not_equivalent", "equivalent"),
+              ("f1", "accuracy"), label_values=_BINARY),
         # STS-B: ten columns, the pair at 7 and 8, the 0-5 score last.
         _glue("stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", None, ("pearson", "spearman"), label_range=(0.0, 5.0)),
         # QQP: id, qid1, qid2, question1, question2, is_duplicate.
-        _glue("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", _BINARY, ("f1", "accuracy"), allow_empty_text=True),
+        _glue("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("not_duplicate", "duplicate"),
+              ("f1", "accuracy"), allow_empty_text=True, label_values=_BINARY),
         # MNLI: 12 columns in train, 16 in dev (five annotator labels); sentence1/2 at 8/9, gold_label last.
         _glue(
             "mnli", "MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
@@ -190,7 +202,8 @@ TASKS: dict[str, TaskSpec] = {
         _glue("qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label", _NLI2, ("accuracy",)),
         _glue("rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", _NLI2, ("accuracy",)),
         # WNLI: 1 = entailment, 0 = not, matching the hub's class ids.
-        _glue("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", _BINARY, ("accuracy",)),
+        _glue("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("not_entailment", "entailment"), ("accuracy",),
+              label_values=_BINARY),
     )
 }
 
@@ -258,7 +271,7 @@ def custom_files(train_file: str | Path, eval_file: str | Path | None, eval_shar
     files = {"train": layout(train_file), "validation": layout(eval_file or train_file)}
     if eval_file:
         return files, None
-    _say(f"note: no data.custom.eval_file: a seeded {eval_share:.0%} of {train_file} is the eval split, the rest trains "
+    note(f"note: no data.custom.eval_file: a seeded {eval_share:.0%} of {train_file} is the eval split, the rest trains "
          "(data.custom.eval_share, data.seed)")
     return files, eval_share
 
@@ -282,10 +295,10 @@ def infer_labels(path: str | Path, layout: SplitFile, regression: bool | None) -
     values = sorted(found)
     numbers = _as_numbers(values)
     if numbers is not None and regression is None:
-        _say(f"note: every label in {path} is a number, so the task is a regression (set data.custom.regression: false for classes)")
+        note(f"note: every label in {path} is a number, so the task is a regression (set data.custom.regression: false for classes)")
         return None
     names = tuple(v for _, v in sorted(zip(numbers, values))) if numbers is not None else tuple(values)
-    _say(f"note: labels from {path}: {', '.join(names)} (ids 0-{len(names) - 1}; set data.custom.label_names to choose)")
+    note(f"note: labels from {path}: {', '.join(names)} (ids 0-{len(names) - 1}; set data.custom.label_names to choose)")
     return names
 
 
@@ -295,14 +308,6 @@ def _as_numbers(values: Sequence[str]) -> list[float] | None:
     except ValueError:
         return None
 
-
-_SAID: set[str] = set()  # preflight and prepare both build the task: each note is said once per process
-
-
-def _say(line: str) -> None:
-    if line not in _SAID:
-        _SAID.add(line)
-        print(line, file=sys.stderr)
 
 
 def _format_of(path: Path) -> FileFormat:
@@ -324,7 +329,7 @@ def task_from_dict(data: Mapping[str, Any]) -> TaskSpec:
     files = {
         split: SplitFile(**{**f, "text_columns": tuple(f["text_columns"])}) for split, f in data.pop("files").items()
     }
-    for key in ("text_fields", "metrics", "eval_splits", "label_names", "label_range", "home", "test_splits"):
+    for key in ("text_fields", "metrics", "eval_splits", "label_names", "label_range", "home", "test_splits", "label_values"):
         if data.get(key) is not None:
             data[key] = tuple(data[key])
     return TaskSpec(files=files, **data)

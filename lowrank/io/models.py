@@ -71,8 +71,12 @@ def check_model(cfg: ModelConfig) -> str:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"model.name: {folder / 'config.json'}: not valid JSON ({err})") from None
         check_weights(folder)
+    from lowrank.io import hub
+
+    # A hub name is looked up on the hub only when it answers; offline, the local cache must hold it.
+    local_only = not folder.is_dir() and hub.offline()
     try:
-        AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
+        AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MissingInputError(f"model.name: cannot load {cfg.name!r}: {first}") from None
