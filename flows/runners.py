@@ -164,7 +164,7 @@ def shared_api(prepare: Callable[[], Any] = lambda: None) -> Iterator[Any]:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield value
     except BaseException:
-        done.set()  # a bad input does not wait for the server: it ends with this process
+        done.set()  # an error in `prepare` does not wait for the server to be up: it ends with this process
         raise
     finally:
         os.environ.pop("PREFECT_API_URL", None)

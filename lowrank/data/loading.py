@@ -19,12 +19,12 @@ from datasets import Dataset, DatasetDict, Features
 from torch.utils.data import DataLoader
 
 from lowrank.config import DataConfig, MissingInputError
+from lowrank.data.custom import custom_task
 from lowrank.data.tasks import (
     TASKS,
     DataError,
     SplitFile,
     TaskSpec,
-    custom_task,
     get_task,
     split_path,
     task_from_dict,

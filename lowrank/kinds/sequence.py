@@ -106,7 +106,7 @@ class SequenceKind(TaskKind):
 
     def custom_task(self, custom: Any) -> Any:
         from lowrank.config.base import check
-        from lowrank.data.tasks import custom_task
+        from lowrank.data.custom import custom_task
 
         check(custom.text_a is not None and custom.label is not None, "data.custom", "a sequence task needs text_a and label")
         return custom_task(custom.train_file, custom.eval_file, custom.text_a, custom.label, custom.text_b, custom.label_names,
