@@ -24,10 +24,11 @@ _SAID: set[str] = set()
 
 def note(line: str) -> None:
     """Say on stderr, once per process, what was chosen for the user (a split, the labels, a data folder): preflight
-    and the stages read the same params, and one line is enough."""
+    and the stages read the same params, and one line is enough. Written, not printed: inside a Prefect flow `print`
+    becomes a log record, which the CLI keeps quiet."""
     if line not in _SAID:
         _SAID.add(line)
-        print(line, file=sys.stderr)
+        sys.stderr.write(line + "\n")
 
 
 def check(condition: bool, key: str, message: str) -> None:

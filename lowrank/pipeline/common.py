@@ -114,9 +114,9 @@ def finetune(p: Params, io: StageIO) -> StageResult:
 
 def warn_if_trivial(score: float, baseline: float) -> None:
     """Say so when the dense model is no better than the trivial answer: compressing it then measures nothing."""
-    if score <= baseline + 1e-9:
-        print(f"warning: the dense model scores {score:.4f} on the selection split, no better than the trivial answer "
-              f"({baseline:.4f}: majority class, all `O`, empty answers); more rows or epochs may help", file=sys.stderr)
+    if score <= baseline + 1e-9:  # written, not printed: inside a Prefect flow `print` becomes a (quiet) log record
+        sys.stderr.write(f"warning: the dense model scores {score:.4f} on the selection split, no better than the trivial "
+                         f"answer ({baseline:.4f}, such as always the most frequent label); more rows or epochs may help\n")
 
 
 def take_as_is(model: torch.nn.Module, prepared: PreparedData, cfg: TrainConfig, io: StageIO,
