@@ -65,22 +65,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         before = Path(scratch) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(before), args.before], check=True)
-        try:
-            project = args.params.resolve().parent if args.params else _tiny_project(Path(scratch) / "project")
-            sides = {f"before ({args.before})": before, "after (this checkout)": ROOT}
-            for code in sides.values():  # warm-up: fills each side's store entries and MLflow
-                _time(code, project, COMMANDS["run (cached)"])
-            seconds = {(side, name): [] for side in sides for name in COMMANDS}
-            torch_seen = {}
-            for _ in range(args.rounds):
-                for side, code in sides.items():
-                    for name, command in COMMANDS.items():
-                        took, imported = _time(code, project, command)
-                        seconds[side, name].append(took)
-                        torch_seen[side, name] = imported
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
+        before.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)  # the old code, no git state touched
+        project = args.params.resolve().parent if args.params else _tiny_project(Path(scratch) / "project")
+        sides = {f"before ({args.before})": before, "after (this checkout)": ROOT}
+        for code in sides.values():  # warm-up: fills each side's store entries and MLflow
+            _time(code, project, COMMANDS["run (cached)"])
+        seconds = {(side, name): [] for side in sides for name in COMMANDS}
+        torch_seen = {}
+        for _ in range(args.rounds):
+            for side, code in sides.items():
+                for name, command in COMMANDS.items():
+                    took, imported = _time(code, project, command)
+                    seconds[side, name].append(took)
+                    torch_seen[side, name] = imported
 
     rows = [[name, side, statistics.median(seconds[side, name]), f"{min(seconds[side, name]):.2f}-{max(seconds[side, name]):.2f}",
              "yes" if torch_seen[side, name] else "no"] for name in COMMANDS for side in sides]
