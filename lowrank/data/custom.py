@@ -91,7 +91,6 @@ def _as_numbers(values: Sequence[str]) -> list[float] | None:
         return None
 
 
-
 def _format_of(path: Path) -> FileFormat:
     suffix = path.suffix.lower()
     formats: dict[str, FileFormat] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
