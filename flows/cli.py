@@ -53,16 +53,23 @@ def run(params: Path = PARAMS, set_param: Optional[List[str]] = SET, no_cache: b
     if no_cache:
         overrides.append("orchestration.cache=false")
     with lifecycle.user_errors():
-        config = _checked(params, overrides)
-        lifecycle.recover(config)
+        config = _checked(params, overrides)  # a bad input fails here, before anything starts
         owner = lifecycle.claim()  # before Prefect starts its temporary server, which inherits the mark
         from prefect import tags
 
-        from .compress import compress
         from .runners import shared_api
 
-        with shared_api(), tags(lifecycle.OWNER_PREFECT_TAG + owner):
+        def prepare():  # while the server starts: what died cleaned up, the flow's imports (MLflow, the stages)
+            lifecycle.recover(config)
+            from .compress import compress
+
+            return compress
+
+        with shared_api(prepare) as compress, tags(lifecycle.OWNER_PREFECT_TAG + owner):
             summary = compress(str(params), overrides, checked=True)
+    from .console import print_table, run_table
+
+    print_table(run_table(summary), "dense against compressed")
     _print(summary)
 
 

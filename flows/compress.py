@@ -8,7 +8,7 @@ from prefect import flow
 
 from lowrank.config import load_params
 from lowrank.pipeline import pipeline, preflight
-from lowrank.pipeline.store import StoreLayout
+from lowrank.pipeline.store import StoreLayout, finished
 from lowrank.pipeline.workspace import publish
 from tasks import tracking
 from tasks.models import log_results
@@ -30,9 +30,15 @@ def compress(params_path: str = "params.yaml", overrides: list[str] | None = Non
     track = tracking.configure(params.tracking)
     names = pipeline(params)
     layout = StoreLayout.for_params(params, names)
+    fingerprint = layout.fingerprints[names[-1]]  # of the last stage: it covers every stage, params and code
+    if track and params.orchestration.cache and all(finished(name, layout) for name in names):
+        # The store holds every stage: a run that logged this result already says all a new one would (as a sweep's
+        # configuration does), so nothing is added to MLflow; the Prefect flow run is still recorded.
+        track = tracking.finished_run(fingerprint) is None
     summary: dict[str, dict] = {}
     results, scored = {}, None
-    with tracking.flow_run(params, tracking.run_name(params)) if track else contextlib.nullcontext():
+    parent = tracking.flow_run(params, tracking.run_name(params), {tracking.FINGERPRINT_TAG: fingerprint}) if track else None
+    with parent or contextlib.nullcontext():
         for name in names:
             results[name], cached, seconds = execute(name, params, layout, track=track)
             summary[name] = {"cached": cached, "seconds": seconds, "metrics": results[name].metrics}

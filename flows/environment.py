@@ -17,6 +17,9 @@ DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # stdout holds the JSON summary alone, tracking server or not
+    # MLflow's INFO lines ("Creating initial MLflow database tables", "Validating input example against model
+    # signature") tell a user nothing to act on; its warnings and errors still show.
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     "DVC_NO_ANALYTICS": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",

@@ -44,6 +44,9 @@ def configure(debug: bool, quiet: bool) -> None:
         os.environ[DEBUG_ENV] = "1"
     if quiet:
         os.environ.update(QUIET_ENV)
+    elif not sys.stderr.isatty():  # redirected, a bar is hundreds of redraws; the lines per stage and epoch stay
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
     # Errors are reported once, by `user_errors`; Prefect would log each failed task's traceback too.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if debugging() else "CRITICAL")
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 from lowrank.config import InputError
@@ -112,26 +113,51 @@ def _owned_server() -> Any:
 
 
 @contextlib.contextmanager
-def shared_api() -> Iterator[None]:
-    """One Prefect API for the flow and its workers.
+def shared_api(prepare: Callable[[], Any] = lambda: None) -> Iterator[Any]:
+    """One Prefect API for the flow and its workers; yields what `prepare` returns.
 
     Without a configured server, Prefect starts a temporary one inside the
     process that needs it: each worker process would start its own (15 s and a
     core each) and report its task runs where no UI sees them. So the sweep
     starts that temporary server itself, before the workers, and hands its URL
-    down through the environment.
+    down through the environment. `prepare` (the checks and the imports a run
+    needs) runs while the server starts; its error is raised at once.
     """
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if get_current_settings().api.url:
-        yield
+        yield prepare()
         return
-    server = _owned_server()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
+    server, ready, done, failed = _owned_server(), threading.Event(), threading.Event(), []
+
+    def own() -> None:
+        # The server ends with the thread that started it (PR_SET_PDEATHSIG names a thread), so this thread starts
+        # it, waits for the run to end and stops it; the process's other threads prepare the run meanwhile.
+        try:
+            server.start()
+        except BaseException as err:  # noqa: BLE001  raised in the run's thread below
+            failed.append(err)
+            return
+        finally:
+            ready.set()
+        done.wait()
+        server.stop()
+
+    owner = threading.Thread(target=own, name="prefect-server", daemon=True)
+    owner.start()
     try:
+        value = prepare()
+        ready.wait()
+        if failed:
+            raise failed[0]
+        os.environ["PREFECT_API_URL"] = server.api_url
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
+            yield value
+    except BaseException:
+        done.set()  # an error in `prepare` does not wait for the server to be up: it ends with this process
+        raise
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
+        if ready.is_set():
+            done.set()
+            owner.join()

@@ -28,6 +28,7 @@ from tasks.models import register_champion
 from tasks.stages import run_stage
 
 from . import lifecycle
+from .console import print_table, sweep_table
 from .progress import SweepView
 from .runners import TRAINING_STAGES
 
@@ -39,6 +40,18 @@ def _gpu(name: str, gpu: bool):
     import dask
 
     return dask.annotate(resources={"GPU": 1})
+
+
+def _summaries(configs, jobs) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """Per configuration with a summary stage (the `dense` path has none): its label, that stage and the stage's
+    metrics (None unless it finished); the rows of the table."""
+    rows = []
+    for config in configs:
+        name = next((name for name in config.names if name.startswith("summary_")), None)
+        if name is not None:
+            result = jobs[config.job(name)].result
+            rows.append((config.label, name, result.metrics if result is not None else None))
+    return rows
 
 
 def _error(err: BaseException) -> str:
@@ -92,6 +105,7 @@ def sweep(
     summaries = []
     for config in configs:
         summaries.append({**config_summary(config, jobs), "mlflow_run_id": run_ids.get(config.number)})
+    print_table(sweep_table(_summaries(configs, jobs)), "dense against compressed")
     sweep_run, champion = None, None
     if track and any(run_ids.values()):
         ids = [run_ids[number] for number in sorted(run_ids) if run_ids[number]]  # in configuration order, not finishing order

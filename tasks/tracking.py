@@ -233,6 +233,15 @@ def log_stage(name: str, params: Params, result: StageResult, cached: bool, layo
 FINGERPRINT_TAG = "lowrank.fingerprint"
 
 
+def finished_run(fingerprint: str) -> str | None:
+    """The id of a finished run that logged the result of this fingerprint (its last stage's), if any."""
+    found = mlflow.search_runs(
+        filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+        max_results=1, output_format="list",
+    )
+    return found[0].info.run_id if found else None
+
+
 def log_configuration(
     params: Params, name: str, overrides: dict[str, Any], results: dict[str, tuple[StageResult, bool]], layout: Layout,
     fingerprint: str, tags: dict[str, str],
@@ -244,13 +253,8 @@ def log_configuration(
     configuration the store held whole keeps the run it already has (found by its last stage's
     fingerprint), so rerunning a sweep does not fill the table with copies.
     """
-    if all(cached for _, cached in results.values()):
-        found = mlflow.search_runs(
-            filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
-            max_results=1, output_format="list",
-        )
-        if found:
-            return found[0].info.run_id
+    if all(cached for _, cached in results.values()) and (found := finished_run(fingerprint)):
+        return found
     tags = {**tags, FINGERPRINT_TAG: fingerprint}
     override_tags = {f"sweep.{key}": _param_value(value) for key, value in overrides.items()}
     with mlflow.start_run(run_name=run_name(params, name), tags={**run_tags(params), **override_tags, **tags}) as run:

@@ -115,9 +115,9 @@ def test_prefect_flow_caches_and_tracks(tmp_path: Path, tiny_model_dir: Path, gl
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["lowrank"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 6
+    assert len(parents) == 4  # the second and the first fourth runs found every stage stored and a run that logged it
     stage_runs = [r for r in runs if r.data.tags.get("stage") == "finetune"]
-    assert len(stage_runs) == 6
+    assert len(stage_runs) == 4
     tags = stage_runs[0].data.tags
     assert tags["lineage.output.model"].endswith(".dir")
     assert tags["lineage.input.data"].split("@")[1].endswith(".dir")

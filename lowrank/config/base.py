@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 
@@ -16,6 +17,18 @@ class MissingInputError(InputError, FileNotFoundError):
 
 class ConfigError(InputError):
     """A bad key or value in params.yaml or in a `-S key=value` override."""
+
+
+_SAID: set[str] = set()
+
+
+def note(line: str) -> None:
+    """Say on stderr, once per process, what was chosen for the user (a split, the labels, a data folder): preflight
+    and the stages read the same params, and one line is enough. Written, not printed: inside a Prefect flow `print`
+    becomes a log record, which the CLI keeps quiet."""
+    if line not in _SAID:
+        _SAID.add(line)
+        sys.stderr.write(line + "\n")
 
 
 def check(condition: bool, key: str, message: str) -> None:

@@ -149,7 +149,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         parts = dotted.strip().split(".")
         node = raw
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # a section that is null today (`data.custom`) takes nested keys too
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {dotted}: {part} is not a section")
             node = child

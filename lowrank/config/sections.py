@@ -16,12 +16,13 @@ from typing import Any, Literal
 from lowrank.linalg.solvers import iterative_solvers, solver_options
 from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT
 from lowrank.methods import METHODS, get_method, method_names
-from lowrank.config.base import CompressedTrainConfig, TrainConfig, check
+from lowrank.config.base import CompressedTrainConfig, ConfigError, TrainConfig, check, note
 from lowrank.config.patterns import check_pattern
 from lowrank.config.lpaf import MrftConfig, PruneConfig
 from lowrank.config.sweep import SweepConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SHARED_GLUE = "../shared/data/glue"  # the project's data folder, beside the checkout (the Makefile's GLUE_DIR too)
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,27 @@ class CustomDataConfig:
         per line, a blank line between sentences) or JSONL with `tokens` and `tags`
         (other keys: text_a, label), its tags listed in label_names; `span` reads
         SQuAD-format JSON; `lm` reads plain text (a document per line) or JSONL (key text_a, default `text`).
+    eval_file: null = a seeded `eval_share` of the train file's rows is the eval split (the rest trains).
     label_names: label values (tags) as they appear in the files, mapped to ids in
-        this order; null for a sequence task = regression.
+        this order; null for a sequence task = the train file's labels, sorted.
+    regression: a sequence task's labels are scores (Pearson, Spearman); null = only
+        when every label in the train file is a number.
     """
 
     train_file: str
-    eval_file: str
+    eval_file: str | None = None
     text_a: str | None = None
     label: str | None = None
     text_b: str | None = None
     label_names: list[str] | None = None
     kind: str = "sequence"
+    eval_share: float = 0.2
+    regression: bool | None = None
+
+    def __post_init__(self) -> None:
+        check(0 < self.eval_share < 1, "data.custom.eval_share", f"must be in (0, 1), got {self.eval_share}")
+        check(not (self.regression and self.label_names), "data.custom.regression",
+              "a regression has no label_names; drop one of the two")
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which task and how much of it; `glue_dir: null` falls back to $GLUE_DIR, then the hub."""
+    """Which task and how much of it; `glue_dir: null` falls back to $GLUE_DIR, then ../shared/data/glue, then the hub."""
 
     task: str = "sst2"
     glue_dir: str | None = None
@@ -98,9 +109,16 @@ class DataConfig:
         )
 
     def resolved_glue_dir(self) -> Path | None:
-        """The GLUE folder to read, or None to read from the hub."""
+        """The GLUE folder to read: `data.glue_dir`, else $GLUE_DIR, else the project's data folder beside the checkout
+        (`../shared/data/glue` from the working directory, as the Makefile sets it; said in one line); None: the hub."""
         value = self.glue_dir or os.environ.get("GLUE_DIR")
-        return Path(value).expanduser() if value else None
+        if value:
+            return Path(value).expanduser()
+        beside = Path(SHARED_GLUE).resolve()
+        if not beside.is_dir():
+            return None
+        note(f"note: data.glue_dir and GLUE_DIR are unset: reading GLUE from {beside}, found beside the checkout")
+        return beside
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ lowrank/kinds; this module re-exports what the stages use.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,12 @@ from datasets import Dataset, DatasetDict, Features
 from torch.utils.data import DataLoader
 
 from lowrank.config import DataConfig, MissingInputError
+from lowrank.data.custom import custom_task
 from lowrank.data.tasks import (
     TASKS,
     DataError,
     SplitFile,
     TaskSpec,
-    custom_task,
     get_task,
     split_path,
     task_from_dict,
@@ -97,10 +96,12 @@ def check_files(spec: TaskSpec, glue_dir: str | Path | None = None) -> dict[str,
     one error.
     """
     if reads_from_hub(spec, glue_dir):
-        if _hub_offline():
+        from lowrank.io import hub
+
+        if hub.offline():
             raise DataError(
                 f"data.glue_dir: task {spec.name} would be read from the hub ({HUB_DATASET}), which is offline "
-                "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): set GLUE_DIR or data.glue_dir to a GLUE folder"
+                "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE, or no answer): set GLUE_DIR or data.glue_dir to a GLUE folder"
             )
         return {}
     if glue_dir is not None and spec.glue_folder is not None and not Path(glue_dir).expanduser().is_dir():
@@ -115,10 +116,6 @@ def check_files(spec: TaskSpec, glue_dir: str | Path | None = None) -> dict[str,
     for split in paths:
         read_split(spec, split, glue_dir)  # every row parsed: SST-2's 68,000 in 0.15 s, so a bad row fails now
     return paths
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(key, "").lower() in ("1", "true", "yes", "on") for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def check_sources(cfg: DataConfig) -> dict[str, Path]:
@@ -146,15 +143,16 @@ def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(rng.choice(n, size=limit, replace=False).tolist())
 
 
-def hold_out(n: int, share: float, max_rows: int, seed: int) -> tuple[list[int], list[int]]:
+def hold_out(n: int, share: float, max_rows: int, seed: int, stream: int = 1) -> tuple[list[int], list[int]]:
     """Split `range(n)` into (rows to train on, rows held out to select on), each in file order.
 
     The held-out rows are a seeded `share` of them, at most `max_rows`; at least one row stays on each side.
+    `stream` keeps two hold-outs of the same rows apart (1: the selection split, 2: a user's eval split).
     """
     if n < 2:
         raise DataError(f"the training split has {n} row(s): at least 2 are needed to hold some out for validation")
     size = min(max_rows, max(1, round(share * n)), n - 1)
-    held = set(np.random.default_rng([seed, 1]).choice(n, size=size, replace=False).tolist())  # a stream of its own
+    held = set(np.random.default_rng([seed, stream]).choice(n, size=size, replace=False).tolist())  # a stream of its own
     return [i for i in range(n) if i not in held], sorted(held)
 
 
@@ -171,7 +169,8 @@ def load_raw(
 
     `select` is the split every choice reads: the task's dev split when the task reports a test split of its
     own, else `validation = (share, max_rows)` of the training rows, held out before `max_train_samples` draws
-    from the rest. Every file is checked before the first is read, so a missing dev file fails before the (long)
+    from the rest. A task with `eval_from_train` (one user file) takes its eval split from the train file first,
+    by a seeded share. Every file is checked before the first is read, so a missing dev file fails before the (long)
     train file is parsed.
     """
     from_hub = reads_from_hub(spec, glue_dir)
@@ -187,6 +186,10 @@ def load_raw(
         return dataset.select(subsample_indices(len(dataset), limit, seed)).flatten_indices()
 
     train = rows_of("train")
+    carved = {}  # eval splits taken from the train file (a user who gave one file)
+    if spec.eval_from_train is not None:
+        kept, held = hold_out(len(train), spec.eval_from_train, len(train), seed, stream=2)
+        train, carved[spec.eval_splits[0]] = train.select(kept).flatten_indices(), train.select(held).flatten_indices()
     if spec.test_splits:  # a test split is reported: the task's own dev split selects (CoNLL-2003)
         select = rows_of(spec.eval_splits[0])
     else:
@@ -194,7 +197,7 @@ def load_raw(
         train, select = train.select(kept).flatten_indices(), train.select(held).flatten_indices()
     splits = {"train": sample(train, max_train_samples), SELECT: sample(select, max_eval_samples)}
     for split in (*spec.eval_splits, *spec.test_splits):
-        splits[split] = sample(rows_of(split), max_eval_samples)
+        splits[split] = sample(carved[split] if split in carved else rows_of(split), max_eval_samples)
     return DatasetDict(splits)
 
 

@@ -9,7 +9,8 @@ the layout is written down per file here instead of being guessed at read time.
 
 Every reading error names the file and the line, so a broken row is found
 without a debugger. Each task kind reads its rows (lowrank/kinds); the layouts
-and the shared readers (UTF-8 check, TSV/CSV/JSONL records) live here.
+and the shared readers (UTF-8 check, TSV/CSV/JSONL records) live here, a user's
+own files in `custom.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping
 
 from lowrank.config.base import InputError
 
@@ -77,9 +78,11 @@ class TaskSpec:
         name: registry name (`sst2`, ... or `custom`); also the hub config name for GLUE.
         text_fields: names of the text columns in the hub dataset (GLUE) or the
             user's files; one name for single sentences, two for pairs.
-        label_names: label values as written in the files; the value at position
-            i gets id i. None for regression. For GLUE the order matches the hub's
-            class ids, so hub labels need no mapping.
+        label_names: the classes' names; the class at position i gets id i. None for
+            regression. For GLUE the order and the names are the hub's, so hub labels
+            need no mapping (SST-2: negative, positive).
+        label_values: the labels as written in the files, in the same order, where they
+            differ from the names (GLUE's binary files write 0 and 1).
         metrics: what `metrics.compute_metrics` reports; their mean is the score.
         eval_splits: the splits scored after training (MNLI has two).
         files: the file of `train` and of every evaluation split.
@@ -92,6 +95,8 @@ class TaskSpec:
             variable naming its folder and the folder used when it is unset.
         test_splits: splits only the evaluate stages score (reported, never used to
             select a model), e.g. CoNLL-2003's test split.
+        eval_from_train: the first eval split is this seeded share of the train file's
+            rows (the rest trains), for a user who gave one file; its file is the train file.
     """
 
     name: str
@@ -106,6 +111,8 @@ class TaskSpec:
     kind: str = "sequence"
     home: tuple[str, str] | None = None
     test_splits: tuple[str, ...] = ()
+    eval_from_train: float | None = None
+    label_values: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         missing = [s for s in self.splits if s not in self.files]
@@ -117,6 +124,13 @@ class TaskSpec:
         for split, spec in self.files.items():
             if len(spec.text_columns) != len(self.text_fields):
                 raise ValueError(f"task {self.name}, split {split}: {len(self.text_fields)} text fields but columns {spec.text_columns}")
+
+    @property
+    def label_ids(self) -> dict[str, int] | None:
+        """A label as written in the files -> its class id; None for regression."""
+        if self.label_names is None:
+            return None
+        return {value: i for i, value in enumerate(self.label_values or self.label_names)}
 
     @property
     def is_regression(self) -> bool:
@@ -138,7 +152,7 @@ class TaskSpec:
 
 # --------------------------------------------------------------------------- GLUE registry
 
-_BINARY = ("0", "1")
+_BINARY = ("0", "1")  # as the binary tasks' files write their labels; each task names its two classes (the hub's names)
 _NLI2 = ("entailment", "not_entailment")
 
 
@@ -169,14 +183,17 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         # CoLA: no header; columns are source, label, the original author's mark, sentence.
-        _glue("cola", "CoLA", ("sentence",), (3,), 1, _BINARY, ("matthews_correlation",), no_header=True, num_columns=4),
-        _glue("sst2", "SST-2", ("sentence",), ("sentence",), "label", _BINARY, ("accuracy",)),
+        _glue("cola", "CoLA", ("sentence",), (3,), 1, ("unacceptable", "acceptable"), ("matthews_correlation",), no_header=True,
+              num_columns=4, label_values=_BINARY),
+        _glue("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("negative", "positive"), ("accuracy",), label_values=_BINARY),
         # MRPC: Quality, #1 ID, #2 ID, #1 String, #2 String (header with a BOM, hence utf-8-sig).
-        _glue("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", _BINARY, ("f1", "accuracy")),
+        _glue("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", ("not_equivalent", "equivalent"),
+              ("f1", "accuracy"), label_values=_BINARY),
         # STS-B: ten columns, the pair at 7 and 8, the 0-5 score last.
         _glue("stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", None, ("pearson", "spearman"), label_range=(0.0, 5.0)),
         # QQP: id, qid1, qid2, question1, question2, is_duplicate.
-        _glue("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", _BINARY, ("f1", "accuracy"), allow_empty_text=True),
+        _glue("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("not_duplicate", "duplicate"),
+              ("f1", "accuracy"), allow_empty_text=True, label_values=_BINARY),
         # MNLI: 12 columns in train, 16 in dev (five annotator labels); sentence1/2 at 8/9, gold_label last.
         _glue(
             "mnli", "MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
@@ -186,7 +203,8 @@ TASKS: dict[str, TaskSpec] = {
         _glue("qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label", _NLI2, ("accuracy",)),
         _glue("rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", _NLI2, ("accuracy",)),
         # WNLI: 1 = entailment, 0 = not, matching the hub's class ids.
-        _glue("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", _BINARY, ("accuracy",)),
+        _glue("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("not_entailment", "entailment"), ("accuracy",),
+              label_values=_BINARY),
     )
 }
 
@@ -214,41 +232,6 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[key]
 
 
-def custom_task(
-    train_file: str | Path,
-    eval_file: str | Path,
-    text_a: str,
-    label: str,
-    text_b: str | None = None,
-    label_names: Sequence[str] | None = None,
-) -> TaskSpec:
-    """A task over the user's own CSV, TSV or JSONL files, by column name.
-
-    The format follows the extension (`.csv`, `.tsv`, `.jsonl`/`.json` with one
-    object per line); CSV and TSV need a header. CSV honours quotes, as
-    spreadsheets write them; TSV does not, as GLUE writes it. Without
-    `label_names` the task is a regression scored by Pearson and Spearman.
-    """
-    text_columns = (text_a,) if text_b is None else (text_a, text_b)
-
-    def layout(path: str | Path) -> SplitFile:
-        fmt = _format_of(Path(path))
-        return SplitFile(str(path), text_columns, label, format=fmt, quoting=fmt == "csv")
-
-    names = None if label_names is None else tuple(str(n) for n in label_names)
-    metrics = ("pearson", "spearman") if names is None else ("accuracy",)
-    files = {"train": layout(train_file), "validation": layout(eval_file)}
-    return TaskSpec("custom", text_columns, names, metrics, ("validation",), files)
-
-
-def _format_of(path: Path) -> FileFormat:
-    suffix = path.suffix.lower()
-    formats: dict[str, FileFormat] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
-    if suffix not in formats:
-        raise DataError(f"data.custom: {path}: unknown data file type {suffix!r}; use .csv, .tsv or .jsonl")
-    return formats[suffix]
-
-
 def task_to_dict(spec: TaskSpec) -> dict[str, Any]:
     """JSON-ready form, saved with the prepared data so later stages need no registry lookup."""
     return asdict(spec)
@@ -260,7 +243,7 @@ def task_from_dict(data: Mapping[str, Any]) -> TaskSpec:
     files = {
         split: SplitFile(**{**f, "text_columns": tuple(f["text_columns"])}) for split, f in data.pop("files").items()
     }
-    for key in ("text_fields", "metrics", "eval_splits", "label_names", "label_range", "home", "test_splits"):
+    for key in ("text_fields", "metrics", "eval_splits", "label_names", "label_range", "home", "test_splits", "label_values"):
         if data.get(key) is not None:
             data[key] = tuple(data[key])
     return TaskSpec(files=files, **data)

@@ -13,6 +13,8 @@ eager path's additive mask needs no guard.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -78,11 +80,52 @@ def quantize_int8(source: str | Path, path: str | Path) -> dict[str, float]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
+        with _quiet_quantizer():
+            quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
         atomic_write_bytes(path, tmp.read_bytes())
     finally:
         tmp.unlink(missing_ok=True)
     return {"bytes": path.stat().st_size}
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The TorchScript exporter's warnings about what the parity check right after it proves: that the trace holds
+    for other batch sizes and lengths (TracerWarning) and that indexing with negative indices would go wrong (the
+    attention mask's indices are not negative); and the deprecation notices of the TorchScript exporter, which
+    `dynamo=False` asks for, and of the functions it calls inside torch."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
+        yield
+
+
+class _NoPreprocessingHint(logging.Filter):
+    """onnxruntime's advice to run its shape pre-processing first: it changes nothing for dynamic quantization of MatMuls."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing before quantization")
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """`quantize_dynamic` logs its hint with `logging.warning` on the root logger, which, with no handler there yet,
+    installs one for the whole process (every later library warning then prints as `WARNING:root:`); a NullHandler
+    for the call keeps that from happening, the filter drops the hint."""
+    root = logging.getLogger()
+    hint, placeholder = _NoPreprocessingHint(), logging.NullHandler()
+    added = not root.handlers
+    if added:
+        root.addHandler(placeholder)
+    root.addFilter(hint)
+    try:
+        yield
+    finally:
+        root.removeFilter(hint)
+        if added:
+            root.removeHandler(placeholder)
 
 
 def parity(model: nn.Module, session, seq_len: int = 21) -> float:
@@ -184,7 +227,7 @@ def export_onnx(
     dynamic = {name: {0: "batch", 1: "sequence"} for name in names} | {name: dict(axes) for name, axes in outputs.items()}
     example = _example(model, 2, seq_len, 0)
     example = (*example, torch.zeros_like(example[0])) if token_types else example
-    with torch.no_grad(), (_eager_attention(model) if eager_attention else nullcontext()):
+    with torch.no_grad(), (_eager_attention(model) if eager_attention else nullcontext()), _quiet_exporter():
         torch.onnx.export(
             wrapper, example, str(tmp), input_names=names, output_names=list(outputs),
             dynamic_axes=dynamic, opset_version=opset, dynamo=False,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
@@ -85,8 +87,12 @@ def check_model(cfg: ModelConfig, run_remote_code: bool = False) -> Any | None:
         )
     if cfg.trust_remote_code and not run_remote_code:
         return None
+    from lowrank.io import hub
+
+    # A hub name is looked up on the hub only when it answers; offline, the local cache must hold it.
+    local_only = not folder.is_dir() and hub.offline()
     try:
-        return AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only)
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):  # transformers' own message ends with a keyword argument, not our key
             raise InputError(f"model.name: {cfg.name!r} ships its own model code, which lowrank runs only when "
@@ -122,7 +128,22 @@ def load_for_task(cfg: ModelConfig, spec: Any) -> PreTrainedModel:
     if cfg.finetuned:
         check_head(cfg, spec)
         return auto_class(kind).from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code)
-    return auto_class(kind).from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code, **kind.head_kwargs(spec))
+    # A fresh head is new by design: transformers' LOAD REPORT (a warning in escape codes listing the head as "missing"
+    # and the pretraining head as "unexpected") says nothing to act on here. Errors still raise.
+    with quiet_logger("transformers.modeling_utils"):
+        return auto_class(kind).from_pretrained(resolved, trust_remote_code=cfg.trust_remote_code, **kind.head_kwargs(spec))
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise one logger's level for the block, then put it back."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def check_head(cfg: ModelConfig, spec: Any) -> None:

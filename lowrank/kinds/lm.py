@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lowrank.data.custom import custom_files
 from lowrank.data.tasks import DataError, SplitFile, TaskSpec, check_utf8, iter_records
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
 
@@ -115,8 +116,8 @@ class LMKind(TaskKind):
             fmt = "jsonl" if Path(path).suffix.lower() in (".jsonl", ".json") else "text"
             return SplitFile(str(path), (custom.text_a or "text",), custom.text_a or "text", format=fmt)
 
-        files = {"train": layout(custom.train_file), "validation": layout(custom.eval_file)}
-        return TaskSpec("custom", ("text",), None, ("perplexity",), ("validation",), files, kind=self.name)
+        files, share = custom_files(custom.train_file, custom.eval_file, custom.eval_share, layout)
+        return TaskSpec("custom", ("text",), None, ("perplexity",), ("validation",), files, kind=self.name, eval_from_train=share)
 
     def label_names(self, spec: Any) -> None:
         return None

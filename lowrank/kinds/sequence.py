@@ -16,11 +16,11 @@ from lowrank.kinds.registry import Rows, TaskKind, register_kind
 def read_sequence_rows(spec: TaskSpec, path: Path, layout: SplitFile) -> list[dict[str, Any]]:
     """Rows of a sequence task's file as `{"text_a", ["text_b",] "label"}`, every row checked.
 
-    Labels become ids (position in `spec.label_names`) or, for regression,
+    Labels become ids (`spec.label_ids`: GLUE's 0 and 1 as written, a user's labels by name) or, for regression,
     floats. Blank lines are skipped; anything else malformed raises a
     `DataError` naming the file and line.
     """
-    label_ids = None if spec.label_names is None else {name: i for i, name in enumerate(spec.label_names)}
+    label_ids = spec.label_ids
     rows = []
     for line, record in iter_records(path, layout):
         texts = [_text(record, column, spec, path, line) for column in layout.text_columns]
@@ -106,10 +106,11 @@ class SequenceKind(TaskKind):
 
     def custom_task(self, custom: Any) -> Any:
         from lowrank.config.base import check
-        from lowrank.data.tasks import custom_task
+        from lowrank.data.custom import custom_task
 
         check(custom.text_a is not None and custom.label is not None, "data.custom", "a sequence task needs text_a and label")
-        return custom_task(custom.train_file, custom.eval_file, custom.text_a, custom.label, custom.text_b, custom.label_names)
+        return custom_task(custom.train_file, custom.eval_file, custom.text_a, custom.label, custom.text_b, custom.label_names,
+                           custom.eval_share, custom.regression)
 
     def head_kwargs(self, spec: Any) -> dict[str, Any]:
         names = spec.label_names

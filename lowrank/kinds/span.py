@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from lowrank.data.custom import custom_files
 from lowrank.data.tasks import DataError, SplitFile, TaskSpec, check_utf8
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
 
@@ -189,9 +190,12 @@ class SpanKind(TaskKind):
         return lambda features: pad([{k: f[k] for k in MODEL_KEYS if k in f} for f in features])
 
     def custom_task(self, custom: Any) -> Any:
-        files = {split: SplitFile(str(path), ("question", "context"), "answers", format="squad")
-                 for split, path in (("train", custom.train_file), ("validation", custom.eval_file))}
-        return TaskSpec("custom", ("question", "context"), None, ("exact_match", "f1"), ("validation",), files, kind=self.name)
+        def layout(path: str) -> SplitFile:
+            return SplitFile(str(path), ("question", "context"), "answers", format="squad")
+
+        files, share = custom_files(custom.train_file, custom.eval_file, custom.eval_share, layout)
+        return TaskSpec("custom", ("question", "context"), None, ("exact_match", "f1"), ("validation",), files, kind=self.name,
+                        eval_from_train=share)
 
     def label_names(self, spec: Any) -> None:
         return None

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from lowrank.data.custom import custom_files
 from lowrank.data.tasks import DataError, SplitFile, TaskSpec, check_utf8, iter_records
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
 
@@ -124,8 +125,9 @@ class TokenKind(TaskKind):
             fmt = "jsonl" if Path(path).suffix.lower() in (".jsonl", ".json") else "conll"
             return SplitFile(str(path), (custom.text_a or "tokens",), custom.label or "tags", format=fmt)
 
-        files = {"train": layout(custom.train_file), "validation": layout(custom.eval_file)}
-        return TaskSpec("custom", ("tokens",), tuple(map(str, custom.label_names)), METRICS, ("validation",), files, kind=self.name)
+        files, share = custom_files(custom.train_file, custom.eval_file, custom.eval_share, layout)
+        return TaskSpec("custom", ("tokens",), tuple(map(str, custom.label_names)), METRICS, ("validation",), files, kind=self.name,
+                        eval_from_train=share)
 
     def head_kwargs(self, spec: Any) -> dict[str, Any]:
         names = spec.label_names

@@ -17,10 +17,12 @@ compare across matrix sizes.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import torch
-from torch import Tensor
+from lowrank.lazy import torch
+
+if TYPE_CHECKING:  # annotations only: torch loads on first use (lowrank/lazy.py)
+    from torch import Tensor
 
 # Called with (step, weighted_error) after each iteration of an iterative solver.
 Callback = Callable[[int, float], None]
@@ -112,7 +114,7 @@ def weighted_error(weight: Tensor, a: Tensor, b: Tensor, importance: Tensor | No
 
 
 def _check_inputs(weight: Tensor, rank: int, importance: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+    if not torch.is_tensor(weight) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight: expected a 2-D floating-point tensor (out, in), got {_describe(weight)}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight: contains NaN or infinite values")
@@ -122,7 +124,7 @@ def _check_inputs(weight: Tensor, rank: int, importance: Tensor | None) -> tuple
     work = weight.to(dtype)
     if importance is None:
         return work, None
-    if not isinstance(importance, Tensor) or importance.shape != weight.shape:
+    if not torch.is_tensor(importance) or importance.shape != weight.shape:
         raise ValueError(f"importance: expected shape {tuple(weight.shape)} like the weight, got {_describe(importance)}")
     work_importance = importance.to(device=weight.device, dtype=dtype)
     if not torch.isfinite(work_importance).all():
@@ -135,7 +137,7 @@ def _check_inputs(weight: Tensor, rank: int, importance: Tensor | None) -> tuple
 
 
 def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
+    if torch.is_tensor(value):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     return repr(value)
 

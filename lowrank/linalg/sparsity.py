@@ -27,8 +27,7 @@ above TFWSVD + ft on both seeds.
 
 from __future__ import annotations
 
-import torch
-
+from lowrank.lazy import torch
 from lowrank.linalg.solvers import balance
 
 # The share of its importance a pruned entry keeps; `factorize.pruned_weight` defaults to it.

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import Tensor
-
+from lowrank.lazy import torch
 from lowrank.linalg.solvers import Callback, fwsvd_parts, register_solver, svd_parts
+
+if TYPE_CHECKING:  # annotations only: torch loads on first use (lowrank/lazy.py)
+    from torch import Tensor
 
 # Largest temporary the ALS Gram matrices may take, in elements (64 MiB of float32).
 CHUNK_ELEMENTS = 1 << 24

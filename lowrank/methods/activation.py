@@ -10,13 +10,14 @@ Their statistics come from the fisher stage's pass (lowrank.train.activations).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from lowrank.lazy import torch
 from lowrank.linalg.solvers import get_solver
 from lowrank.methods.registry import register_method
+
+if TYPE_CHECKING:  # annotations only: torch loads on first use (lowrank/lazy.py)
+    from torch import Tensor
 
 
 @register_method(

@@ -15,9 +15,11 @@ function plus one `@register_method(...)` line (peft's `register_peft_method`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: torch loads on first use (lowrank/lazy.py)
+    from torch import Tensor
+
 
 # What a method weighs by: nothing; the dense model's Fisher or Taylor scores, or its layers' input statistics
 # (mean |x| per feature, the Gram matrix X^T X), all artifacts of the fisher stage; or, on the lpaf path,

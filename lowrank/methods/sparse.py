@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from lowrank.linalg.solvers import get_solver
 from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT, rowwise_sparse_svd, sparsity_importance
 from lowrank.methods.registry import register_method
+
+if TYPE_CHECKING:  # annotations only: torch loads on first use (lowrank/lazy.py)
+    from torch import Tensor
 
 
 @register_method(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -105,8 +106,18 @@ def finetune(p: Params, io: StageIO) -> StageResult:
         m.save_pretrained(str(path), safe_serialization=True)
 
     if p.model.finetuned:
-        return take_as_is(model, prepared, p.finetune, io, save)
-    return train_and_save(model, prepared, p.finetune, io, "finetune", save)
+        result = take_as_is(model, prepared, p.finetune, io, save)
+    else:
+        result = train_and_save(model, prepared, p.finetune, io, "finetune", save)
+    warn_if_trivial(result.metrics["best_score"], prepared.baseline_score())
+    return result
+
+
+def warn_if_trivial(score: float, baseline: float) -> None:
+    """Say so when the dense model is no better than the trivial answer: compressing it then measures nothing."""
+    if score <= baseline + 1e-9:  # written, not printed: inside a Prefect flow `print` becomes a (quiet) log record
+        sys.stderr.write(f"warning: the dense model scores {score:.4f} on the selection split, no better than the trivial "
+                         f"answer ({baseline:.4f}, such as always the most frequent label); more rows or epochs may help\n")
 
 
 def take_as_is(model: torch.nn.Module, prepared: PreparedData, cfg: TrainConfig, io: StageIO,

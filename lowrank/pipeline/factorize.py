@@ -191,9 +191,9 @@ def finetune_compressed(p: Params, io: StageIO) -> StageResult:
     def report(result) -> dict:
         found = collapse_report(result.history, prepared.baseline_score())
         if found["collapsed"]:
-            print(
+            sys.stderr.write(  # not print: inside a Prefect flow that becomes a (quiet) log record
                 f"warning: finetune_compressed fell to the trivial answer's score {found['majority_score']:.4f} at epoch(s) "
-                f"{', '.join(map(str, found['collapsed_epochs']))}, from {found['start_score']:.4f} before fine-tuning", file=sys.stderr,
+                f"{', '.join(map(str, found['collapsed_epochs']))}, from {found['start_score']:.4f} before fine-tuning\n"
             )
         return {**found, **schedule}
 

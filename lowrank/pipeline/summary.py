@@ -87,8 +87,12 @@ def time_side_by_side(cfg: EvaluateConfig, folders: dict[str, Path]) -> dict[str
     }
 
 
+MODELS: dict[str, tuple[str, ...]] = {}  # summary stage -> its models' labels, the dense one first, the shipped one last
+
+
 def register_summary(path: str, evaluations: dict[str, str]) -> None:
     """`summary_<path>`: `evaluations` maps a model's label to its evaluate stage, the dense one first."""
+    MODELS[f"summary_{path}"] = tuple(evaluations)
 
     def summarize(p: Params, io: StageIO) -> StageResult:
         from lowrank.kinds import task_goal

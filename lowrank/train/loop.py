@@ -244,7 +244,7 @@ def train(
         # Scoring must not move the RNG that dropout and shuffling draw from (a DataLoader takes its
         # base seed from it): + ft trains exactly as it would without the epoch-0 score.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            record({"epoch": 0.0, "step": 0.0, **evaluate(model)}, print)
+            record({"epoch": 0.0, "step": 0.0, **evaluate(model)}, tqdm.write)  # not print: a Prefect flow would swallow it
     samples, train_seconds, step, epoch = 0, 0.0, 0, 0
     bar = progress_bar(progress, total=sum(steps), desc=description)
     for index, (phase, phase_steps) in enumerate(zip(plan, steps)):
