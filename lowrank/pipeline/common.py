@@ -109,13 +109,17 @@ def finetune(p: Params, io: StageIO) -> StageResult:
         result = take_as_is(model, prepared, p.finetune, io, save)
     else:
         result = train_and_save(model, prepared, p.finetune, io, "finetune", save)
-    warn_if_trivial(result.metrics["best_score"], prepared.baseline_score())
+    warn_if_trivial(result.metrics["best_score"], prepared.baseline_score(), prepared.kind.goal)
     return result
 
 
-def warn_if_trivial(score: float, baseline: float) -> None:
-    """Say so when the dense model is no better than the trivial answer: compressing it then measures nothing."""
-    if score <= baseline + 1e-9:  # written, not printed: inside a Prefect flow `print` becomes a (quiet) log record
+def warn_if_trivial(score: float, baseline: float | None, goal: str = "max") -> None:
+    """Say so when the dense model is no better than the trivial answer: compressing it then measures nothing.
+    A kind without one (a perplexity: `baseline` None) is never warned about."""
+    from lowrank.kinds import better
+
+    if baseline is not None and not better(score, baseline + (1e-9 if goal == "max" else -1e-9), goal):
+        # written, not printed: inside a Prefect flow `print` becomes a (quiet) log record
         sys.stderr.write(f"warning: the dense model scores {score:.4f} on the selection split, no better than the trivial "
                          f"answer ({baseline:.4f}, such as always the most frequent label); more rows or epochs may help\n")
 
