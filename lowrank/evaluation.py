@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -140,6 +141,20 @@ def _quantiles(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(ordered), "p10": at(0.1), "p90": at(0.9)}
 
 
+@contextmanager
+def _timing(runtime: str, threads: int | None):
+    """A known runtime, and torch's thread count set for the measurement and restored after it."""
+    if runtime not in LATENCY_RUNTIMES:
+        raise ValueError(f"runtime: {runtime!r} is not one of {', '.join(LATENCY_RUNTIMES)}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def latency_side_by_side(
     models: dict[str, nn.Module],
     batch_sizes: Sequence[int] = (1, 32),
@@ -156,12 +171,7 @@ def latency_side_by_side(
     first). Returns `{"batch_<b>": {"ms": {label: {median, p10, p90}}, "speedup": {label: {median, p10, p90}}}}`,
     a speed-up being the first model's time over the label's within each round.
     """
-    if runtime not in LATENCY_RUNTIMES:
-        raise ValueError(f"runtime: {runtime!r} is not one of {', '.join(LATENCY_RUNTIMES)}")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with _timing(runtime, threads):
         if runtime == "torch":
             runners = {label: _torch_runner(model) for label, model in models.items()}
         else:
@@ -187,8 +197,6 @@ def latency_side_by_side(
                     "speedup": {label: _quantiles([a / b for a, b in zip(times[first], times[label])]) for label in labels[1:]},
                 }
         return results
-    finally:
-        torch.set_num_threads(previous)
 
 
 def measure_latency(
@@ -210,16 +218,9 @@ def measure_latency(
     largest logit difference from PyTorch (`onnx_max_abs_diff`);
     `"onnxruntime_int8"` the same graph with its MatMul weights quantized to int8.
     """
-    if runtime not in LATENCY_RUNTIMES:
-        raise ValueError(f"runtime: {runtime!r} is not one of {', '.join(LATENCY_RUNTIMES)}")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with _timing(runtime, threads):
         if runtime.startswith("onnxruntime"):
             prepare, diff = _onnx_runner(model, int8=runtime == "onnxruntime_int8")
             return {**_time_batches(prepare, _vocab_size(model), batch_sizes, seq_len, warmup, repeats), "onnx_max_abs_diff": diff}
         with torch.inference_mode():
             return _time_batches(_torch_runner(model), _vocab_size(model), batch_sizes, seq_len, warmup, repeats)
-    finally:
-        torch.set_num_threads(previous)
