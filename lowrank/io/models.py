@@ -109,8 +109,9 @@ def meta_model(config: Any, spec: Any) -> PreTrainedModel:
     from lowrank.kinds import auto_class, get_kind
 
     kind = get_kind(spec.kind)
-    with torch.device("meta"):
-        return auto_class(kind).from_config(config)  # the head is never a target: its size does not matter
+    # the head is never a target, so its size does not matter; nor do transformers' notes on building it from this config
+    with torch.device("meta"), quiet_logger("transformers"):
+        return auto_class(kind).from_config(config)
 
 
 def load_tokenizer(cfg: ModelConfig):

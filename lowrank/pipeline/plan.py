@@ -74,12 +74,12 @@ def preflight(params: Params, run_remote_code: bool = False) -> None:
         check_writable(params.paths.metrics, "paths.metrics")
     with os_errors("model.name"):
         config = check_model(params.model, run_remote_code)
+    if config is not None and params.model.finetuned:  # a head of another kind: that, before its targets are looked for
+        check_head(params.model, resolve_task(params.data))
     if config is not None and params.orchestration.path != "dense":
         check_targets(config, params)
     with os_errors("data"):
         check_sources(params.data)
-    if params.model.finetuned:
-        check_head(params.model, resolve_task(params.data))
     check_tracking(params.tracking)
     try:
         default_device()  # a bad LOWRANK_DEVICE fails here, not at the first stage that trains
