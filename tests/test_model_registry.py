@@ -81,12 +81,15 @@ def test_the_champion_predicts_what_the_pipeline_scored(failing_sweep: dict) -> 
     mlflow.set_tracking_uri(failing_sweep["uri"])
     served = mlflow.pyfunc.load_model("models:/lowrank-sst2@champion").predict(pd.DataFrame({"text": raw["text_a"]}))
 
-    predicted = predict(load_compressed(best["model"]), prepared.loader("validation", 64))
+    model = load_compressed(best["model"])
+    predicted = predict(model, prepared.loader("validation", 64))
     logits, labels = predicted["logits"], predicted["labels"]
     probs = logits.softmax(-1)
-    assert served["label"].tolist() == [str(i) for i in probs.argmax(-1).tolist()]  # SST-2's label names are "0" and "1"
+    names = model.config.id2label  # SST-2's: negative, positive
+    assert served["label"].tolist() == [names[i] for i in probs.argmax(-1).tolist()]
     np.testing.assert_allclose(served["score"].to_numpy(), probs.max(-1).values.numpy(), atol=1e-6)
-    accuracy = float((served["label"].astype(int).to_numpy() == labels.numpy()).mean())
+    ids = {name: i for i, name in names.items()}
+    accuracy = float((served["label"].map(ids).to_numpy() == labels.numpy()).mean())
     assert accuracy == pytest.approx(best["score"], abs=1e-12)
 
 
