@@ -81,7 +81,10 @@ def test_a_trained_epoch_wins_a_tie_with_the_start() -> None:
 
 def test_hidden_state_distillation_adds_the_mean_block_mse() -> None:
     from lowrank.config import DistillationConfig
-    from lowrank.train.loop import distilled_loss, distillation_loss
+    from lowrank.train.loop import LossWeights, distillation_loss, weighted_loss
+
+    def distilled_loss(model, batch, teacher, distill):  # stage 2 (or the only stage), as the loop computes it
+        return weighted_loss(model, batch, teacher, LossWeights.predictions(distill) if teacher is not None else LossWeights())
 
     torch.manual_seed(0)
     config = tiny_bert_config()

@@ -135,15 +135,6 @@ def weighted_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.
     return sum(terms[1:], terms[0])
 
 
-def distilled_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Module | None,
-                   distill: DistillationConfig | None) -> torch.Tensor:
-    """The task loss of one batch, mixed with stage-2 distillation from `teacher` when there is one.
-
-    loss = (1 - weight) * task + weight * KD(logits) + hidden_weight * MSE(hidden states) + attention_weight * MSE(attentions).
-    """
-    return weighted_loss(model, batch, teacher, LossWeights.predictions(distill) if teacher is not None else LossWeights())
-
-
 @contextmanager
 def attention_maps(models: Sequence[nn.Module | None], needed: bool):
     """Eager attention while attention maps are distilled (SDPA returns none), the models' own afterwards."""
