@@ -138,17 +138,18 @@ def claim() -> str:
     return os.environ[OWNER_ENV]
 
 
-def end_with_parent() -> Any:
-    """A `preexec_fn`: on Linux, the child gets SIGTERM when the thread that started it dies (PR_SET_PDEATHSIG)."""
+def end_with_parent(signum: int = signal.SIGTERM) -> Any:
+    """A `preexec_fn`: on Linux, the child gets `signum` when the thread that started it dies (PR_SET_PDEATHSIG)."""
     import ctypes
 
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, in the parent: the child only calls it
     except (OSError, AttributeError):  # not Linux
         return None
-    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    return lambda: prctl(1, signum)  # 1: PR_SET_PDEATHSIG
 
 
+DEATH_SIGNAL = signal.SIGURG  # the watchdog's parent-death signal (see `_start_watchdog`)
 _WATCHDOG: list = []  # its Popen, held so that it is never collected (and warned about) while it runs
 
 
@@ -156,8 +157,11 @@ def _start_watchdog(token: str) -> None:
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}  # unmarked: it outlives its owner by design
+    # Its death signal is one whose default action is to be ignored: an owner killed while the watchdog still
+    # imports (tens of milliseconds after `claim`) would otherwise kill it too, before it ends anything.
     _WATCHDOG[:] = [subprocess.Popen(
-        [sys.executable, "-m", "flows.watchdog", token], env=env, start_new_session=True, preexec_fn=end_with_parent(),
+        [sys.executable, "-m", "flows.watchdog", token], env=env, start_new_session=True,
+        preexec_fn=end_with_parent(DEATH_SIGNAL),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )]
 

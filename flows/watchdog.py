@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from .lifecycle import end_processes, marked, owner_alive
+from .lifecycle import DEATH_SIGNAL, end_processes, marked, owner_alive
 
 POLL_S = 0.25  # how often it looks whether the owner still runs (the parent-death signal only shortens the wait)
 
@@ -23,7 +23,8 @@ POLL_S = 0.25  # how often it looks whether the owner still runs (the parent-dea
 def main(token: str) -> None:
     died = []
     # The handler only appends: one that took a lock (threading.Event.set) could deadlock with the wait it interrupts.
-    signal.signal(signal.SIGTERM, lambda *_: died.append(True))  # the parent-death signal
+    for signum in (DEATH_SIGNAL, signal.SIGTERM):  # the parent-death signal, or a plain request to end
+        signal.signal(signum, lambda *_: died.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the run: the run unwinds, this one waits
     while not died and owner_alive(token):
         time.sleep(POLL_S)

@@ -72,6 +72,39 @@ def test_when_the_owner_dies_by_any_signal_its_workers_end_within_seconds(tmp_pa
             os.kill(pid, signal.SIGKILL)
 
 
+# Killed a few milliseconds after `claim`, while its watchdog still imports: the death signal must not kill the
+# watchdog too (it did, when that signal was SIGTERM: every child outlived the owner).
+EARLY_OWNER = """
+import json, subprocess, sys
+from flows import lifecycle
+
+lifecycle.claim()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(json.dumps([child.pid]), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_an_owner_killed_as_soon_as_it_claims_still_has_its_child_ended() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LOWRANK_OWNER", None)
+    children: list[int] = []
+    try:
+        for _ in range(3):
+            owner = subprocess.Popen([sys.executable, "-c", EARLY_OWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+            children += json.loads(owner.stdout.readline())
+            owner.kill()
+            owner.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _alive(children) == []
+    finally:
+        for pid in _alive(children):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_the_next_start_ends_what_a_dead_owner_left(tmp_path: Path) -> None:
     from flows import lifecycle
 
