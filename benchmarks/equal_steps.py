@@ -2,13 +2,13 @@
 
 One seed's dev score moves by a point or more with the training seed alone, so
 the issue's target (LPAF at or above TFWSVD + ft) is judged over several. This
-script trains nothing: it reads the summaries `benchmarks/lpaf.py` leaves in
+script trains nothing: it reads the summaries `benchmarks/lpaf_ablations.py` leaves in
 each of its run folders, keeps those that found a + ft run with as many epochs,
 the same seed and the same learning rate (`quality.py --ft-epochs N --ft-seed S
 --ft-lr LR`), and tabulates them per setting, with the mean over seeds.
 
     .venv/bin/python benchmarks/quality.py --task sst2 --ft-epochs 5 --ft-ratios 0.15 --ft-methods tfwsvd --ft-seed 43
-    .venv/bin/python benchmarks/lpaf.py --task sst2 --ratios 0.15 --prune-epochs 3 --mrft-epochs 2 --ablations none --seed 43
+    .venv/bin/python benchmarks/lpaf_ablations.py --task sst2 --ratios 0.15 --prune-epochs 3 --mrft-epochs 2 --ablations none --seed 43
     .venv/bin/python benchmarks/equal_steps.py --task sst2
 """
 
@@ -47,7 +47,7 @@ def main() -> None:
                    summary.get("mrft_distill", True))  # summaries from before the key distilled, params.yaml's default
             groups[key].append((summary["seed"], lpaf, tfwsvd))
     if not groups:
-        raise SystemExit(f"{runs}: no lpaf.py summary at keep ratio {args.ratio} with a + ft run of as many epochs (see --help)")
+        raise SystemExit(f"{runs}: no lpaf_ablations.py summary at keep ratio {args.ratio} with a + ft run of as many epochs (see --help)")
 
     rows, means = [], []
     for (method, prune, mrft, factor, weight, distill, pull, importance, start, lr, mrft_distill), seeds in sorted(groups.items()):
@@ -73,7 +73,7 @@ def main() -> None:
     body = (
         f"Task {args.task}, {args.train} training examples, keep ratio {args.ratio}: LPAF (prune + mixed-rank epochs) beside TFWSVD + ft for as many epochs (from the pretrained model: as many as LPAF less the dense model's fine-tuning), "
         "both at the same training seed and learning rate (the LPAF seed also drives pruning and the mixed-rank path draws). "
-        "Dev scores after fine-tuning, read from the lpaf.py runs' summaries.\n\n"
+        "Dev scores after fine-tuning, read from the lpaf_ablations.py runs' summaries.\n\n"
         + table(["LPAF setting", "seed", "LPAF", "TFWSVD + ft", "LPAF - TFWSVD + ft"], rows)
         + "\n\n### Mean over seeds\n\n"
         + means_table

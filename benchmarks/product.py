@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lowrank.pipeline.sweep import Configuration, plan, sweep_spec
+from lowrank.pipeline.sweep_plan import Configuration, plan, sweep_spec
 
 
 def configurations(spec: Path, overrides: list[str]) -> list[Configuration]:

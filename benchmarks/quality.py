@@ -57,7 +57,7 @@ def runs_folder(task: str, train: int) -> Path:
 
 
 def ft_suffix(ft, default) -> str:
-    """Names a fine-tuning seed or learning rate other than params.yaml's (shared with lpaf.py, whose rows pair on it)."""
+    """Names a fine-tuning seed or learning rate other than params.yaml's (shared with lpaf_ablations.py, whose rows pair on it)."""
     return ("" if ft.seed == default.seed else f"-seed{ft.seed}") + ("" if ft.lr == default.lr else f"-lr{ft.lr:g}")
 
 
@@ -67,7 +67,7 @@ def ft_name(epochs: float, ft, default) -> str:
 
 
 def summary_file(out: Path, epochs: float, ft, default) -> Path:
-    """The summary quality.py leaves for that + ft setting; lpaf.py reads it to pair its rows."""
+    """The summary quality.py leaves for that + ft setting; lpaf_ablations.py reads it to pair its rows."""
     name = ft_name(epochs, ft, default)
     return out / ("summary.json" if name == "ft" else f"summary-{name}.json")
 
@@ -139,7 +139,7 @@ def main() -> None:
     )
     out = runs_folder(args.task, args.train)
     out.mkdir(parents=True, exist_ok=True)
-    summary_path = summary_file(out, args.ft_epochs, ft, default_ft)  # lpaf.py pairs its rows with these
+    summary_path = summary_file(out, args.ft_epochs, ft, default_ft)  # lpaf_ablations.py pairs its rows with these
     summary_path.write_text(json.dumps({"rows": rows, "drops": drops, "phis": phis, "phis_scaled": scaled, "allocation": allocation_rows}, indent=1))
     suffix = "" if ft_tag == "ft" else f"-{ft_tag}"  # another fine-tuning budget reports beside the 1-epoch one, not over it
     budget = "" if ft_tag == "ft" else f", + ft for {args.ft_epochs:g} epochs, seed {ft.seed}, lr {ft.lr:g}"

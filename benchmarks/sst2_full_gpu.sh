@@ -15,7 +15,7 @@ N=67349
 # Each seed is one sweep per side; the dense model and its Fisher come from the store after the first.
 for seed in "${SEEDS[@]}"; do
   "$PY" benchmarks/quality.py --task sst2 --train $N --ft-epochs 2 --ft-seed "$seed" --spec benchmarks/specs/sst2-full-quality.yaml
-  "$PY" benchmarks/lpaf.py --task sst2 --train $N --prune-epochs 1 --mrft-epochs 1 --density-factor 2 --pruned-weight 0.6 \
+  "$PY" benchmarks/lpaf_ablations.py --task sst2 --train $N --prune-epochs 1 --mrft-epochs 1 --density-factor 2 --pruned-weight 0.6 \
     --seed "$seed" --spec benchmarks/specs/sst2-full-lpaf.yaml
 done
 "$PY" benchmarks/equal_steps.py --task sst2 --train $N

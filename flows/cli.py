@@ -88,7 +88,7 @@ def sweep(
     """Run many configurations side by side: shared stages once, every artifact kept, in parallel."""
     overrides = list(set_param or [])
     with lifecycle.user_errors():
-        from lowrank.pipeline.sweep import plan, sweep_spec
+        from lowrank.pipeline.sweep_plan import plan, sweep_spec
 
         from .runners import engine as make_engine
 
@@ -98,7 +98,7 @@ def sweep(
         owner = lifecycle.claim()
         from prefect import tags
 
-        from .sweep import sweep as sweep_flow
+        from .sweep_flow import sweep as sweep_flow
 
         from .runners import shared_api
 
@@ -219,7 +219,7 @@ def methods() -> None:
 @app.command()
 def tasks() -> None:
     """List the task kinds (what each model head and score is) and the registered datasets of each."""
-    from lowrank.data.tasks import TASKS
+    from lowrank.data.catalog import TASKS
     from lowrank.kinds import KINDS
 
     datasets = lambda kind: [name for name, spec in TASKS.items() if spec.kind == kind] + ["custom"]  # noqa: E731
@@ -333,10 +333,10 @@ def serve(
         if not schedule:
             raise ConfigError("serve: give --cron or set orchestration.cron")
         if sweep:
-            from lowrank.pipeline.sweep import plan, sweep_spec
+            from lowrank.pipeline.sweep_plan import plan, sweep_spec
 
             from .runners import engine as make_engine
-            from .sweep import sweep as sweep_flow
+            from .sweep_flow import sweep as sweep_flow
 
             run_engine = make_engine(runner, workers, None, address)
             plan(params, sweep_spec(params, spec, []), check=True)  # a bad spec fails now, not at 3 am

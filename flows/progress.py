@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from lowrank.pipeline.sweep import Configuration, Job, status
+from lowrank.pipeline.sweep_plan import Configuration, Job, status
 
 
 class SweepView:

@@ -78,7 +78,7 @@ def log_datasets(params: Params, layout: Layout) -> Any:
     import mlflow.data
 
     from lowrank.data.loading import HUB_DATASET, SELECT, load_raw_from_config, reads_from_hub, resolve_task
-    from lowrank.data.tasks import split_path
+    from lowrank.data.catalog import split_path
 
     spec, glue_dir = resolve_task(params.data), params.data.resolved_glue_dir()
     scored = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 from conftest import REPO
@@ -117,11 +118,31 @@ def test_every_declared_stage_is_in_dvc_yaml_with_its_files() -> None:
         "${paths.artifacts}/factorize_pruned/masks.safetensors" in stages["mrft"]["deps"]
 
 
-def test_docs_layout_names_every_folder() -> None:
-    layout = (REPO / "docs" / "extending" / "index.md").read_text()
-    folders = sorted(p.relative_to(REPO).as_posix() + "/" for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
-    listed = sorted(set(re.findall(r"^\s*(lowrank/\w+/)", layout, re.M)))
+def _layout_block(path: Path) -> str:
+    text = path.read_text()
+    start = text.index("```\n", text.index("Layout") if path.name == "README.md" else 0) + 4
+    return text[start:text.index("```", start)]
+
+
+def test_the_readme_layout_names_every_top_level_folder() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    folders = {f.split("/")[0] + "/" for f in tracked if "/" in f and not f.startswith(".")}
+    listed = set(re.findall(r"^(\w+/)", _layout_block(REPO / "README.md"), re.M))
     assert listed == folders
+
+
+def test_the_docs_layout_names_every_module_of_every_folder() -> None:
+    """Under each folder line, the line of its module names: exactly the folder's modules, none missing, none gone."""
+    lines = _layout_block(REPO / "docs" / "extending" / "index.md").splitlines()
+    listed = {}
+    for line, following in zip(lines, lines[1:]):
+        folder = re.match(r"^((?:lowrank/)?\w+/)\s", line)
+        if folder and following.startswith("  ") and following.strip():
+            listed[folder.group(1)] = sorted(following.split())
+    python_folders = ["lowrank/"] + [p.relative_to(REPO).as_posix() + "/" for p in sorted(PACKAGE.iterdir())
+                                     if (p / "__init__.py").is_file()] + ["tasks/", "flows/"]
+    actual = {folder: sorted(f.stem for f in (REPO / folder).glob("*.py") if f.stem != "__init__") for folder in python_folders}
+    assert listed == actual
 
 
 def test_dvc_repro_of_a_path_s_last_stage_runs_every_stage_of_the_path() -> None:

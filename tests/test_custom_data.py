@@ -9,7 +9,7 @@ import pytest
 from lowrank.config import ConfigError, load_params
 from lowrank.config.loading import apply_overrides
 from lowrank.data.loading import load_raw, resolve_task
-from lowrank.data.tasks import DataError
+from lowrank.data.catalog import DataError
 from lowrank.pipeline.common import warn_if_trivial
 
 WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "flat"]
@@ -91,7 +91,7 @@ def test_a_dense_model_at_the_trivial_score_is_warned(capsys: pytest.CaptureFixt
 
 def test_glue_labels_carry_names_and_keep_their_ids(glue_dir: Path) -> None:
     from lowrank.data.loading import read_split
-    from lowrank.data.tasks import get_task, task_from_dict, task_to_dict
+    from lowrank.data.catalog import get_task, task_from_dict, task_to_dict
 
     sst2 = get_task("sst2")
     assert sst2.label_names == ("negative", "positive") and sst2.label_ids == {"0": 0, "1": 1}
@@ -117,7 +117,7 @@ def test_the_data_folder_beside_the_checkout_is_found(tmp_path: Path, monkeypatc
 
 def test_the_hub_is_tried_only_when_it_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     from lowrank.data.loading import check_files
-    from lowrank.data.tasks import get_task
+    from lowrank.data.catalog import get_task
     from lowrank.io import hub
 
     for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):

@@ -13,7 +13,7 @@ import torch
 from conftest import VOCAB, tiny_bert_config
 from lowrank.config import InputError, ModelConfig
 from lowrank.data.loading import read_split
-from lowrank.data.tasks import CONLL_TAGS, DataError
+from lowrank.data.catalog import CONLL_TAGS, DataError
 from lowrank.kinds import KINDS, get_kind
 from lowrank.kinds.span import answer_scores, best_span, normalize_answer, read_squad
 from lowrank.kinds.token import entities, first_subtoken_labels, tag_scores
@@ -192,7 +192,7 @@ def test_a_token_model_scores_exports_and_serves(tmp_path: Path) -> None:
 
 
 def test_conll2003_is_registered_with_dev_selecting_and_test_reported() -> None:
-    from lowrank.data.tasks import get_task, split_path
+    from lowrank.data.catalog import get_task, split_path
 
     spec = get_task("CoNLL-2003")
     assert (spec.kind, spec.label_names, spec.eval_splits, spec.test_splits) == ("token", CONLL_TAGS, ("validation",), ("test",))
@@ -201,7 +201,7 @@ def test_conll2003_is_registered_with_dev_selecting_and_test_reported() -> None:
 
 @pytest.mark.skipif(not (CONLL_DIR / "dev.txt").is_file(), reason="CoNLL-2003 not found")
 def test_conll2003_reads_every_sentence_of_its_dev_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowrank.data.tasks import get_task
+    from lowrank.data.catalog import get_task
 
     monkeypatch.setenv("CONLL_DIR", str(CONLL_DIR))
     rows = read_split(get_task("conll2003"), "validation")
@@ -308,7 +308,7 @@ def test_a_checkpoint_whose_head_does_not_fit_the_task_fails_naming_both(tmp_pat
 
 def test_a_classifier_checkpoint_must_fit_a_sequence_task_too(tmp_path: Path) -> None:
     from conftest import save_tiny_model
-    from lowrank.data.tasks import get_task
+    from lowrank.data.catalog import get_task
     from lowrank.io.models import check_head
 
     classifier = ModelConfig(name=str(save_tiny_model(tmp_path / "classifier")), finetuned=True)  # LABEL_0, LABEL_1

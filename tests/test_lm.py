@@ -88,7 +88,7 @@ def test_keep_best_ends_on_the_lowest_perplexity_and_the_start_guard_too() -> No
 def test_pareto_score_kept_and_the_champion_honour_goal_min() -> None:
     from types import SimpleNamespace
 
-    from lowrank.config.sweep import SelectConfig
+    from lowrank.config.sweep_spec import SelectConfig
     from lowrank.pipeline.factorize import collapse_report
     from lowrank.pipeline.summary import pareto, score_kept
     from tasks.models import choose
@@ -130,7 +130,7 @@ def test_distillation_averages_kl_over_real_tokens_only() -> None:
 
 def test_text_and_jsonl_files_are_read_and_a_bad_row_named_by_file_and_line(tmp_path: Path) -> None:
     from lowrank.data.loading import read_split
-    from lowrank.data.tasks import DataError
+    from lowrank.data.catalog import DataError
 
     kind = get_kind("lm")
     text = tmp_path / "train.txt"

@@ -55,7 +55,7 @@ def test_every_scored_model_is_logged_once_and_the_best_is_the_champion(failing_
 def _validation(failing_sweep: dict, config: dict):
     """The champion configuration's validation rows as raw text, and its prepared (tokenized) split."""
     from lowrank.config import load_params
-    from lowrank.config.sweep import as_overrides
+    from lowrank.config.sweep_spec import as_overrides
     from lowrank.data.loading import load_raw_from_config
     from lowrank.pipeline import PreparedData, get_stage, pipeline
     from lowrank.pipeline.store import StoreLayout

@@ -50,7 +50,7 @@ def test_mlflow_s_scoring_server_answers_400_and_413(tmp_path: Path, tiny_model_
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
-    from lowrank.data.tasks import get_task
+    from lowrank.data.catalog import get_task
     from tasks.models import MODEL_CODE, _signature
 
     serving = tmp_path / "serving.json"

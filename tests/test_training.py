@@ -104,7 +104,7 @@ def test_hidden_state_distillation_adds_the_mean_block_mse() -> None:
 
 def test_collapse_is_reported_only_from_above_the_majority_score() -> None:
     from lowrank.data.metrics import majority_score
-    from lowrank.data.tasks import get_task
+    from lowrank.data.catalog import get_task
     from lowrank.pipeline.factorize import collapse_report
 
     mrpc = get_task("mrpc")

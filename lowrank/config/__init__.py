@@ -13,8 +13,8 @@ from lowrank.config.loading import (
 from lowrank.config.base import (
     CompressedTrainConfig, ConfigError, DistillationConfig, InputError, IntermediateDistillation, MissingInputError, TrainConfig, check,
 )
-from lowrank.config.lpaf import RANK_PULL_IMPORTANCE, MrftConfig, PruneConfig
-from lowrank.config.sweep import MAX_CONFIGS, SelectConfig, SweepConfig, expand, label
+from lowrank.config.lpaf_sections import RANK_PULL_IMPORTANCE, MrftConfig, PruneConfig
+from lowrank.config.sweep_spec import MAX_CONFIGS, SelectConfig, SweepConfig, expand, label
 from lowrank.config.sections import (
     DEFAULT_MODEL, LATENCY_RUNTIMES, CustomDataConfig, DataConfig, ValidationConfig, EvaluateConfig, FactorizeConfig, FisherConfig,
     ModelConfig, OrchestrationConfig, Params, PathsConfig, TrackingConfig, check_lpaf_factorize,

@@ -16,7 +16,7 @@ import yaml
 
 from lowrank.config.base import ConfigError, InputError, TrainConfig, check
 from lowrank.config.sections import Params
-from lowrank.config.sweep import MAX_CONFIGS, SweepConfig, as_overrides, check_key, expand, label
+from lowrank.config.sweep_spec import MAX_CONFIGS, SweepConfig, as_overrides, check_key, expand, label
 
 # A params file is a few hundred values; YAML aliases can make a 9 KB file stand for billions ("billion laughs"),
 # which loads as shared references in a moment and then takes minutes and gigabytes to copy, check and hash.

@@ -18,8 +18,8 @@ from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT
 from lowrank.methods import METHODS, get_method, method_names
 from lowrank.config.base import CompressedTrainConfig, ConfigError, TrainConfig, check, note
 from lowrank.config.patterns import check_pattern
-from lowrank.config.lpaf import MrftConfig, PruneConfig
-from lowrank.config.sweep import SweepConfig
+from lowrank.config.lpaf_sections import MrftConfig, PruneConfig
+from lowrank.config.sweep_spec import SweepConfig
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SHARED_GLUE = "../shared/data/glue"  # the project's data folder, beside the checkout (the Makefile's GLUE_DIR too)

@@ -1,6 +1,6 @@
 """A task over the user's own files: the files of its splits, its labels read from the train file when not given.
 
-Each kind builds its custom task from `data.custom` (lowrank/kinds); the layouts and readers are `tasks.py`'s.
+Each kind builds its custom task from `data.custom` (lowrank/kinds); the layouts and readers are `catalog.py`'s.
 What is inferred (the eval split, the labels) is said in one line on stderr.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from lowrank.config.base import note
-from lowrank.data.tasks import DataError, FileFormat, SplitFile, TaskSpec, iter_records
+from lowrank.data.catalog import DataError, FileFormat, SplitFile, TaskSpec, iter_records
 
 
 def custom_task(

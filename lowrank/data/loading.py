@@ -4,7 +4,7 @@ The raw splits come from local files (GLUE folder, CoNLL-2003 or the user's
 files) or, when no GLUE folder is configured, from the hub copy of GLUE; either
 way they have the columns the task's kind reads (`text_a`, `text_b` for pairs,
 `label` for a sequence task), so nothing downstream knows the difference. The
-task table lives in `tasks.py`, each kind's rows, features and collation in
+task table lives in `catalog.py`, each kind's rows, features and collation in
 lowrank/kinds; this module re-exports what the stages use.
 """
 
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from lowrank.config import DataConfig, MissingInputError
 from lowrank.data.custom import custom_task
-from lowrank.data.tasks import (
+from lowrank.data.catalog import (
     TASKS,
     DataError,
     SplitFile,

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from lowrank.data.tasks import TaskSpec
+from lowrank.data.catalog import TaskSpec
 
 
 def _predictions(spec: TaskSpec, logits: torch.Tensor) -> np.ndarray:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowrank.data.custom import custom_files
-from lowrank.data.tasks import DataError, SplitFile, TaskSpec, check_utf8, iter_records
+from lowrank.data.catalog import DataError, SplitFile, TaskSpec, check_utf8, iter_records
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
 
 IGNORED = -100  # the label the next-token loss skips: padding

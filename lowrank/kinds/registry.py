@@ -136,7 +136,7 @@ def task_goal(task: str, custom_kind: str | None = None) -> str:
     """The goal of the task that `data.task` names (of `data.custom.kind` for the user's files)."""
     if custom_kind:
         return get_kind(custom_kind).goal
-    from lowrank.data.tasks import get_task
+    from lowrank.data.catalog import get_task
 
     return get_kind(get_task(task).kind).goal
 

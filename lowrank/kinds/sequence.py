@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from lowrank.data.tasks import Column, DataError, SplitFile, TaskSpec, iter_records
+from lowrank.data.catalog import Column, DataError, SplitFile, TaskSpec, iter_records
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
 
 

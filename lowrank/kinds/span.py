@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowrank.data.custom import custom_files
-from lowrank.data.tasks import DataError, SplitFile, TaskSpec, check_utf8
+from lowrank.data.catalog import DataError, SplitFile, TaskSpec, check_utf8
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
 
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowrank.data.custom import custom_files
-from lowrank.data.tasks import DataError, SplitFile, TaskSpec, check_utf8, iter_records
+from lowrank.data.catalog import DataError, SplitFile, TaskSpec, check_utf8, iter_records
 from lowrank.kinds.registry import Rows, TaskKind, register_kind
 
 IGNORED = -100  # the label cross-entropy skips: later sub-tokens, special tokens, padding

@@ -6,7 +6,7 @@ Importing this package registers every stage, in run order: the shared ones
 `flows/` drive these functions, and `dvc.yaml` is printed from them (`dvc`).
 """
 
-from lowrank.pipeline import common, factorize, lpaf, summary  # noqa: F401  register the stages, in run order
+from lowrank.pipeline import common, factorize, lpaf_stages, summary  # noqa: F401  register the stages, in run order
 from lowrank.pipeline.common import EVALUATIONS
 from lowrank.pipeline.plan import PATH_ENDS, path_stages, pipeline, preflight, preflight_stage
 from lowrank.pipeline.prepared import PreparedData

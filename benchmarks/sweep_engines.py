@@ -9,7 +9,7 @@
 
 Every run is a `lowrank sweep` subprocess, one at a time (never time two things at once).
 
-    .venv/bin/python benchmarks/sweep.py
+    .venv/bin/python benchmarks/sweep_engines.py
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ Engines, on four of the configurations (`benchmarks/specs/sweep-sst2-engines.yam
 
 {chr(10).join(ratios)}
 - The 3 x 3 sweep from an empty store on 2 workers: {cold['seconds']:.0f} s in the flow, the shared stages run once. Run again, it takes every stage from the store in {rerun['seconds']:.2f} s inside the flow ({rerun['wall_seconds']:.1f} s with Prefect's start and the imports)."""
-    write_section("sweep", "Sweeps: shared stages once, engines side by side", "python benchmarks/sweep.py", body,
+    write_section("sweep", "Sweeps: shared stages once, engines side by side", "python benchmarks/sweep_engines.py", body,
                   results="sweep.md", headline=headline)
 
 

@@ -15,8 +15,8 @@ stage's seconds and the peak resident memory of its worker while it ran come
 from the sweep; shared stages (the dense model, a pruned model that several
 configurations factorize) run once.
 
-    .venv/bin/python benchmarks/lpaf.py --task sst2
-    .venv/bin/python benchmarks/lpaf.py --task sst2 --prune-distill --density-factor 2
+    .venv/bin/python benchmarks/lpaf_ablations.py --task sst2
+    .venv/bin/python benchmarks/lpaf_ablations.py --task sst2 --prune-distill --density-factor 2
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from lowrank.config import load_params
 from lowrank.io.files import read_json
 from lowrank.pipeline import get_stage
-from lowrank.pipeline.sweep import plan, sweep_spec
+from lowrank.pipeline.sweep_plan import plan, sweep_spec
 from product import run_sweep
 
 from quality import DEFAULT_TRAIN, runs_folder, summary_file, train_phrase, train_suffix
@@ -186,7 +186,7 @@ def main() -> None:
         + table(["stage", "runs", "mean seconds", "peak RSS MiB"], cost_rows)
     )
     command = (
-        f"python benchmarks/lpaf.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "")
+        f"python benchmarks/lpaf_ablations.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "")
         + f" --prune-epochs {args.prune_epochs:g} --mrft-epochs {args.mrft_epochs:g}" + (" --prune-distill" if args.prune_distill else "")
         + (" --start-from pretrained" if start else "")
         + f" --density-factor {density_factor:g}" + f" --pruned-weight {base.factorize.pruned_weight:g}"

@@ -1,6 +1,6 @@
 """The `sweep` flow: many configurations, each stage job once, spread over a Prefect task runner.
 
-The plan (lowrank.pipeline.sweep) gives one job per distinct fingerprint; each
+The plan (lowrank.pipeline.sweep_plan) gives one job per distinct fingerprint; each
 is submitted once, waiting for the jobs it reads, so configurations run in
 parallel as far as the runner's workers allow and shared stages run once. A job
 that fails fails only the configurations that need it. The flow process logs
@@ -22,7 +22,7 @@ from prefect.futures import as_completed
 
 from lowrank.config import InputError
 from lowrank.pipeline.store import finished
-from lowrank.pipeline.sweep import config_summary, plan, stage_counts, status, sweep_spec
+from lowrank.pipeline.sweep_plan import config_summary, plan, stage_counts, status, sweep_spec
 from tasks import tracking
 from tasks.models import register_champion
 from tasks.stages import run_stage
