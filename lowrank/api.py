@@ -148,14 +148,11 @@ def compress_(
     spectra = None
     if cfg.allocation == "fisher":
         spectra = {name: weighted_spectrum(weights[name], fisher_scores[name].to(device)) for name in names}
-    iterative = get_solver(cfg.solver)
-
-    def configured(weight: Tensor, rank: int, *, importance: Tensor | None) -> tuple[Tensor, Tensor]:
-        return iterative(weight, rank, importance=importance, steps=cfg.solver_steps, **cfg.solver_options)
+    method = factorizer(cfg)
 
     def solve(name: str, rank: int, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         entry_scores = None if scores is None or spec.importance == "none" else scores[name].to(device)
-        return spec.fn(target, rank, importance=entry_scores, mask=mask, options=options, solve=configured)  # (out, rank), (rank, in)
+        return method(target, rank, importance=entry_scores, mask=mask)  # (out, rank), (rank, in)
 
     searched: dict[str, float] = {}
     if cfg.allocation == "search":
@@ -190,6 +187,21 @@ def compress_(
     solve_seconds = time.perf_counter() - started
     factorize_model(model, factors)
     return CompressReport(cfg.method, cfg.keep_ratio, kept_ratio(shapes, ranks), ranks, rows, solve_seconds, searched)
+
+
+def factorizer(config: FactorizeConfig) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The configured method on one matrix: `f(weight, rank, *, importance=None, mask=None) -> (A, B)`, with the
+    method's options object and the configured solver (`factorize.solver`, its steps and options) bound."""
+    spec, options = get_method(config.method), config.method_options()
+    iterative = get_solver(config.solver)
+
+    def solve(weight: Tensor, rank: int, *, importance: Tensor | None) -> tuple[Tensor, Tensor]:
+        return iterative(weight, rank, importance=importance, steps=config.solver_steps, **config.solver_options)
+
+    def factorize(weight: Tensor, rank: int, *, importance: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return spec.fn(weight, rank, importance=importance, mask=mask, options=options, solve=solve)
+
+    return factorize
 
 
 def configure(config: FactorizeConfig | None = None, overrides: Mapping[str, Any] | None = None) -> FactorizeConfig:
