@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -67,17 +66,16 @@ def _status_bytes(key: str) -> int:
 
 def worker(folder: Path, method: str, rank: int, steps: int) -> dict[str, float]:
     """Factorize one saved matrix (in this process alone): seconds and peak RSS, before and after."""
-    from lowrank.config import FactorizeConfig, build
-    from lowrank.methods import get_method
+    from lowrank.api import configure, factorizer
 
     tensors = load_file(str(folder / "matrix.safetensors"))
     statistic = METHODS[method]
     importance = tensors.get(statistic)
-    options = asdict(build(FactorizeConfig, {"method": method, "solver_steps": steps}, "factorize"))
+    factorize = factorizer(configure(None, {"method": method, "solver_steps": steps}))
     torch.linalg.svd(torch.randn(64, 64, dtype=torch.float64))  # the first LAPACK call starts its thread pools: not timed
     loaded = reset_peak_rss()
     started = time.perf_counter()
-    a, b = get_method(method).fn(tensors["weight"], rank, importance=importance, mask=None, **options)
+    a, b = factorize(tensors["weight"], rank, importance=importance)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "loaded_rss": loaded, "peak_rss": peak_rss(), "rank": a.shape[1]}
 

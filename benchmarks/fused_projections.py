@@ -26,7 +26,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from lowrank.io.models import resolve_model
 from lowrank.config import DEFAULT_MODEL
 from lowrank.linalg.ranks import uniform_ranks
-from lowrank.methods import get_method
+from lowrank.api import factorizer
+from lowrank.config import FactorizeConfig
 from lowrank.modules.layers import linear_weight, out_in
 from lowrank.train.activations import ActivationRecorder
 
@@ -48,7 +49,8 @@ def reconstruct(weight: Tensor, keep_ratio: float, split: bool, method: str, gra
     parts = weight.chunk(GROUPS) if split else (weight,)
     shapes = {str(i): tuple(part.shape) for i, part in enumerate(parts)}
     rank = uniform_ranks(shapes, keep_ratio)["0"]
-    factors = [get_method(method).fn(part, rank, importance=gram, mask=None) for part in parts]
+    factorize = factorizer(FactorizeConfig(method=method))
+    factors = [factorize(part, rank, importance=gram) for part in parts]
     return torch.cat([a @ b for a, b in factors]), rank  # (3 d, in)
 
 

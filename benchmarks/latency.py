@@ -183,7 +183,7 @@ def compress(model: nn.Module, keep_ratio: float, rank_multiple: int) -> nn.Modu
     names = find_targets(model)
     weights = dense_weights(model, names)
     ranks = uniform_ranks({n: tuple(w.shape) for n, w in weights.items()}, keep_ratio, rank_multiple)
-    factorize_model(model, {n: get_solver("svd")(weights[n], r) for n, r in ranks.items() if r is not None})
+    factorize_model(model, {n: get_solver("truncated_svd")(weights[n], r) for n, r in ranks.items() if r is not None})
     return model.eval()
 
 

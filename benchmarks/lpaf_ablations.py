@@ -7,7 +7,7 @@ at the most compressed one the ablations, each changing one thing: magnitude
 or movement pruning instead of taylor; plain SVD of the pruned matrices
 instead of sparsity-aware; the pruning scores instead of the pruned model's
 Fisher as the sparse weights; pruned entries at weight 0 instead of
-`factorize.pruned_weight`; plain fine-tuning (p0 = 1) instead of mixed-rank;
+`factorize.options.pruned_weight`; plain fine-tuning (p0 = 1) instead of mixed-rank;
 mixed-rank fine-tuning without distillation. Another set of ratios or
 ablations is another spec (`--spec`). The factorize-path rows come from
 `benchmarks/quality.py`'s summary for the same task (run it first). Each
@@ -26,7 +26,6 @@ import json
 import math
 from pathlib import Path
 
-from lowrank.config import load_params
 from lowrank.io.files import read_json
 from lowrank.pipeline import get_stage
 from lowrank.pipeline.sweep_plan import plan, sweep_spec
@@ -36,7 +35,7 @@ from quality import DEFAULT_TRAIN, runs_folder, summary_file, train_phrase, trai
 from report import ROOT, results_file, table, write_section
 
 SPEC = ROOT / "benchmarks" / "specs" / "lpaf.yaml"
-# factorize.pruned_weight of every run before the flag existed (the default then): their sections and
+# factorize.options.pruned_weight (before: factorize.pruned_weight) of every run before the flag existed (the default then): their sections and
 # summaries carry no -pw suffix, so a run at this weight keeps their names and any other weight gets its own.
 LEGACY_PRUNED_WEIGHT = 0.3
 # prune.rank_pull_importance: how runs folders, sections and tables name the pull
@@ -45,8 +44,8 @@ PULL_LABELS = {"none": "plain", "scores": "score-weighted", "fisher": "Fisher-we
 ABLATION_LABELS = {  # what an ablation of the spec changes -> its row's name
     "prune.method": "{} instead of {base} pruning",
     "factorize.method": "plain SVD of the pruned matrices",
-    "factorize.sparse_importance": "pruning scores as the sparse weights instead of the Fisher",
-    "factorize.pruned_weight": "pruned entries at weight {} (fit the kept entries only)",
+    "factorize.options.importance": "pruning scores as the sparse weights instead of the Fisher",
+    "factorize.options.pruned_weight": "pruned entries at weight {} (fit the kept entries only)",
     "mrft.p0": "plain fine-tuning instead of mixed-rank (p0 = {})",
     "mrft.distill.enabled": "mixed-rank fine-tuning with distillation {onoff}",
 }
@@ -57,7 +56,7 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
     out = [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false",
            f"prune.train.epochs={args.prune_epochs:g}", f"mrft.train.epochs={args.mrft_epochs:g}", f"prune.start_from={args.start_from}"]
     flags = {
-        "prune.density_factor": args.density_factor, "factorize.pruned_weight": args.pruned_weight,
+        "prune.density_factor": args.density_factor, "factorize.options.pruned_weight": args.pruned_weight,  # an option of the sparse methods (the svd ablation resets them)
         "prune.rank_pull_pruned_weight": args.pruned_weight,  # the Fisher pull weighs pruned entries as the factorization will
         "prune.rank_pull": args.rank_pull, "prune.rank_pull_importance": args.rank_pull_importance, "mrft.train.lr": args.lr,
         "prune.train.seed": args.seed, "mrft.train.seed": args.seed, "mrft.seed": args.seed,
@@ -75,7 +74,7 @@ def main() -> None:
     parser.add_argument("--mrft-epochs", type=float, default=1.0)
     parser.add_argument("--density-factor", type=float, default=None, help="prune to density = factor x keep ratio, capped at 1 (default: params.yaml's prune.density_factor)")
     parser.add_argument("--pruned-weight", type=float, default=None,
-                        help="share of its importance a pruned entry keeps in the sparsity-aware factorization (default: params.yaml's factorize.pruned_weight)")
+                        help="share of its importance a pruned entry keeps in the sparsity-aware factorization (default: the sparse methods' factorize.options.pruned_weight)")
     parser.add_argument("--prune-distill", action="store_true", help="distil the dense model's logits while pruning (prune.distill)")
     parser.add_argument("--start-from", default="finetuned", choices=["finetuned", "pretrained"],
                         help="prune the dense fine-tuned model further, or prune while fine-tuning the pretrained one (prune.start_from); "
@@ -97,7 +96,9 @@ def main() -> None:
     summary, _ = run_sweep(args.spec, overrides, ["--workers", str(args.workers)] if args.workers else [])
     spec = sweep_spec("params.yaml", args.spec, overrides)
     configs, _ = plan("params.yaml", spec, overrides, check=False)
-    base = load_params("params.yaml", overrides)
+    # The first LPAF run's params: params.yaml's own factorize.method (a factorize-path one) has no options of the sparse methods.
+    base = configs[0].params
+    sparse = base.factorize.method_options()
     prune_method = base.prune.method
     runs = runs_folder(args.task, args.train)
     start = "-pre" if args.start_from == "pretrained" else ""
@@ -173,8 +174,8 @@ def main() -> None:
         f"LPAF: {prune_method} pruning for {args.prune_epochs:g} epoch(s) from the {args.start_from} model to density = {'keep ratio' if density_factor == 1 else f'{density_factor:g} x keep ratio'}"
         + (f" while pulling each matrix towards its {PULL_LABELS[pull_importance]} rank-r part (prune.rank_pull {base.prune.rank_pull:g}), " if pull else ", ")
         + f"share of the energy beyond the factor rank: {tail_phrase}; "
-        f"sparsity-aware factorization ({base.factorize.sparse_importance} importance of the pruned model, pruned entries "
-        f"at weight {base.factorize.pruned_weight:g}; distillation while pruning {'on' if args.prune_distill else 'off'}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
+        f"sparsity-aware factorization ({sparse.importance} importance of the pruned model, pruned entries "
+        f"at weight {sparse.pruned_weight:g}; distillation while pruning {'on' if args.prune_distill else 'off'}), then {args.mrft_epochs:g} epoch(s) of mixed-rank fine-tuning "
         f"(p0 {base.mrft.p0}, ramp {base.mrft.ramp_share}, distillation {'on' if base.mrft.distill.enabled else 'off'}). "
         f"The factorize-path rows had 1 epoch of + ft unless they say otherwise; LPAF trained for {args.prune_epochs + args.mrft_epochs:g}"
         + (f" from the pretrained model, the factorize path for {base.finetune.epochs:g} (the dense model) + the + ft epochs" if start else "") + ".\n\n"
@@ -189,7 +190,7 @@ def main() -> None:
         f"python benchmarks/lpaf_ablations.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "")
         + f" --prune-epochs {args.prune_epochs:g} --mrft-epochs {args.mrft_epochs:g}" + (" --prune-distill" if args.prune_distill else "")
         + (" --start-from pretrained" if start else "")
-        + f" --density-factor {density_factor:g}" + f" --pruned-weight {base.factorize.pruned_weight:g}"
+        + f" --density-factor {density_factor:g}" + f" --pruned-weight {sparse.pruned_weight:g}"
         + (f" --rank-pull {base.prune.rank_pull:g} --rank-pull-importance {pull_importance}" if pull else "")
         + (f" --mrft-distill {args.mrft_distill}" if args.mrft_distill else "")
         + (f" --seed {args.seed}" if args.seed is not None else "") + (f" --lr {mrft_train.lr:g}" if args.lr is not None else "")
@@ -197,7 +198,7 @@ def main() -> None:
     )
     ratio_names = ",".join(f"{r:g}" for r in ratios)
     factor = "" if density_factor == 1 else f"-density{density_factor:g}x"
-    weight = "" if base.factorize.pruned_weight == LEGACY_PRUNED_WEIGHT else f"-pw{base.factorize.pruned_weight:g}"
+    weight = "" if sparse.pruned_weight == LEGACY_PRUNED_WEIGHT else f"-pw{sparse.pruned_weight:g}"
     name = f"lpaf{start}-{args.task}{train_suffix(args.train)}-{prune_method}-{ratio_names}-{args.prune_epochs:g}-{args.mrft_epochs:g}{kd}{factor}{weight}{pull}{seed}{lr}"
     title_extras = f", {PULL_LABELS[pull_importance]} rank pull {base.prune.rank_pull:g}" if pull else ""
     if args.mrft_distill is not None:
@@ -205,7 +206,7 @@ def main() -> None:
         title_extras += f", mixed-rank distillation {args.mrft_distill}"
     summary = {  # read by benchmarks/equal_steps.py, which pools seeds
         "task": args.task, "train": args.train, "prune_method": prune_method, "prune_epochs": args.prune_epochs, "mrft_epochs": args.mrft_epochs, "density_factor": density_factor,
-        "pruned_weight": base.factorize.pruned_weight, "prune_distill": args.prune_distill, "start_from": args.start_from, "rank_pull": base.prune.rank_pull, "rank_pull_importance": pull_importance, "seed": base.prune.train.seed, "lr": mrft_train.lr, "mrft_distill": base.mrft.distill.enabled, "pairs": pairs,
+        "pruned_weight": sparse.pruned_weight, "prune_distill": args.prune_distill, "start_from": args.start_from, "rank_pull": base.prune.rank_pull, "rank_pull_importance": pull_importance, "seed": base.prune.train.seed, "lr": mrft_train.lr, "mrft_distill": base.mrft.distill.enabled, "pairs": pairs,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))

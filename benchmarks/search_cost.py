@@ -14,14 +14,13 @@ replaying gives the same loss increases, and how far truncating moves them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
-from lowrank.api import target_names
+from lowrank.api import factorizer, target_names
 from lowrank.config import load_params
 from lowrank.io.checkpoints import load_compressed
 from lowrank.linalg.ranks import allocate_ranks
-from lowrank.methods import get_method
+
 from lowrank.modules.surgery import dense_weights
 from lowrank.pipeline import get_stage
 from lowrank.pipeline.factorize import calibration_loss
@@ -39,7 +38,6 @@ SETTINGS = {  # label: (calibration examples, grid points, replay, nested)
     "second search: 32 examples, 4 ranks, replayed": (32, 4, True, False),
     "today's defaults: 32 examples, 3 ranks, replayed, one factorization per matrix": (32, 3, True, True),
 }
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,8 +60,8 @@ def main() -> None:
     gram = load_importance(stats / "gram.safetensors").scores
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     uniform = allocate_ranks(shapes, cfg.keep_ratio, "uniform", cfg.rank_multiple)
-    spec, options = get_method("svd_llm"), dataclasses.asdict(cfg)
-    factorize = lambda n, r: spec.fn(weights[n], r, importance=gram[n], mask=None, **options)  # noqa: E731
+    method = factorizer(cfg)  # svd_llm, with its options
+    factorize = lambda n, r: method(weights[n], r, importance=gram[n])  # noqa: E731
 
     rows, seconds, results, first = [], {}, {}, next(iter(SETTINGS))
     for label, (samples, points, replay, nested) in SETTINGS.items():
@@ -85,7 +83,6 @@ def main() -> None:
     write_section(f"search-cost-{args.task}", "What the rank search's measurement costs (issue 21)",
                   f"python benchmarks/search_cost.py --task {args.task}", body, results="peers.md")
     print(body)
-
 
 if __name__ == "__main__":
     main()

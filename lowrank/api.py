@@ -7,20 +7,21 @@ factors.
 
     importance = lowrank.fisher_importance(model, loader)
     report = lowrank.compress_(model, method="tfwsvd", keep_ratio=0.3, importance=importance)
+    report = lowrank.compress_(model, FactorizeConfig(method="asvd", options={"alpha": 0.25}), importance=abs_mean)
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from lowrank.config import FactorizeConfig, build
+from lowrank.config import FactorizeConfig, build, to_dict
 from lowrank.linalg.ranks import allocate_ranks, kept_ratio, weighted_spectrum
-from lowrank.linalg.solvers import weighted_error
+from lowrank.linalg.solvers import get_solver, weighted_error
 from lowrank.methods import get_method
 from lowrank.modules.matching import Targets, find_targets, matrix_type, require_targets
 from lowrank.modules.surgery import dense_weights, factorize_model
@@ -79,49 +80,46 @@ def _scores(importance: Scores | None) -> Mapping[str, Tensor] | None:
 
 def compress_(
     model: nn.Module,
-    method: str = "tfwsvd",
-    keep_ratio: float = 0.3,
-    importance: Scores | None = None,
-    targets: Targets | None = None,
-    exclude: Targets | None = None,
-    rank_multiple: int = 1,
+    config: FactorizeConfig | None = None,
     *,
+    importance: Scores | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
     masks: Mapping[str, Tensor] | None = None,
     fisher: Scores | None = None,
     loss_fn: Callable[[nn.Module], float] | None = None,
-    **settings: Any,
+    **overrides: Any,
 ) -> CompressReport:
     """Factorize the targeted Linear layers of `model` in place; returns what was done.
 
     Args:
-        method: a name from the method table (`lowrank methods`).
-        keep_ratio: the share of the targeted layers' parameters to keep.
+        config: the `factorize` params section (default: `FactorizeConfig()`, the
+            shipped defaults): the method (`lowrank methods`), `keep_ratio`,
+            `allocation`, targets / exclude (peft's rules; GPT-2's Conv1D counts as
+            one; default: every Linear inside the Transformer blocks, never
+            embeddings or heads), the solver keys and the method's `options`.
         importance: per-entry scores by layer name, the kind the method weighs by
             (`fisher_importance` for fwsvd and tfwsvd; Taylor scores for tvd; the
             pruned model's Fisher or pruning scores for the sparse methods).
-        targets, exclude: which Linear layers (peft's rules; GPT-2's Conv1D counts
-            as one); default: every Linear inside the Transformer blocks (the
-            family's pattern in `matching.FAMILY_TARGETS` where it has one), never
-            embeddings or heads.
-        rank_multiple: round ranks to a multiple of this.
-        masks: pruning masks by layer name; the layers factorized are the masked
-            ones, each as `W * M` (the sparse methods need them).
-        fisher: Fisher scores for `allocation="fisher"` and the `fisher_error`
-            column; defaults to `importance` when the method weighs by Fisher.
-        loss_fn: for `allocation="search"`, the model's task loss on calibration
-            batches (e.g. the mean `model(**batch).loss` over a few of them).
-        settings: the other keys of the `factorize` params section (solver,
-            solver_steps, allocation, min_rank_share, pruned_weight, ...).
+        filter_fn: `filter_fn(name, module) -> bool` keeps only the layers it accepts,
+            besides targets / exclude (torchao's `quantize_` filter).
+        masks: pruning masks by layer name, because the sparse methods factorize
+            `W * M` and weigh entries by M; the layers factorized are the masked ones.
+        fisher: Fisher scores, because `allocation="fisher"` spreads ranks by them
+            and the `fisher_error` column reports against them; defaults to
+            `importance` when the method weighs by Fisher.
+        loss_fn: the model's task loss on calibration batches (e.g. the mean
+            `model(**batch).loss` over a few of them), because `allocation="search"`
+            measures it.
+        overrides: fields of `config` to change (`method="svd"`, `keep_ratio=0.3`,
+            `options={"alpha": 0.25}` or the method's options object), checked like
+            params.yaml (`dataclasses.replace` with the same key and type checks).
 
     Raises:
-        ConfigError: an unknown method or setting, or an impossible value.
+        ConfigError: an unknown method, key or option, or an impossible value.
         ValueError: no layer matches, or the method's importance or masks are missing.
     """
-    cfg: FactorizeConfig = build(FactorizeConfig, {
-        "method": method, "keep_ratio": keep_ratio, "targets": targets, "exclude": exclude,
-        "rank_multiple": rank_multiple, **settings,
-    }, "factorize")
-    spec = get_method(cfg.method)
+    cfg = configure(config, overrides)
+    spec, options = get_method(cfg.method), cfg.method_options()
     scores, fisher_scores = _scores(importance), _scores(fisher)
     if fisher_scores is None and spec.importance == "fisher":
         fisher_scores = scores
@@ -129,8 +127,12 @@ def compress_(
         names = [name for name, _ in model.named_modules() if name in masks]  # model order
     else:
         names = target_names(model, cfg.targets, cfg.exclude)
+    if filter_fn is not None:
+        modules = dict(model.named_modules())
+        names = [name for name in names if filter_fn(name, modules[name])]
     if not names:
-        raise ValueError("masks: none of them names a module of the model")
+        raise ValueError("masks: none of them names a module of the model" if masks is not None and filter_fn is None
+                         else "filter_fn: it accepts none of the targeted layers")
     if spec.needs_masks and masks is None:
         raise ValueError(f"method {spec.name!r} factorizes pruned matrices: pass their masks")
     if spec.importance not in ("none", "sparse"):
@@ -146,11 +148,11 @@ def compress_(
     spectra = None
     if cfg.allocation == "fisher":
         spectra = {name: weighted_spectrum(weights[name], fisher_scores[name].to(device)) for name in names}
-    options = asdict(cfg)
+    method = factorizer(cfg)
 
     def solve(name: str, rank: int, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         entry_scores = None if scores is None or spec.importance == "none" else scores[name].to(device)
-        return spec.fn(target, rank, importance=entry_scores, mask=mask, **options)  # (out, rank), (rank, in)
+        return method(target, rank, importance=entry_scores, mask=mask)  # (out, rank), (rank, in)
 
     searched: dict[str, float] = {}
     if cfg.allocation == "search":
@@ -185,6 +187,35 @@ def compress_(
     solve_seconds = time.perf_counter() - started
     factorize_model(model, factors)
     return CompressReport(cfg.method, cfg.keep_ratio, kept_ratio(shapes, ranks), ranks, rows, solve_seconds, searched)
+
+
+def factorizer(config: FactorizeConfig) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The configured method on one matrix: `f(weight, rank, *, importance=None, mask=None) -> (A, B)`, with the
+    method's options object and the configured solver (`factorize.solver`, its steps and options) bound."""
+    spec, options = get_method(config.method), config.method_options()
+    iterative = get_solver(config.solver)
+
+    def solve(weight: Tensor, rank: int, *, importance: Tensor | None) -> tuple[Tensor, Tensor]:
+        return iterative(weight, rank, importance=importance, steps=config.solver_steps, **config.solver_options)
+
+    def factorize(weight: Tensor, rank: int, *, importance: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return spec.fn(weight, rank, importance=importance, mask=mask, options=options, solve=solve)
+
+    return factorize
+
+
+def configure(config: FactorizeConfig | None = None, overrides: Mapping[str, Any] | None = None) -> FactorizeConfig:
+    """`config` (default: `FactorizeConfig()`) with `overrides` applied, every key and value checked as in params.yaml;
+    `options` may be the method's options object as well as a mapping."""
+    if config is not None and not isinstance(config, FactorizeConfig):
+        raise TypeError(f"config: expected a FactorizeConfig, got {config!r} (a method name goes in method=...)")
+    overrides = dict(overrides or {})
+    if is_dataclass(overrides.get("options")):
+        overrides["options"] = asdict(overrides["options"])
+    base = config if config is not None else FactorizeConfig()
+    if not overrides:
+        return base
+    return build(FactorizeConfig, {**to_dict(base), **overrides}, "factorize")
 
 
 def _check_covers(scores: Mapping[str, Tensor] | None, names: list[str], why: str) -> None:

@@ -21,6 +21,12 @@ from lowrank.train.activations import ActivationRecorder
 from lowrank.train.rank_search import BlockReplay, candidate_ranks, grid, measure, search_ranks, solve
 
 
+def _factorize(method: str, weight: torch.Tensor, rank: int, importance: torch.Tensor | None = None, **options):
+    """The method's function, called as compress_ calls it: its options object (defaults plus `options`)."""
+    spec = get_method(method)
+    return spec.fn(weight, rank, importance=importance, mask=None, options=spec.options(**options), solve=None)
+
+
 def _inputs(tokens: int, features: int, correlated: bool, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, features, generator=g, dtype=torch.float64)
@@ -37,8 +43,8 @@ def test_svd_llm_minimises_the_output_error_on_correlated_inputs() -> None:
     torch.manual_seed(0)
     w, x = torch.randn(24, 16, dtype=torch.float64), _inputs(4000, 16, correlated=True)
     gram = x.T @ x / x.shape[0]
-    a_svd, b_svd = get_method("svd").fn(w, 4, importance=None, mask=None)
-    a_llm, b_llm = get_method("svd_llm").fn(w, 4, importance=gram, mask=None, whitening_damp=0.0)
+    a_svd, b_svd = _factorize("svd", w, 4, None)
+    a_llm, b_llm = _factorize("svd_llm", w, 4, gram, damp=0.0)
     assert _output_error(w, a_llm, b_llm, x) < 0.5 * _output_error(w, a_svd, b_svd, x)
     # the known optimum: the tail singular values of W S, S S^T = X^T X (Eckart-Young on the whitened matrix)
     tail = torch.linalg.svdvals(w @ torch.linalg.cholesky(x.T @ x))[4:]
@@ -48,8 +54,8 @@ def test_svd_llm_minimises_the_output_error_on_correlated_inputs() -> None:
 def test_svd_llm_equals_svd_on_white_inputs_and_survives_a_singular_gram() -> None:
     torch.manual_seed(1)
     w = torch.randn(24, 16, dtype=torch.float64)
-    a_svd, b_svd = get_method("svd").fn(w, 5, importance=None, mask=None)
-    a_llm, b_llm = get_method("svd_llm").fn(w, 5, importance=torch.eye(16, dtype=torch.float64), mask=None)
+    a_svd, b_svd = _factorize("svd", w, 5, None)
+    a_llm, b_llm = _factorize("svd_llm", w, 5, torch.eye(16, dtype=torch.float64))
     torch.testing.assert_close(a_llm @ b_llm, a_svd @ b_svd, rtol=1e-9, atol=1e-9)
 
     few = _inputs(3, 16, correlated=False)  # 3 tokens for 16 features, and one feature always zero: rank 3
@@ -57,7 +63,7 @@ def test_svd_llm_equals_svd_on_white_inputs_and_survives_a_singular_gram() -> No
     gram = few.T @ few / 3
     assert torch.linalg.cholesky_ex(gram)[1] != 0  # Cholesky alone fails here
     for damp in (0.0, 0.01):
-        a, b = get_method("svd_llm").fn(w.float(), 5, importance=gram.float(), mask=None, whitening_damp=damp)
+        a, b = _factorize("svd_llm", w.float(), 5, gram.float(), damp=damp)
         assert torch.isfinite(a).all() and torch.isfinite(b).all() and a.dtype == torch.float32
 
 
@@ -65,19 +71,19 @@ def test_the_least_squares_update_recovers_what_heavy_damping_loses() -> None:
     torch.manual_seed(2)
     w, x = torch.randn(24, 16, dtype=torch.float64), _inputs(4000, 16, correlated=True, seed=2)
     gram = x.T @ x / x.shape[0]
-    plain = get_method("svd_llm").fn(w, 4, importance=gram, mask=None, whitening_damp=1.0)
-    updated = get_method("svd_llm").fn(w, 4, importance=gram, mask=None, whitening_damp=1.0, whitening_update=True)
+    plain = _factorize("svd_llm", w, 4, gram, damp=1.0)
+    updated = _factorize("svd_llm", w, 4, gram, damp=1.0, update=True)
     assert _output_error(w, *updated, x) < 0.9 * _output_error(w, *plain, x)
 
 
 def test_asvd_at_alpha_zero_is_svd_and_otherwise_scales_columns() -> None:
     torch.manual_seed(3)
     w, scale = torch.randn(20, 12), torch.rand(12) + 0.1
-    a, b = get_method("asvd").fn(w, 4, importance=scale, mask=None, asvd_alpha=0.0)
-    a0, b0 = get_solver("svd")(w, 4)
+    a, b = _factorize("asvd", w, 4, scale, alpha=0.0)
+    a0, b0 = get_solver("truncated_svd")(w, 4)
     torch.testing.assert_close(a @ b, a0 @ b0, rtol=1e-5, atol=1e-5)
-    a, b = get_method("asvd").fn(w, 4, importance=scale, mask=None, asvd_alpha=1.0)
-    a1, b1 = get_solver("svd")(w.double() * scale.double(), 4)  # the SVD of W diag(s), s undone on B
+    a, b = _factorize("asvd", w, 4, scale, alpha=1.0)
+    a1, b1 = get_solver("truncated_svd")(w.double() * scale.double(), 4)  # the SVD of W diag(s), s undone on B
     torch.testing.assert_close((a @ b).double(), a1 @ (b1 / scale.double()), rtol=1e-5, atol=1e-5)
 
 
@@ -145,7 +151,7 @@ def test_the_search_gives_the_sensitive_layer_the_larger_rank_at_exactly_the_uni
     uniform = {"first": 4, "second": 4}
     weights = {n: dict(model.named_modules())[n].weight.detach().clone() for n in shapes}
     ranks, report = search_ranks(
-        model, uniform, shapes, lambda n, r: get_solver("svd")(weights[n], r), loss_fn,
+        model, uniform, shapes, lambda n, r: get_solver("truncated_svd")(weights[n], r), loss_fn,
         min_share=0.5, max_share=2.0, points=4, multiple=1,
     )
     assert sum(r * 32 for r in ranks.values()) == sum(r * 32 for r in uniform.values())
@@ -163,7 +169,7 @@ def test_the_search_warns_when_factorizing_lowers_the_calibration_loss() -> None
     weight = model[0].weight.detach().clone()
     with pytest.warns(UserWarning, match="predicted loss rise at the chosen ranks is below zero"):
         _, report = search_ranks(
-            model, {"0": 4}, {"0": (16, 16)}, lambda n, r: get_solver("svd")(weight, r), loss_fn,
+            model, {"0": 4}, {"0": (16, 16)}, lambda n, r: get_solver("truncated_svd")(weight, r), loss_fn,
             min_share=0.5, max_share=2.0, points=3, multiple=1,
         )
     assert report["search_increase_chosen"] < 0
@@ -182,7 +188,7 @@ def test_replaying_the_blocks_before_a_matrix_measures_what_the_full_forward_doe
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layer." in n]
     weights = {n: dict(model.named_modules())[n].weight.detach().clone() for n in names}
     grids = {n: [2, 4] for n in names}
-    factorize = lambda n, r: get_solver("svd")(weights[n], r)  # noqa: E731
+    factorize = lambda n, r: get_solver("truncated_svd")(weights[n], r)  # noqa: E731
     calls = []
     for block in model.bert.encoder.layer:
         block.attention.register_forward_pre_hook(lambda m, a: calls.append(1))  # runs only when the block computes
@@ -219,7 +225,7 @@ def test_a_nested_method_factorized_once_measures_what_factorizing_at_every_rank
     importance = {"svd": None, "fwsvd": torch.rand(16, 16, generator=g) + 0.1, "asvd": x.abs().mean(0), "svd_llm": x.T @ x}[method]
     spec = get_method(method)
     calls = []
-    factorize = lambda n, r: calls.append(r) or spec.fn(weights[n], r, importance=importance, mask=None)  # noqa: E731
+    factorize = lambda n, r: calls.append(r) or _factorize(method, weights[n], r, importance)  # noqa: E731
     grids = {"first": [2, 4, 7], "second": [2, 5, 7]}
     _, each = measure(model, list(grids), grids, factorize, loss_fn, nested=False)
     calls[:] = []
@@ -230,8 +236,9 @@ def test_a_nested_method_factorized_once_measures_what_factorizing_at_every_rank
     assert once["first"][2] > once["first"][7] > 0  # a real measurement: truncating more costs more
     assert each["first"][2] > each["first"][7]  # the first search wrote the trial weights into the tensor it factorized
     assert all(torch.equal(weights[n], before[n]) for n in weights)
-    assert spec.is_nested({"whitening_update": False})
-    assert not get_method("svd_llm").is_nested({"whitening_update": True}) and not get_method("tfwsvd").is_nested({})
+    assert spec.is_nested(spec.options())
+    svd_llm = get_method("svd_llm")
+    assert not svd_llm.is_nested(svd_llm.options(update=True)) and not get_method("tfwsvd").is_nested(get_method("tfwsvd").options())
 
 
 @pytest.mark.parametrize("method", ["asvd", "svd_llm"])

@@ -23,7 +23,7 @@ def test_compressed_model_exports_with_parity(tmp_path: Path) -> None:
     model = load_compressed(save_tiny_model(tmp_path / "m"))
     names = find_targets(model)
     weights = dense_weights(model, names)
-    factorize_model(model, {n: get_solver("svd")(weights[n], 8) for n in names})
+    factorize_model(model, {n: get_solver("truncated_svd")(weights[n], 8) for n in names})
     report = export_onnx(model, tmp_path / "model.onnx")
     assert report["max_abs_diff"] < 1e-4
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
@@ -61,7 +61,7 @@ def test_profiled_session_records_every_factor_product(tmp_path: Path) -> None:
     model = load_compressed(save_tiny_model(tmp_path / "m"))
     names = find_targets(model)
     weights = dense_weights(model, names)
-    factorize_model(model, {n: get_solver("svd")(weights[n], 8) for n in names})
+    factorize_model(model, {n: get_solver("truncated_svd")(weights[n], 8) for n in names})
     export_onnx(model, tmp_path / "model.onnx")
     session = onnx_session(tmp_path / "model.onnx", threads=1, profile_prefix=str(tmp_path / "prof"))
     ids = np.ones((2, 8), dtype=np.int64)
@@ -88,7 +88,7 @@ def test_int8_export_quantizes_every_product_and_scores_on_the_dev_set(tmp_path:
     model = load_compressed(model_dir)
     names = find_targets(model)
     weights = dense_weights(model, names)
-    factorize_model(model, {n: get_solver("svd")(weights[n], 8) for n in names})
+    factorize_model(model, {n: get_solver("truncated_svd")(weights[n], 8) for n in names})
     from lowrank.io.checkpoints import save_compressed
     from transformers import AutoTokenizer
 

@@ -174,7 +174,7 @@ def test_the_rank_search_measures_a_conv1d_as_factorizing_it_does() -> None:
             return float(sum(m(**batch).loss for batch in batches()))
 
     def factorize(layer: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return get_solver("svd")(dense_weights(model, [layer])[layer], rank)
+        return get_solver("truncated_svd")(dense_weights(model, [layer])[layer], rank)
 
     base, increases = measure(model, [name], {name: [4]}, factorize, loss_fn, replay=False)
     factorized = copy.deepcopy(model)

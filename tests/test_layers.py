@@ -19,7 +19,7 @@ from lowrank.modules.surgery import dense_weights, factorize_model, replace_modu
 def test_full_rank_factorized_linear_matches_the_dense_layer() -> None:
     torch.manual_seed(0)
     dense = nn.Linear(12, 8).double()
-    layer = FactorizedLinear.from_linear(dense, rank=8, solver="svd")
+    layer = FactorizedLinear.from_linear(dense, rank=8, solver="truncated_svd")
     x = torch.randn(5, 12, dtype=torch.float64)
     torch.testing.assert_close(layer(x), dense(x), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(layer.to_dense().weight, dense.weight, atol=1e-12, rtol=1e-12)
@@ -34,7 +34,7 @@ def test_a_conv1d_factorizes_as_the_linear_it_is() -> None:
     torch.manual_seed(0)
     conv = Conv1D(8, 12).double()  # nf=8 outputs, nx=12 inputs
     nn.init.normal_(conv.bias)
-    layer = FactorizedLinear.from_linear(conv, rank=8, solver="svd")
+    layer = FactorizedLinear.from_linear(conv, rank=8, solver="truncated_svd")
     x = torch.randn(5, 12, dtype=torch.float64)
     torch.testing.assert_close(layer(x), conv(x), atol=1e-12, rtol=1e-12)
     assert (layer.in_features, layer.out_features) == (12, 8)
@@ -43,7 +43,7 @@ def test_a_conv1d_factorizes_as_the_linear_it_is() -> None:
 
 def test_factorized_linear_keeps_device_dtype_and_bias() -> None:
     dense = nn.Linear(6, 4, bias=False).to(torch.bfloat16)
-    layer = FactorizedLinear.from_linear(dense, rank=2, solver="fwsvd")
+    layer = FactorizedLinear.from_linear(dense, rank=2, solver="input_weighted_svd")
     assert layer.up.weight.dtype == torch.bfloat16 and layer.down.weight.dtype == torch.bfloat16
     assert layer.up.bias is None and layer.down.bias is None
     assert layer.up.weight.shape == (4, 2) and layer.down.weight.shape == (2, 6)
@@ -113,7 +113,7 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path: Path) -> None
     weights = dense_weights(model, names)
     from lowrank.linalg.solvers import get_solver
 
-    factors = {n: get_solver("svd")(weights[n], 8) for n in names[:-1]}  # the last target stays dense
+    factors = {n: get_solver("truncated_svd")(weights[n], 8) for n in names[:-1]}  # the last target stays dense
     factorize_model(model, factors)
     input_ids = torch.randint(5, 40, (3, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from conftest import GLUE_DIR, REPO, tiny_params
 from lowrank.io.checkpoints import layer_ranks, load_compressed, save_compressed
 from lowrank.config import ConfigError, load_params
+from lowrank.linalg.solvers import get_solver
 from lowrank.methods import get_method
+from lowrank.methods.sparse import SparseOptions
 from lowrank.modules.mixed_rank import MixedRankLinear
 from lowrank.train.pruning import kept_count, load_pruning_state
 from lowrank.linalg.ranks import allocate_ranks
@@ -219,7 +221,10 @@ def test_sparse_tfwsvd_recovers_low_rank_kept_entries_better_than_svd() -> None:
     weight = low_rank * mask  # exactly rank 4 on its kept entries, not as a whole
 
     def kept_error(method: str) -> float:
-        a, b = get_method(method).fn(weight * mask, rank, importance=None, mask=mask, pruned_weight=0.0, solver_steps=200)
+        spec = get_method(method)
+        options = spec.options(pruned_weight=0.0) if spec.options is SparseOptions else spec.options()
+        solve = lambda w, r, *, importance: get_solver("als")(w, r, importance=importance, steps=200)  # noqa: E731  factorize.solver
+        a, b = spec.fn(weight * mask, rank, importance=None, mask=mask, options=options, solve=solve)
         return float(((a @ b - low_rank)[mask]).square().mean() / low_rank[mask].square().mean())
 
     element_wise, plain = kept_error("sparse_tfwsvd"), kept_error("svd")

@@ -13,7 +13,7 @@ import lowrank
 from conftest import GLUE_DIR, REPO, tiny_bert_config, tiny_params
 from lowrank.config import ConfigError, load_params
 from lowrank.linalg.solvers import get_solver
-from lowrank.methods import METHODS, get_method, method_names, register_method, unregister_method
+from lowrank.methods import METHODS, NoOptions, get_method, method_names, register_method, unregister_method
 from lowrank.modules.layers import FactorizedLinear
 from lowrank.pipeline import Layout, get_stage, preflight
 
@@ -30,17 +30,24 @@ def test_the_table_holds_the_seed_methods_with_their_needs() -> None:
     assert list(rows) == ["svd", "fwsvd", "tfwsvd", "tvd", "asvd", "svd_llm", "sparse_svd", "sparse_tfwsvd"]
     assert [rows[m]["importance"] for m in rows] == ["none", "fisher", "fisher", "taylor", "abs_mean", "gram", "sparse", "sparse"]
     assert method_names("lpaf") == ["svd", "sparse_svd", "sparse_tfwsvd"]
-    assert get_method("tfwsvd").solver_name("adam_sgd") == "adam_sgd" and get_method("fwsvd").solver_name("als") == "fwsvd"
+    assert get_method("tfwsvd").solver_name("adam_sgd") == "adam_sgd" and get_method("fwsvd").solver_name("als") == "input_weighted_svd"
     assert all(METHODS[m].needs_masks == m.startswith("sparse") for m in METHODS)
+    assert rows["asvd"]["options"] == {"alpha": 0.5} and rows["svd_llm"]["options"] == {"damp": 0.01, "update": False}
+    assert rows["sparse_tfwsvd"]["options"] == {"importance": "fisher", "pruned_weight": 0.6} and rows["tfwsvd"]["options"] == {}
 
 
 def test_registration_rejects_duplicates_and_bad_fields() -> None:
     with pytest.raises(ValueError, match="already registered"):
-        register_method("svd", importance="none", solver="svd", paths=("factorize",))
+        register_method("svd", importance="none", solver="truncated_svd", paths=("factorize",))
     with pytest.raises(ValueError, match="importance"):
         register_method("toy_bad", importance="gradients", solver=None, paths=("factorize",))
     with pytest.raises(ValueError, match="paths"):
         register_method("toy_bad", importance="none", solver=None, paths=("nowhere",))
+    with pytest.raises(ValueError, match="options must be a frozen dataclass"):
+        register_method("toy_bad", importance="none", solver=None, paths=("factorize",), options=dict)
+    with pytest.raises(ValueError, match="an `importance` field"):
+        register_method("toy_bad", importance="sparse", solver=None, paths=("lpaf",), needs_masks=True)
+    assert "toy_bad" not in METHODS
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         get_method("nope")
 
@@ -60,7 +67,7 @@ def test_compress_svd_matches_the_truncated_svd_and_reports_the_ratio() -> None:
     report = lowrank.compress_(model, method="svd", keep_ratio=0.5)
     layer = dict(model.named_modules())[name]
     assert isinstance(layer, FactorizedLinear) and layer.rank == report.ranks[name] == 9  # the uniform rank that spends half the budget
-    a, b = get_solver("svd")(weight, 9)
+    a, b = get_solver("truncated_svd")(weight, 9)
     torch.testing.assert_close(layer.up.weight @ layer.down.weight, a @ b)
     assert len(report.layers) == 12 and report.keep_ratio_reached <= 0.5
     row = next(r for r in report.layers if r["layer"] == name)
@@ -93,10 +100,10 @@ def toy_method():
     calls: list[int] = []
 
     @register_method("toy_corner", importance="taylor", solver=None, paths=("factorize",), summary="test only")
-    def corner(weight, rank, *, importance, solver, **_):
+    def corner(weight, rank, *, importance, mask, options, solve):
         calls.append(rank)
         assert importance is not None and importance.shape == weight.shape  # the stage loaded taylor.safetensors
-        assert solver == "als"  # the factorize section's keys arrive as settings
+        assert mask is None and options == NoOptions() and callable(solve)  # no options: the empty class
         a = torch.zeros(weight.shape[0], rank, dtype=weight.dtype)
         a[:rank] = torch.eye(rank, dtype=weight.dtype)
         return a, weight[:rank].clone()

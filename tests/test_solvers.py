@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank.linalg.solvers import SOLVERS, column_weights, get_solver, register_solver, weighted_error
+from lowrank.linalg.solvers import SOLVERS, column_weights, get_solver, iterative_solvers, register_solver, weighted_error
 
 
 def _matrix(out_features: int = 24, in_features: int = 16, seed: int = 0) -> torch.Tensor:
@@ -24,13 +24,21 @@ def _quick(name: str) -> dict[str, int]:
     return {"steps": 3} if name in ("als", "adam_sgd") else {}
 
 
-def test_registry_holds_every_method_and_rejects_unknown_names() -> None:
-    assert {"svd", "fwsvd", "als", "adam_sgd"} <= set(SOLVERS)
+def test_registry_holds_every_solver_and_rejects_unknown_names() -> None:
+    assert {"truncated_svd", "input_weighted_svd", "als", "adam_sgd"} <= set(SOLVERS)
     assert get_solver("als") is SOLVERS["als"]
-    with pytest.raises(ValueError, match=r"unknown solver 'qr' \(registered: adam_sgd, als, fwsvd, svd"):
+    with pytest.raises(ValueError, match=r"unknown solver 'qr' \(registered: adam_sgd, als, input_weighted_svd, truncated_svd"):
         get_solver("qr")
     with pytest.raises(ValueError, match="already registered"):
-        register_solver("svd")
+        register_solver("truncated_svd")
+
+
+def test_no_solver_is_named_after_a_method() -> None:
+    """Solvers are the math the methods run: a solver called `svd` or `fwsvd` would read as the method of that name."""
+    from lowrank.methods import METHODS
+
+    assert not set(SOLVERS) & set(METHODS)
+    assert iterative_solvers() == ["als", "adam_sgd"]  # what factorize.solver may name, unchanged
     with pytest.raises(ValueError, match="letters, digits and underscores"):
         register_solver("my-solver")
 
@@ -38,14 +46,14 @@ def test_registry_holds_every_method_and_rejects_unknown_names() -> None:
 def test_truncated_svd_error_is_the_dropped_singular_values() -> None:
     weight = _matrix()
     singular = torch.linalg.svdvals(weight)
-    a, b = SOLVERS["svd"](weight, 5)
+    a, b = SOLVERS["truncated_svd"](weight, 5)
     assert a.shape == (24, 5) and b.shape == (5, 16)
     dropped = singular[5:].square().sum()
     assert (weight - a @ b).square().sum().item() == pytest.approx(dropped.item(), rel=1e-10)
     assert weighted_error(weight, a, b) == pytest.approx(dropped.item() / weight.numel(), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["svd", "fwsvd", "als", "adam_sgd"])
+@pytest.mark.parametrize("name", ["truncated_svd", "input_weighted_svd", "als", "adam_sgd"])
 def test_full_rank_reproduces_the_weight(name: str) -> None:
     weight = _matrix()
     a, b = SOLVERS[name](weight, 16, importance=_importance(), **_quick(name))
@@ -57,7 +65,7 @@ def test_fwsvd_is_exact_for_column_importance() -> None:
     weight = _matrix()
     column = torch.linspace(0.1, 4.0, 16, dtype=torch.float64)
     importance = column.expand(24, 16)
-    a, b = SOLVERS["fwsvd"](weight, 4, importance=importance)
+    a, b = SOLVERS["input_weighted_svd"](weight, 4, importance=importance)
     singular = torch.linalg.svdvals(weight * column.sqrt())
     expected = singular[4:].square().sum().item() / weight.numel()
     assert weighted_error(weight, a, b, importance) == pytest.approx(expected, rel=1e-9)
@@ -68,17 +76,17 @@ def test_fwsvd_is_exact_for_column_importance() -> None:
 
 def test_fwsvd_without_or_with_uniform_importance_is_svd() -> None:
     weight = _matrix()
-    a, b = SOLVERS["svd"](weight, 6)
+    a, b = SOLVERS["truncated_svd"](weight, 6)
     for importance in (None, torch.full_like(weight, 3.0)):
-        a_fw, b_fw = SOLVERS["fwsvd"](weight, 6, importance=importance)
+        a_fw, b_fw = SOLVERS["input_weighted_svd"](weight, 6, importance=importance)
         torch.testing.assert_close(a_fw @ b_fw, a @ b)
 
 
 def test_fwsvd_ignores_the_scale_of_importance() -> None:
     """Sum or mean of the Fisher, or any unit, gives the same factors."""
     weight, importance = _matrix(), _importance()
-    a1, b1 = SOLVERS["fwsvd"](weight, 5, importance=importance)
-    a2, b2 = SOLVERS["fwsvd"](weight, 5, importance=importance * 1e-9)
+    a1, b1 = SOLVERS["input_weighted_svd"](weight, 5, importance=importance)
+    a2, b2 = SOLVERS["input_weighted_svd"](weight, 5, importance=importance * 1e-9)
     torch.testing.assert_close(a1 @ b1, a2 @ b2)
 
 
@@ -113,7 +121,7 @@ def test_als_makes_its_pair_products_a_slice_at_a_time_past_the_limit_and_gets_t
 
 def test_als_lowers_the_weighted_error_monotonically_below_fwsvd() -> None:
     weight, importance = _matrix(), _importance()
-    a_fw, b_fw = SOLVERS["fwsvd"](weight, 4, importance=importance)
+    a_fw, b_fw = SOLVERS["input_weighted_svd"](weight, 4, importance=importance)
     fwsvd_error = weighted_error(weight, a_fw, b_fw, importance)
     history: list[float] = []
     a, b = SOLVERS["als"](weight, 4, importance=importance, steps=30, tol=0.0, callback=lambda step, error: history.append(error))
@@ -150,7 +158,7 @@ def test_als_handles_rows_and_columns_without_importance() -> None:
 
 def test_adam_sgd_beats_fwsvd_in_both_phases() -> None:
     weight, importance = _matrix(), _importance()
-    a_fw, b_fw = SOLVERS["fwsvd"](weight, 4, importance=importance)
+    a_fw, b_fw = SOLVERS["input_weighted_svd"](weight, 4, importance=importance)
     fwsvd_error = weighted_error(weight, a_fw, b_fw, importance)
     history: list[float] = []
     a, b = SOLVERS["adam_sgd"](
@@ -181,7 +189,7 @@ def test_solvers_keep_dtype_and_shape() -> None:
 
 def test_zero_weight_gives_zero_factors() -> None:
     weight = torch.zeros(6, 5)
-    for name in ("fwsvd", "als", "adam_sgd"):
+    for name in ("input_weighted_svd", "als", "adam_sgd"):
         a, b = SOLVERS[name](weight, 2, importance=torch.rand(6, 5), **_quick(name))
         assert torch.count_nonzero(a @ b) == 0
 
@@ -227,12 +235,12 @@ def test_unknown_option_is_refused() -> None:
         SOLVERS["als"](_matrix(), 2, stepz=3)
 
 
-@pytest.mark.parametrize("name", ["svd", "fwsvd", "als"])
+@pytest.mark.parametrize("name", ["truncated_svd", "input_weighted_svd", "als"])
 def test_factors_are_balanced_whatever_the_importance_scale(name: str) -> None:
     """Fisher values near 1e-10 must not leave one factor 1e5 times larger than the other."""
     weight, importance = _matrix(), _importance() * 1e-10
     a, b = SOLVERS[name](weight, 5, importance=importance, **_quick(name))
     torch.testing.assert_close(a.norm(dim=0), b.norm(dim=1))
-    a_ref, b_ref = SOLVERS["fwsvd"](weight, 5, importance=importance * 1e10)
-    if name == "fwsvd":  # and the product is the unbalanced closed form's
+    a_ref, b_ref = SOLVERS["input_weighted_svd"](weight, 5, importance=importance * 1e10)
+    if name == "input_weighted_svd":  # and the product is the unbalanced closed form's
         torch.testing.assert_close(a @ b, a_ref @ b_ref)

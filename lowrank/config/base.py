@@ -89,7 +89,7 @@ class TrainConfig:
     epochs: float = 3.0
     batch_size: int = 32
     eval_batch_size: int = 64
-    lr: float = 2e-5
+    lr: float = 5e-5  # MiniLM-L6 learns slowly at BERT-base's 2e-5 (the one default; params.yaml repeats it)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0

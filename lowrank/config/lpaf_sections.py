@@ -36,7 +36,7 @@ class PruneConfig:
         as the factorization after pruning weighs them), scores (the pruning scores) or none
         (the plain rank-r part, which discards what the task needs).
     rank_pull_pruned_weight: the share of its Fisher a pruned entry keeps in the pull's target;
-        keep it at `factorize.pruned_weight` (a key of its own, so that sweeping that one does
+        keep it at `factorize.options.pruned_weight` (a key of its own, so that sweeping that one does
         not invalidate the pruned model).
     rank_energies: spectrum shares for the effective ranks of the rank analysis; [] skips it.
     train: the fine-tuning run that prunes (its `warmup_ratio` is the learning rate's; it always

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from lowrank.linalg.solvers import iterative_solvers, solver_options
-from lowrank.linalg.sparsity import DEFAULT_PRUNED_WEIGHT
 from lowrank.methods import METHODS, get_method, method_names
 from lowrank.config.base import CompressedTrainConfig, ConfigError, TrainConfig, check, note
+from lowrank.config.convert import build
 from lowrank.config.patterns import check_pattern
 from lowrank.config.lpaf_sections import MrftConfig, PruneConfig
 from lowrank.config.sweep_spec import SweepConfig
@@ -169,15 +169,9 @@ class FactorizeConfig:
         least this share of the uniform rank (0: no floor); `search_max_share`
         caps it at that multiple; `search_points` ranks per matrix are measured
         (both ends of that range and the uniform rank among them).
-    asvd_alpha: asvd scales input feature j by mean|x_j|^alpha (0: plain SVD).
-    whitening_damp: svd_llm adds this times the mean diagonal to X^T X before
-        its Cholesky factor; `whitening_update` refits the left factor by least
-        squares under the undamped X^T X.
-    sparse_importance: the importance of the sparse methods: `fisher` (of the
-        pruned model, collected by factorize_pruned with the fisher section's
-        settings) or `scores` (the pruning scores).
-    pruned_weight: the share of its importance a pruned entry keeps in the
-        sparse methods (0: fit the kept entries only).
+    options: the chosen method's own options (`lowrank methods` lists them with their
+        defaults; lowrank/methods/ declares each method's beside its code), checked
+        against that method when params.yaml loads; {} keeps the method's defaults.
     """
 
     method: str = "fwsvd"
@@ -190,17 +184,23 @@ class FactorizeConfig:
     solver_steps: int = 10
     solver_options: dict[str, Any] = field(default_factory=dict)
     min_rank_share: float = 0.5
-    sparse_importance: Literal["fisher", "scores"] = "fisher"
-    pruned_weight: float = DEFAULT_PRUNED_WEIGHT
-    asvd_alpha: float = 0.5
-    whitening_damp: float = 0.01
-    whitening_update: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
     search_samples: int = 32
     search_points: int = 3
     search_max_share: float = 2.0
 
+    # The flat keys of each method's options before they moved into `options` (an old params.yaml or -S fails with this).
+    MOVED: ClassVar[dict[str, str]] = {
+        "asvd_alpha": "use factorize.options.alpha (method asvd)",
+        "whitening_damp": "use factorize.options.damp (method svd_llm)",
+        "whitening_update": "use factorize.options.update (method svd_llm)",
+        "sparse_importance": "use factorize.options.importance (methods sparse_svd, sparse_tfwsvd)",
+        "pruned_weight": "use factorize.options.pruned_weight (methods sparse_svd, sparse_tfwsvd)",
+    }
+
     def __post_init__(self) -> None:
         check(self.method in METHODS, "factorize.method", f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        self.method_options()  # its errors name the method and the key
         known = iterative_solvers()
         check(self.solver in known, "factorize.solver", f"unknown solver {self.solver!r} (known: {', '.join(known)})")
         takes = [o for o in solver_options(self.solver) if o not in ("steps", "callback")]  # steps: factorize.solver_steps
@@ -212,14 +212,20 @@ class FactorizeConfig:
                 check_pattern(patterns, f"factorize.{key}")
         check(0 < self.keep_ratio <= 1, "factorize.keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
         check(0 <= self.min_rank_share <= 1, "factorize.min_rank_share", f"must be in [0, 1], got {self.min_rank_share}")
-        check(self.pruned_weight >= 0, "factorize.pruned_weight", f"must be >= 0, got {self.pruned_weight}")
         check(self.rank_multiple >= 1, "factorize.rank_multiple", "must be >= 1")
         check(self.solver_steps >= 1, "factorize.solver_steps", "must be >= 1")
-        check(self.asvd_alpha >= 0, "factorize.asvd_alpha", f"must be >= 0, got {self.asvd_alpha}")
-        check(self.whitening_damp >= 0, "factorize.whitening_damp", f"must be >= 0, got {self.whitening_damp}")
         check(self.search_samples >= 1, "factorize.search_samples", "must be >= 1")
         check(self.search_points >= 3, "factorize.search_points", "must be >= 3 (both ends and the uniform rank)")
         check(self.search_max_share >= 1, "factorize.search_max_share", f"must be >= 1, got {self.search_max_share}")
+
+    def method_options(self) -> Any:
+        """The method's options object: its options class filled from `options`, the rest at their defaults."""
+        spec = get_method(self.method)
+        known = spec.option_names()
+        for key in self.options:
+            check(key in known, f"factorize.options.{key}",
+                  f"method {self.method} has no such option (its options: {', '.join(known) or 'none'})")
+        return build(spec.options, self.options, "factorize.options")
 
 
 # eager PyTorch; the checked ONNX export in onnxruntime; that graph with int8 weights (dynamic quantization)

@@ -2,8 +2,11 @@
 
 Every solver has the same signature, `(weight, rank, *, importance=None,
 **options) -> (A, B)` with `A: (out, rank)` and `B: (rank, in)`, and is one
-pure function registered by name, so a new method is one function plus one
-`@register_solver` line. Solvers see only tensors: no modules, no I/O, no
+pure function registered by name, so a new solver is one function plus one
+`@register_solver` line. Solvers are the math the methods (lowrank/methods/) run,
+named for what they compute, never after a method: the closed forms
+`truncated_svd` and `input_weighted_svd` (FWSVD's), and the iterative `als` and
+`adam_sgd` that `factorize.solver` picks. Solvers see only tensors: no modules, no I/O, no
 logging (progress goes to an optional `callback`).
 
 The weighted solvers minimise, per ALGORITHMS.md section 4,
@@ -173,15 +176,15 @@ def fwsvd_parts(weight: Tensor, importance: Tensor | None, rank: int, floor: flo
     return u, s, vh / d
 
 
-@register_solver("svd")
-def svd(weight: Tensor, rank: int, *, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+@register_solver("truncated_svd")
+def truncated_svd(weight: Tensor, rank: int, *, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Truncated SVD, `A = U_r S_r`, `B = V_r^T`; ignores `importance` (the unweighted baseline)."""
     u, s, vh = svd_parts(weight, rank)
     return u * s, vh
 
 
-@register_solver("fwsvd")
-def fwsvd(weight: Tensor, rank: int, *, importance: Tensor | None = None, floor: float = 1e-3) -> tuple[Tensor, Tensor]:
+@register_solver("input_weighted_svd")
+def input_weighted_svd(weight: Tensor, rank: int, *, importance: Tensor | None = None, floor: float = 1e-3) -> tuple[Tensor, Tensor]:
     """FWSVD (Hsu et al. 2022): SVD of `W diag(d)`, then undo `diag(d)` on `B`.
 
     Exact minimiser of the weighted error when the importance is the same down

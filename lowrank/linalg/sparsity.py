@@ -30,7 +30,7 @@ from __future__ import annotations
 from lowrank.lazy import torch
 from lowrank.linalg.solvers import balance
 
-# The share of its importance a pruned entry keeps; `factorize.pruned_weight` defaults to it.
+# The share of its importance a pruned entry keeps; the sparse methods' `factorize.options.pruned_weight` defaults to it.
 DEFAULT_PRUNED_WEIGHT = 0.6
 
 

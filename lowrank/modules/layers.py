@@ -82,7 +82,7 @@ class FactorizedLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear | Conv1D, rank: int, solver: str = "svd", importance: Tensor | None = None, **options: object
+        cls, linear: nn.Linear | Conv1D, rank: int, solver: str = "truncated_svd", importance: Tensor | None = None, **options: object
     ) -> "FactorizedLinear":
         """Factorize a dense layer (Linear or Conv1D, `importance` as `(out, in)`) with a registered solver,
         keeping its bias, device and dtype."""

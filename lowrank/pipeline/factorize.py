@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,8 @@ def cut(model: torch.nn.Module, p: Params, importance_dir: Path, data_dir: Path,
     if missing:
         raise ValueError(f"importance at {importance_dir} lacks {missing[0]}: rerun the fisher stage for these targets")
     loss_fn = calibration_loss(PreparedData.open(data_dir), cfg.search_samples, p.fisher.batch_size, p.data.seed) if cfg.allocation == "search" else None
-    settings = {**asdict(cfg), "keep_ratio": keep_ratio}
-    return compress_(model, importance=importance, fisher=fisher_scores, loss_fn=loss_fn, **settings), names, fisher_scores
+    report = compress_(model, replace(cfg, keep_ratio=keep_ratio), importance=importance, fisher=fisher_scores, loss_fn=loss_fn)
+    return report, names, fisher_scores
 
 
 @stage(
@@ -129,7 +129,7 @@ def factorize(p: Params, io: StageIO) -> StageResult:
     phi_scaled = svd_risks({n: fisher_scores[n] for n in names}, size_invariant=True)
     for row in report.layers:
         row["phi"], row["phi_size_invariant"] = phi[row["layer"]], phi_scaled[row["layer"]]
-    extra = {"keep_ratio": cfg.keep_ratio, "allocation": cfg.allocation, "solver": spec.solver_name(cfg.solver)}
+    extra = {"keep_ratio": cfg.keep_ratio, "allocation": cfg.allocation, "solver": spec.solver_name(cfg.solver), "options": asdict(cfg.method_options())}
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     save_compressed(model, io.outputs["model"], method=cfg.method, targets=names, tokenizer=tokenizer, extra=extra)
     plot_phi(report.layers, io.plots["phi"])
@@ -211,8 +211,6 @@ def gradual(p: Params, io: StageIO, prepared: PreparedData, teacher: torch.nn.Mo
     outputs and attention maps: what keeps the next cut close to the dense model), else the task loss.
     Returns the model at the target ratio, before its + ft, and what the schedule did.
     """
-    from dataclasses import replace
-
     from lowrank.io.checkpoints import load_compressed
     from lowrank.modules.surgery import densify_
     from lowrank.train.loop import LossWeights, Phase, train

@@ -158,7 +158,7 @@ def pruned_importance(
 
     if get_method(cfg.method).importance != "sparse":
         return None
-    if cfg.sparse_importance == "scores":
+    if cfg.method_options().importance == "scores":  # a sparse method's options say which (the registry insists)
         return dict(scores)
     collected = collect_importance(
         model, prepared.pass_loader("train", fisher_cfg.batch_size, seed), names, max_samples=fisher_cfg.max_samples,
@@ -189,14 +189,14 @@ def factorize_pruned(p: Params, io: StageIO) -> StageResult:
     started = time.perf_counter()
     importance = pruned_importance(cfg, p.fisher, model, names, scores, PreparedData.open(io.inputs["data"]), p.data.seed)
     importance_seconds = time.perf_counter() - started
-    report = compress_(model, importance=importance, masks=masks, **asdict(cfg))
+    report = compress_(model, cfg, importance=importance, masks=masks)
 
     pruned_entry = recipe(model)
     extra = {
         "keep_ratio": cfg.keep_ratio,
         "allocation": "uniform",
         "solver": get_method(cfg.method).solver_name(cfg.solver),
-        **({"sparse_importance": cfg.sparse_importance, "pruned_weight": cfg.pruned_weight} if importance else {}),
+        "options": asdict(cfg.method_options()),
         "pruned": {k: pruned_entry[k] for k in ("prune_method", "density", "scope") if k in pruned_entry},
     }
     tokenizer = AutoTokenizer.from_pretrained(str(io.inputs["model"]))

@@ -29,7 +29,7 @@ solver) and the weights move towards that solution, keeping what the loss is
 sensitive to. That hurt less but still hurt: at total 0.5 the pruned model
 kept its score and its factorization started 3 points lower than without the
 pull. The factorization after pruning weighs entries by the Fisher, pruned
-ones at `factorize.pruned_weight`, not by the pruning scores, so the stage can
+ones at `factorize.options.pruned_weight`, not by the pruning scores, so the stage can
 also weigh the pull's target that way (`RunningFisher`), making the pull head
 for the very matrix the factorization will produce.
 """
