@@ -2,7 +2,8 @@
 
     import lowrank
     importance = lowrank.fisher_importance(model, loader)                     # what fwsvd/tfwsvd weigh by
-    report = lowrank.compress_(model, method="tfwsvd", keep_ratio=0.3, importance=importance)
+    report = lowrank.compress_(model, method="tfwsvd", keep_ratio=0.3, importance=importance)  # overrides of
+    # FactorizeConfig (the `factorize` section); or compress_(model, config, importance=..., filter_fn=...)
     lowrank.save_compressed(model, "out", method="tfwsvd")                     # safetensors + the recipe
     model = lowrank.load_compressed("out")                                      # any folder the pipeline wrote
 
