@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from lowrank.config import InputError, MissingInputError, Params, TrackingConfig
-from lowrank.pipeline.stage import METRICS, STAGES, Layout, get_stage
+from lowrank.config import InputError, Params, TrackingConfig
+from lowrank.pipeline.stage import METRICS, STAGES, get_stage
 
 # The last stage of each `orchestration.path`.
 PATH_ENDS = {
@@ -139,11 +139,8 @@ def check_tracking(cfg: TrackingConfig, timeout: float = 3.0) -> None:
         raise InputError(f"tracking.uri: {cfg.uri} does not answer ({err.strerror or err})") from None
 
 
-def preflight_stage(name: str, params: Params) -> None:
-    """For one stage: its upstream artifacts must exist (else say which stage makes them)."""
-    st = get_stage(name)
-    if name == "prepare":
+def preflight_stage(name: str, params: Params, computed: Iterable[str] = ()) -> None:
+    """For one stage run alone: the whole run's checks when it prepares the data (itself, or among `computed`, the
+    upstream stages it computes first because the store lacks them); the other stages read only the store."""
+    if "prepare" in (name, *computed):
         preflight(params)
-    for key, path in st.input_paths(Layout.from_params(params)).items():
-        if not Path(path).exists():
-            raise MissingInputError(f"stage {name}: input {key} not found at {path}; run {', '.join(st.after)} first")

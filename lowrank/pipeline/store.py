@@ -35,7 +35,7 @@ import lowrank
 from lowrank.config import Params, select, to_dict
 from lowrank.io.files import read_json, write_json
 from lowrank.io.manifest import READ_ONLY, build_manifest, make_read_only, manifest_digest, verify
-from lowrank.pipeline.stage import Layout, StageResult, get_stage
+from lowrank.pipeline.stage import STAGES, Layout, StageResult, get_stage
 
 STORE = "store"  # the store's folder under paths.artifacts
 RECORD = "result.json"  # written last: an entry without it is unfinished
@@ -188,6 +188,18 @@ def finished(name: str, layout: StoreLayout) -> StageResult | None:
     """The stored result of an entry that, with everything upstream of it, still holds what it recorded; else None."""
     record, _ = check_entry(name, layout)
     return None if record is None else _result(record)
+
+
+def unfinished_upstream(name: str, layout: StoreLayout) -> list[str]:
+    """The stages `name` reads, directly or not, whose entries are not finished (in run order): what it computes first."""
+    above, todo = set(), list(get_stage(name).after)
+    while todo:
+        current = todo.pop()
+        if current not in above:
+            above.add(current)
+            todo.extend(get_stage(current).after)
+    seen: dict = {}
+    return [up for up in STAGES if up in above and check_entry(up, layout, seen)[0] is None]
 
 
 def _say(line: str) -> None:
