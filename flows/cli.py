@@ -161,14 +161,14 @@ def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET
     """Run one stage (what `dvc repro` calls) out of the store, as `lowrank run` does; then its files are where dvc.yaml says."""
     with lifecycle.user_errors():
         from lowrank.config import load_params
-        from lowrank.pipeline import get_stage, preflight_stage
-        from lowrank.pipeline.store import StoreLayout, unfinished_upstream
+        from lowrank.pipeline import Layout, get_stage, preflight_stage
+        from lowrank.pipeline.store import fingerprints, unfinished_upstream
         from tasks import tracking
 
         from .steps import run_alone
 
         config = load_params(params, list(set_param or []))
-        layout = StoreLayout.for_params(config, [name])
+        layout = Layout.from_params(config, fingerprints(config, [name]))
         computed = unfinished_upstream(name, layout)
         preflight_stage(name, config, computed)
         lifecycle.die_with_dvc()

@@ -6,8 +6,8 @@ import sys
 import time
 
 from lowrank.config import Params
-from lowrank.pipeline import StageResult
-from lowrank.pipeline.store import StoreLayout, run_stored
+from lowrank.pipeline import Layout, StageResult
+from lowrank.pipeline.store import run_stored
 from lowrank.pipeline.workspace import publish_stage
 from tasks import tracking
 
@@ -18,7 +18,7 @@ def progress(line: str) -> None:
     sys.stderr.flush()
 
 
-def execute(name: str, params: Params, layout: StoreLayout, *, track: bool) -> tuple[StageResult, bool, float]:
+def execute(name: str, params: Params, layout: Layout, *, track: bool) -> tuple[StageResult, bool, float]:
     """Run a stage through Prefect; returns its result, whether the store had it, and the seconds it took."""
     from tasks.stages import run_stage  # here, not above: a stage run alone, under DVC, never imports Prefect (seconds)
 
@@ -32,7 +32,7 @@ def execute(name: str, params: Params, layout: StoreLayout, *, track: bool) -> t
     return result, cached, seconds
 
 
-def run_alone(name: str, params: Params, layout: StoreLayout, computed: list[str]) -> tuple[StageResult, bool]:
+def run_alone(name: str, params: Params, layout: Layout, computed: list[str]) -> tuple[StageResult, bool]:
     """Run a stage into its store entry as `compress` does (no Prefect: DVC is the driver), then copy its files to the
     paths dvc.yaml declares; `computed` are the upstream stages the store lacks, which it computes first."""
     if computed:

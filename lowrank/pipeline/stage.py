@@ -29,24 +29,48 @@ class StageResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+STORE = "store"  # the content-addressed store's folder under paths.artifacts (lowrank.pipeline.store)
+DIGEST_CHARS = 16  # of a fingerprint, in an entry's folder name (64 bits: no collision among a project's entries)
+
+
 @dataclass(frozen=True)
 class Layout:
-    """The two roots every path hangs from; derived from `paths` in params.yaml only."""
+    """Where every path hangs: the workspace, or with fingerprints, each stage's store entry.
+
+    Without fingerprints a stage's outputs are under `paths.artifacts` and its metrics, plots and reports under
+    `paths.metrics`: the workspace, the paths dvc.yaml declares. With them (`lowrank.pipeline.store.fingerprints`:
+    a stage's and its upstream's), each of those stages keeps all of them in its own entry,
+    `<paths.artifacts>/store/<stage>/<fingerprint>/`. `artifacts` and `metrics` stay the workspace's roots either way.
+    """
 
     artifacts: Path
     metrics: Path
+    fingerprints: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @classmethod
-    def from_params(cls, params: Params) -> "Layout":
-        return cls(Path(params.paths.artifacts), Path(params.paths.metrics))
+    def from_params(cls, params: Params, fingerprints: Mapping[str, str] | None = None) -> "Layout":
+        return cls(Path(params.paths.artifacts), Path(params.paths.metrics), dict(fingerprints or {}))
+
+    @property
+    def stored(self) -> bool:
+        """Whether the paths are store entries (else the workspace's)."""
+        return bool(self.fingerprints)
+
+    def workspace(self) -> "Layout":
+        """The same roots without fingerprints: the workspace paths."""
+        return Layout(self.artifacts, self.metrics)
+
+    def entry(self, stage: str) -> Path:
+        """The store entry of a stage this layout has the fingerprint of."""
+        return self.artifacts / STORE / stage / self.fingerprints[stage][:DIGEST_CHARS]
 
     def artifacts_of(self, stage: str) -> Path:
-        """The root of a stage's outputs (the store gives each stage its own)."""
-        return self.artifacts
+        """The root of a stage's outputs."""
+        return self.entry(stage) if self.stored else self.artifacts
 
     def metrics_of(self, stage: str) -> Path:
         """The folder of a stage's metrics, plots and reports."""
-        return self.metrics
+        return self.entry(stage) / "metrics" if self.stored else self.metrics
 
     def output(self, stage: str, key: str = "model") -> Path:
         """Where `stage` writes its output `key`, as its declaration says."""

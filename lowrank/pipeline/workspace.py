@@ -25,14 +25,13 @@ from filelock import FileLock
 from lowrank.config import Params, flatten
 from lowrank.io.files import atomic_dir, write_json
 from lowrank.io.manifest import copy_file, same_copy, same_tree
-from lowrank.pipeline.stage import get_stage
-from lowrank.pipeline.store import StoreLayout
+from lowrank.pipeline.stage import Layout, get_stage
 
 RECORD = "WORKSPACE.json"  # under paths.artifacts
 LOCK = ".workspace.lock"
 
 
-def materialize(name: str, layout: StoreLayout) -> None:
+def materialize(name: str, layout: Layout) -> None:
     """Put a stored stage's outputs, plots, reports and metrics at its workspace paths.
 
     Each path is replaced whole by a rename, so a reader sees the old or the new one, never a mix;
@@ -57,7 +56,7 @@ def materialize(name: str, layout: StoreLayout) -> None:
             os.replace(tmp, dest)
 
 
-def publish(params: Params, names: Iterable[str], layout: StoreLayout) -> Path:
+def publish(params: Params, names: Iterable[str], layout: Layout) -> Path:
     """Swap the workspace to this configuration as a whole: every stage's files, then `WORKSPACE.json`."""
     names = list(names)
     layout.artifacts.mkdir(parents=True, exist_ok=True)
@@ -73,7 +72,7 @@ def publish(params: Params, names: Iterable[str], layout: StoreLayout) -> Path:
         })
 
 
-def publish_stage(name: str, layout: StoreLayout) -> None:
+def publish_stage(name: str, layout: Layout) -> None:
     """Put one stored stage's files at the workspace paths dvc.yaml declares, for `lowrank stage NAME`."""
     layout.artifacts.mkdir(parents=True, exist_ok=True)
     with FileLock(str(layout.artifacts / LOCK)):
