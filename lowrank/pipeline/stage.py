@@ -122,6 +122,8 @@ class Stage:
     reports: dict[str, str]  # key -> JSON file under paths.metrics, beside the stage's metrics
     # the content hashes of files outside the pipeline it reads (a fine-tuned checkpoint), by name, from the params
     sources: Callable[[Params], dict[str, str]] | None = None
+    trains: bool = False  # it trains a model: a sweep with --gpu runs it on a worker with a GPU
+    ends_path: str | None = None  # the `orchestration.path` it is the last stage of (plan.path_ends)
 
     @property
     def after(self) -> tuple[str, ...]:
@@ -186,15 +188,21 @@ def stage(
     plots: Mapping[str, str] | None = None,
     reports: Mapping[str, str] | None = None,
     sources: Callable[[Params], dict[str, str]] | None = None,
+    trains: bool = False,
+    ends_path: str | None = None,
 ) -> Callable[[Callable[[Params, StageIO], StageResult]], Callable[[Params, StageIO], StageResult]]:
     """Declare and register a stage; the function is returned unchanged, so one function may serve several stages.
 
     Names are unique (dvc.yaml and the flow refer to them) and inputs must name
     an output of a stage registered before, so the registry is in run order.
     `sources(params)` hashes what the stage reads from outside the pipeline; the hashes join its fingerprint.
+    `trains` marks a stage that trains (it wants a GPU); `ends_path` names the `orchestration.path` it ends, whose
+    run is then this stage's upstream and every evaluation of the models they make (`plan.path_stages`).
     """
     if name in STAGES:
         raise ValueError(f"stage {name!r} is registered twice")
+    if ends_path is not None and (other := next((st.name for st in STAGES.values() if st.ends_path == ends_path), None)):
+        raise ValueError(f"stage {name!r}: path {ends_path!r} already ends at stage {other!r}")
     for key, ref in (inputs or {}).items():
         upstream, _, output = ref.partition(".")
         if upstream not in STAGES or (output not in STAGES[upstream].outputs and output != METRICS):
@@ -202,7 +210,8 @@ def stage(
 
     def register(fn: Callable[[Params, StageIO], StageResult]) -> Callable[[Params, StageIO], StageResult]:
         STAGES[name] = Stage(
-            name, fn, tuple(params), dict(inputs or {}), dict(outputs or {}), dict(plots or {}), dict(reports or {}), sources
+            name, fn, tuple(params), dict(inputs or {}), dict(outputs or {}), dict(plots or {}), dict(reports or {}), sources,
+            trains, ends_path,
         )
         return fn
 
