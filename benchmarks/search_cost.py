@@ -22,11 +22,11 @@ from lowrank.io.checkpoints import load_compressed
 from lowrank.linalg.ranks import allocate_ranks
 
 from lowrank.modules.surgery import dense_weights
-from lowrank.pipeline import get_stage
+from lowrank.pipeline import Layout, get_stage
 from lowrank.pipeline.factorize import calibration_loss
 from lowrank.pipeline.plan import path_stages
 from lowrank.pipeline.prepared import PreparedData
-from lowrank.pipeline.store import StoreLayout
+from lowrank.pipeline.store import fingerprints
 from lowrank.train.importance import load_importance
 from lowrank.train.rank_search import measure, search_grids
 
@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params("params.yaml", [f"data.task={args.task}", f"data.max_train_samples={args.train}",
                                          "factorize.method=svd_llm", f"factorize.keep_ratio={args.keep_ratio}"])
-    layout = StoreLayout.for_params(params, path_stages("factorize_only"))
+    layout = Layout.from_params(params, fingerprints(params, path_stages("factorize_only")))
     dense = get_stage("finetune").output_paths(layout)["model"]
     stats = get_stage("fisher").output_paths(layout)["importance"]
     data = PreparedData.open(get_stage("prepare").output_paths(layout)["data"])

@@ -20,16 +20,16 @@ from pathlib import Path
 from unittest import mock
 
 from lowrank.config import load_params
-from lowrank.pipeline import get_stage, pipeline
+from lowrank.pipeline import Layout, get_stage, pipeline
 from lowrank.pipeline import workspace
-from lowrank.pipeline.store import StoreLayout, finished
+from lowrank.pipeline.store import fingerprints, finished
 
 
 def _files(paths: list[Path]) -> list[Path]:
     return [f for p in paths if p.exists() for f in ([p] if p.is_file() else [q for q in p.rglob("*") if q.is_file()])]
 
 
-def _clear(layout: StoreLayout, names: list[str]) -> list[Path]:
+def _clear(layout: Layout, names: list[str]) -> list[Path]:
     """Remove the stages' workspace paths; returns them."""
     paths = [p for name in names for p in (*get_stage(name).written_paths(layout.workspace()).values(),
                                            get_stage(name).metrics_path(layout.workspace()))]
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     names = pipeline(params)
-    layout = StoreLayout.for_params(params, names)
+    layout = Layout.from_params(params, fingerprints(params, names))
     if any(finished(name, layout) is None for name in names):
         raise SystemExit(f"the store holds no finished run of {args.params}: run `lowrank run -p {args.params}` first")
     publish = lambda: workspace.publish(params, names, layout)  # noqa: E731

@@ -158,26 +158,31 @@ def compare(
 
 @app.command()
 def stage(name: str, params: Path = PARAMS, set_param: Optional[List[str]] = SET) -> None:
-    """Run one stage (what `dvc repro` calls); DVC decides whether it needs to run."""
+    """Run one stage (what `dvc repro` calls) out of the store, as `lowrank run` does; then its files are where dvc.yaml says."""
     with lifecycle.user_errors():
         from lowrank.config import load_params
         from lowrank.pipeline import Layout, get_stage, preflight_stage
+        from lowrank.pipeline.store import fingerprints, unfinished_upstream
         from tasks import tracking
 
+        from .steps import run_alone
+
         config = load_params(params, list(set_param or []))
-        preflight_stage(name, config)
+        layout = Layout.from_params(config, fingerprints(config, [name]))
+        computed = unfinished_upstream(name, layout)
+        preflight_stage(name, config, computed)
         lifecycle.die_with_dvc()
         lifecycle.recover(config)
         lifecycle.claim()
-        layout = Layout.from_params(config)
-        result = get_stage(name).run(config, layout)
+        result, cached = run_alone(name, config, layout, computed)
         if tracking.configure(config.tracking):
             from tasks.models import log_results
 
             with tracking.flow_run(config, name, {"driver": "dvc"}):
-                tracking.log_stage(name, config, result, cached=False, layout=layout, nested=True)
+                tracking.log_stage(name, config, result, cached=cached, layout=layout, nested=True)
                 log_results({name: result}, config, layout)
-    _print({"stage": name, "outputs": result.outputs, "metrics": result.metrics})
+    workspace = {key: str(path) for key, path in get_stage(name).output_paths(layout.workspace()).items()}
+    _print({"stage": name, "cached": cached, "entry": str(layout.entry(name)), "outputs": workspace, "metrics": result.metrics})
 
 
 @app.command()

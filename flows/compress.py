@@ -7,8 +7,8 @@ import contextlib
 from prefect import flow
 
 from lowrank.config import load_params
-from lowrank.pipeline import pipeline, preflight
-from lowrank.pipeline.store import StoreLayout, finished
+from lowrank.pipeline import Layout, pipeline, preflight
+from lowrank.pipeline.store import fingerprints, finished
 from lowrank.pipeline.workspace import publish
 from tasks import tracking
 from tasks.models import log_results
@@ -29,7 +29,7 @@ def compress(params_path: str = "params.yaml", overrides: list[str] | None = Non
     lifecycle.crash_stale_flow_runs()
     track = tracking.configure(params.tracking)
     names = pipeline(params)
-    layout = StoreLayout.for_params(params, names)
+    layout = Layout.from_params(params, fingerprints(params, names))
     fingerprint = layout.fingerprints[names[-1]]  # of the last stage: it covers every stage, params and code
     if track and params.orchestration.cache and all(finished(name, layout) for name in names):
         # The store holds every stage: a run that logged this result already says all a new one would (as a sweep's

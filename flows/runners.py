@@ -22,8 +22,6 @@ from lowrank.config import InputError
 from .lifecycle import end_with_parent
 
 RUNNERS = ("local", "dask")
-# Stages that train: with --gpu each asks the Dask scheduler for a worker with a free GPU.
-TRAINING_STAGES = ("finetune", "finetune_compressed", "prune", "mrft")
 
 
 def cores() -> int:

@@ -1,4 +1,4 @@
-"""Running one stage inside a flow: from the store, then its MLflow run."""
+"""Running one stage: inside a flow (from the store, then its MLflow run), or alone, for DVC (from the store, then into the workspace)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import sys
 import time
 
 from lowrank.config import Params
-from lowrank.pipeline import StageResult
-from lowrank.pipeline.store import StoreLayout
+from lowrank.pipeline import Layout, StageResult
+from lowrank.pipeline.store import run_stored
+from lowrank.pipeline.workspace import publish_stage
 from tasks import tracking
-from tasks.stages import run_stage
 
 
 def progress(line: str) -> None:
@@ -18,8 +18,10 @@ def progress(line: str) -> None:
     sys.stderr.flush()
 
 
-def execute(name: str, params: Params, layout: StoreLayout, *, track: bool) -> tuple[StageResult, bool, float]:
+def execute(name: str, params: Params, layout: Layout, *, track: bool) -> tuple[StageResult, bool, float]:
     """Run a stage through Prefect; returns its result, whether the store had it, and the seconds it took."""
+    from tasks.stages import run_stage  # here, not above: a stage run alone, under DVC, never imports Prefect (seconds)
+
     started = time.perf_counter()
     progress(f"stage {name}: started")
     result, cached, _costs = run_stage.with_options(name=name)(name, params, layout, return_state=True).result()
@@ -28,3 +30,13 @@ def execute(name: str, params: Params, layout: StoreLayout, *, track: bool) -> t
     if track:
         tracking.log_stage(name, params, result, cached, layout)
     return result, cached, seconds
+
+
+def run_alone(name: str, params: Params, layout: Layout, computed: list[str]) -> tuple[StageResult, bool]:
+    """Run a stage into its store entry as `compress` does (no Prefect: DVC is the driver), then copy its files to the
+    paths dvc.yaml declares; `computed` are the upstream stages the store lacks, which it computes first."""
+    if computed:
+        progress(f"stage {name}: {', '.join(computed)} not in the store {layout.artifacts / 'store'}; computing {'it' if len(computed) == 1 else 'them'} first")
+    result, cached = run_stored(name, params, layout, refresh=not params.orchestration.cache)
+    publish_stage(name, layout)
+    return result, cached

@@ -21,6 +21,7 @@ from prefect import flow
 from prefect.futures import as_completed
 
 from lowrank.config import InputError
+from lowrank.pipeline import get_stage
 from lowrank.pipeline.store import finished
 from lowrank.pipeline.sweep_plan import config_summary, plan, stage_counts, status, sweep_spec
 from tasks import tracking
@@ -30,12 +31,11 @@ from tasks.stages import run_stage
 from . import lifecycle
 from .console import print_table, sweep_table
 from .progress import SweepView
-from .runners import TRAINING_STAGES
 
 
 def _gpu(name: str, gpu: bool):
-    """Dask resource annotation: a training job runs only on a worker started with `--resources GPU=1`."""
-    if not (gpu and name in TRAINING_STAGES):
+    """Dask resource annotation: a training job (`stage(..., trains=True)`) runs only on a worker started with `--resources GPU=1`."""
+    if not (gpu and get_stage(name).trains):
         return contextlib.nullcontext()
     import dask
 

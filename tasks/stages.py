@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from lowrank.config import Params
-from lowrank.pipeline.store import StoreLayout, run_stored
+from lowrank.pipeline import Layout
+from lowrank.pipeline.store import run_stored
 
 
 class PeakMemory:
@@ -51,7 +52,7 @@ def set_threads(threads: int | None) -> None:
 
 
 @task(task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
-def run_stage(name: str, params: Params, layout: StoreLayout, threads: int | None = None):
+def run_stage(name: str, params: Params, layout: Layout, threads: int | None = None):
     """Run stage `name` into its store entry, or reuse the entry another run finished (unless `orchestration.cache` is off).
 
     Returns the result, whether it came from the store, and what it cost: seconds and the worker's peak memory.

@@ -21,7 +21,6 @@ import lowrank
 from lowrank.config import Params, TrackingConfig, flatten, select
 from lowrank.methods import get_method
 from lowrank.pipeline import Layout, StageResult, get_stage
-from lowrank.pipeline.store import StoreLayout
 
 from .lineage import dvc_md5, stored_md5
 from .models import MODEL_TAG, log_results, run_goal
@@ -203,7 +202,7 @@ def flow_run(params: Params, run_name: str, extra_tags: dict[str, str] | None = 
 def lineage(name: str, layout: Layout) -> dict[str, str]:
     """DVC md5 of every input and output artifact of a stage, at its path in the store (or the workspace)."""
     stage = get_stage(name)
-    md5 = (lambda path: stored_md5(str(path))) if isinstance(layout, StoreLayout) else dvc_md5
+    md5 = (lambda path: stored_md5(str(path))) if layout.stored else dvc_md5
     tags = {}
     for kind, paths in (("input", stage.input_paths(layout)), ("output", stage.output_paths(layout))):
         for key, path in paths.items():

@@ -149,7 +149,7 @@ def test_dvc_repro_of_a_path_s_last_stage_runs_every_stage_of_the_path() -> None
     """What `dvc repro summary_<path>` runs, read from dvc.yaml as DVC reads it: outs feed deps."""
     import yaml
 
-    from lowrank.pipeline import PATH_ENDS, path_stages
+    from lowrank.pipeline import path_ends, path_stages
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     writer = {}
@@ -164,6 +164,20 @@ def test_dvc_repro_of_a_path_s_last_stage_runs_every_stage_of_the_path() -> None
                 found |= needs(writer[dep])
         return found
 
-    for path, end in PATH_ENDS.items():
+    for path, end in path_ends().items():
         assert needs(end) == set(path_stages(path)), path
     assert {"evaluate_dense", "evaluate_factorized", "evaluate_compressed"} <= needs("summary_factorize")
+
+
+def test_every_orchestration_path_has_one_declared_end_and_the_training_stages_say_so() -> None:
+    """The paths params.yaml accepts (config, below the pipeline, lists them) are those the stages end; `trains` marks
+    the stages that train, which a sweep's --gpu sends to a GPU worker."""
+    import typing
+
+    from lowrank.config.sections import OrchestrationConfig
+    from lowrank.pipeline import STAGES, path_ends
+
+    accepted = typing.get_args(typing.get_type_hints(OrchestrationConfig)["path"])
+    assert sorted(path_ends()) == sorted(accepted)
+    assert path_ends()["factorize"] == "summary_factorize" and path_ends()["dense"] == "evaluate_dense"
+    assert [name for name, st in STAGES.items() if st.trains] == ["finetune", "finetune_compressed", "prune", "mrft"]

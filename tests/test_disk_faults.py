@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from conftest import GLUE_DIR, tiny_params
 from flows.cli import app
 from lowrank.pipeline.stage import STAGES, Stage
-from lowrank.pipeline.store import RECORD, StoreLayout, finished, run_stored
+from lowrank.pipeline import Layout
+from lowrank.pipeline.store import RECORD, finished, run_stored
 
 
 @contextlib.contextmanager
@@ -44,7 +45,7 @@ def test_a_stage_that_fills_the_disk_leaves_no_finished_entry_and_reruns_when_th
 
     monkeypatch.setitem(STAGES, "t_big", Stage("t_big", _big, (), {}, {"data": "t_big/data.bin"}, {}, {}))
     with _tmpfs(tmp_path / "disk", "64k") as disk:
-        layout = StoreLayout(disk / "artifacts", disk / "metrics", {"t_big": "e" * 64})
+        layout = Layout(disk / "artifacts", disk / "metrics", {"t_big": "e" * 64})
         with pytest.raises(OSError) as err:
             run_stored("t_big", {"bytes": 1 << 20}, layout)
         assert err.value.errno == errno.ENOSPC
@@ -62,7 +63,8 @@ def test_a_full_disk_is_one_line_naming_where_with_exit_2(tmp_path: Path, tiny_m
         result = CliRunner().invoke(app, ["--quiet", "stage", "prepare", "--params", str(params), "-S", f"paths.artifacts={disk}/artifacts"])
         assert result.exit_code == 2, result.output
         # (in-process, the progress bars of libraries imported earlier still show: the error is the last line, alone)
-        assert result.stderr.strip().splitlines()[-1] == f"error: {disk}/artifacts: No space left on device"
+        last = result.stderr.strip().splitlines()[-1]  # the stage's store entry, where it was writing
+        assert last.startswith(f"error: {disk}/artifacts/store/prepare/") and last.endswith(": No space left on device"), last
         assert "Traceback" not in result.stderr
         assert not (disk / "artifacts" / "data").exists()  # the half-written split went with its temporary folder
 

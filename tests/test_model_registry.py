@@ -57,11 +57,11 @@ def _validation(failing_sweep: dict, config: dict):
     from lowrank.config import load_params
     from lowrank.config.sweep_spec import as_overrides
     from lowrank.data.loading import load_raw_from_config
-    from lowrank.pipeline import PreparedData, get_stage, pipeline
-    from lowrank.pipeline.store import StoreLayout
+    from lowrank.pipeline import Layout, PreparedData, get_stage, pipeline
+    from lowrank.pipeline.store import fingerprints
 
     params = load_params(failing_sweep["root"] / "params.yaml", as_overrides(config["overrides"]))
-    layout = StoreLayout.for_params(params, pipeline(params))
+    layout = Layout.from_params(params, fingerprints(params, pipeline(params)))
     prepared = PreparedData.open(get_stage("prepare").output_paths(layout)["data"])
     return load_raw_from_config(params.data)["validation"].to_pandas(), prepared
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_params
+from conftest import LOWRANK, REPO, lowrank_env, tiny_params
 from lowrank.config import load_params
 from lowrank.pipeline import Layout, get_stage, pipeline, preflight
 
@@ -154,41 +154,86 @@ def _dvc(cwd: Path, *args: str) -> str:
     return done.stdout + done.stderr
 
 
+def _workspace(project: Path) -> dict[str, str]:
+    """The bytes of every workspace file (what DVC tracks), by path; the store and the workspace's record left out."""
+    import hashlib
+
+    files = [p for root in ("artifacts", "metrics") for p in (project / root).rglob("*") if p.is_file()]
+    return {str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+            if "store" not in p.relative_to(project).parts and not p.name.startswith((".", "WORKSPACE"))}
+
+
+def _entries(project: Path) -> set[str]:
+    """The store's finished entries."""
+    return {str(p.parent.relative_to(project)) for p in (project / "artifacts" / "store").glob("*/*/result.json")}
+
+
+def _lowrank_run(project: Path, api: str) -> dict:
+    done = subprocess.run([*LOWRANK, "--quiet", "run"], cwd=project, env=lowrank_env(PREFECT_API_URL=api), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
 @pytest.mark.slow
-def test_dvc_repro_is_a_noop_the_second_time(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path) -> None:
+def test_dvc_repro_and_lowrank_run_find_each_other_s_work(tmp_path: Path, tiny_model_dir: Path, glue_dir: Path, prefect_api: str) -> None:
+    """Both drivers run a stage through the store: each finds the other's work done; a second `dvc repro` is a no-op.
+
+    The factorize_only path: the factorize path's kinds of stage (with a plot) at two stages fewer.
+    """
     project = tmp_path / "project"
     project.mkdir()
     shutil.copytree(REPO / "lowrank", project / "lowrank", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", project / ".dvcignore")
-    params_path = tiny_params(project, tiny_model_dir, glue_dir, orchestration={"path": "dense"}, tracking={"enabled": False})
+    params_path = tiny_params(project, tiny_model_dir, glue_dir, orchestration={"path": "factorize_only"}, tracking={"enabled": False})
     params = yaml_load(params_path)
     params["paths"] = {"artifacts": "artifacts", "metrics": "metrics"}
+    params["factorize"].update(targets=None, exclude=None)  # dvc.yaml names these keys: DVC needs them present
     params_path.write_text(json.dumps(params))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     _dvc(project, "init", "-q")
     _dvc(project, "config", "core.analytics", "false")
+    end = "summary_factorize_only"
 
-    out = _dvc(project, "repro", "evaluate_dense")
+    out = _dvc(project, "repro", end)
     assert "Running stage 'finetune'" in out
     assert json.loads((project / "metrics" / "evaluate_dense.json").read_text())["task"]["accuracy"] >= 0
-    out = _dvc(project, "repro", "evaluate_dense")
+    assert (project / "metrics" / "factorize_phi.png").is_file()  # a plot, copied out of the store like the outputs
+    out = _dvc(project, "repro", end)
     assert "Running stage" not in out
 
+    # `lowrank run` after `dvc repro`: every stage a store hit, the workspace's bytes as DVC recorded them.
+    workspace, entries = _workspace(project), _entries(project)
+    summary = _lowrank_run(project, prefect_api)
+    assert [name for name, row in summary.items() if not row["cached"]] == []
+    assert _entries(project) == entries and _workspace(project) == workspace
+    assert (project / "artifacts" / "WORKSPACE.json").is_file()
+    assert "up to date" in _dvc(project, "status", end).lower()
+
+    # `dvc repro` after `lowrank run`: DVC reruns what the params change touches, and each such stage only copies.
     params["evaluate"]["latency_repeats"] = 3
     params_path.write_text(json.dumps(params))
-    out = _dvc(project, "repro", "evaluate_dense")
+    summary = _lowrank_run(project, prefect_api)
+    assert {name for name, row in summary.items() if not row["cached"]} == {"evaluate_dense", "evaluate_factorized", end}
+    workspace, entries = _workspace(project), _entries(project)
+    out = _dvc(project, "repro", end)
     assert "Running stage 'evaluate_dense'" in out
     assert "Running stage 'finetune'" not in out and "Running stage 'prepare'" not in out
+    assert '"cached": true' in out and '"cached": false' not in out
+    assert _entries(project) == entries and _workspace(project) == workspace
+    assert not (project / "artifacts" / "WORKSPACE.json").exists()  # dvc.lock is the workspace's record now
+    out = _dvc(project, "repro", end)
+    assert "Running stage" not in out
 
     remote = tmp_path / "remote"
     _dvc(project, "remote", "add", "-d", "local", str(remote))
-    _dvc(project, "push", "--with-deps", "evaluate_dense")
+    _dvc(project, "push", "--with-deps", end)
     shutil.rmtree(project / "artifacts")
     shutil.rmtree(project / ".dvc" / "cache")
-    _dvc(project, "pull", "--with-deps", "evaluate_dense")
+    _dvc(project, "pull", "--with-deps", end)
     assert (project / "artifacts" / "finetune" / "model" / "model.safetensors").is_file()
-    out = _dvc(project, "status", "--with-deps", "evaluate_dense")
+    out = _dvc(project, "status", "--with-deps", end)
     assert "up to date" in out.lower()
 
 

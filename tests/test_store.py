@@ -11,8 +11,8 @@ import pytest
 
 from lowrank.io import manifest
 from lowrank.pipeline.stage import STAGES
-from lowrank.pipeline.stage import Stage, StageResult
-from lowrank.pipeline.store import RECORD, StoreLayout, finished, run_stored
+from lowrank.pipeline.stage import Layout, Stage, StageResult
+from lowrank.pipeline.store import RECORD, finished, run_stored
 from lowrank.pipeline.workspace import RECORD as WORKSPACE, publish
 
 CALLS: list[str] = []
@@ -33,19 +33,19 @@ def _down(params, io) -> StageResult:
 
 
 @pytest.fixture()
-def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StoreLayout:
+def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Layout:
     monkeypatch.setitem(STAGES, "t_up", Stage("t_up", _up, (), {}, {"data": "t_up/data.bin"}, {}, {}))
     monkeypatch.setitem(STAGES, "t_down", Stage("t_down", _down, (), {"data": "t_up.data"}, {"data": "t_down/data.bin"}, {}, {}))
     CALLS.clear()
-    return StoreLayout(tmp_path / "artifacts", tmp_path / "metrics", {"t_up": "a" * 64, "t_down": "b" * 64})
+    return Layout(tmp_path / "artifacts", tmp_path / "metrics", {"t_up": "a" * 64, "t_down": "b" * 64})
 
 
-def _run_both(layout: StoreLayout, up: bytes = b"0123456789") -> dict[str, bool]:
+def _run_both(layout: Layout, up: bytes = b"0123456789") -> dict[str, bool]:
     params = {"up": up}
     return {name: run_stored(name, params, layout)[1] for name in ("t_up", "t_down")}
 
 
-def test_a_finished_entry_lists_each_file_s_sha256_and_size_and_is_read_only(layout: StoreLayout) -> None:
+def test_a_finished_entry_lists_each_file_s_sha256_and_size_and_is_read_only(layout: Layout) -> None:
     import hashlib
 
     assert _run_both(layout) == {"t_up": False, "t_down": False}
@@ -72,7 +72,7 @@ def test_a_file_edited_in_place_is_named_and_its_entry_and_everything_below_reco
     assert (layout.entry("t_down") / "t_down" / "data.bin").read_bytes() == b"9876543210"
 
 
-def test_a_truncated_file_is_found_by_its_size_even_with_its_old_mtime(layout: StoreLayout) -> None:
+def test_a_truncated_file_is_found_by_its_size_even_with_its_old_mtime(layout: Layout) -> None:
     _run_both(layout)
     stored = layout.entry("t_up") / "t_up" / "data.bin"
     before = stored.stat()
@@ -82,13 +82,13 @@ def test_a_truncated_file_is_found_by_its_size_even_with_its_old_mtime(layout: S
     assert finished("t_up", layout) is None
 
 
-def test_a_deleted_output_unfinishes_the_entry(layout: StoreLayout) -> None:
+def test_a_deleted_output_unfinishes_the_entry(layout: Layout) -> None:
     _run_both(layout)
     (layout.entry("t_up") / "t_up" / "data.bin").unlink()
     assert finished("t_up", layout) is None and finished("t_down", layout) is None
 
 
-def test_files_are_hashed_again_only_when_their_stat_changed(layout: StoreLayout, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_files_are_hashed_again_only_when_their_stat_changed(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
     _run_both(layout)
     hashed: list[Path] = []
     real = manifest.file_sha256
@@ -100,7 +100,7 @@ def test_files_are_hashed_again_only_when_their_stat_changed(layout: StoreLayout
     assert finished("t_down", layout) is not None and hashed == [stored]
 
 
-def test_an_upstream_rebuilt_to_other_bytes_never_leaves_downstream_finished(layout: StoreLayout) -> None:
+def test_an_upstream_rebuilt_to_other_bytes_never_leaves_downstream_finished(layout: Layout) -> None:
     _run_both(layout)
     # The same fingerprint computed again to other bytes (a nondeterministic stage, or an edit someone re-recorded).
     run_stored("t_up", {"up": b"abcdefghij"}, layout, refresh=True)
@@ -109,13 +109,13 @@ def test_an_upstream_rebuilt_to_other_bytes_never_leaves_downstream_finished(lay
     assert (layout.entry("t_down") / "t_down" / "data.bin").read_bytes() == b"jihgfedcba"
 
 
-def test_an_upstream_rebuilt_to_the_same_bytes_keeps_downstream(layout: StoreLayout) -> None:
+def test_an_upstream_rebuilt_to_the_same_bytes_keeps_downstream(layout: Layout) -> None:
     _run_both(layout)
     run_stored("t_up", {"up": b"0123456789"}, layout, refresh=True)
     assert finished("t_down", layout) is not None
 
 
-def test_a_record_without_hashes_or_unreadable_is_not_finished(layout: StoreLayout) -> None:
+def test_a_record_without_hashes_or_unreadable_is_not_finished(layout: Layout) -> None:
     _run_both(layout)
     record = layout.entry("t_up") / RECORD
     record.chmod(0o644)
@@ -125,7 +125,7 @@ def test_a_record_without_hashes_or_unreadable_is_not_finished(layout: StoreLayo
     assert finished("t_up", layout) is None
 
 
-def test_the_workspace_holds_copies_an_edit_does_not_reach_the_store_and_a_run_restores(layout: StoreLayout) -> None:
+def test_the_workspace_holds_copies_an_edit_does_not_reach_the_store_and_a_run_restores(layout: Layout) -> None:
     _run_both(layout)
     publish({"up": "x"}, ["t_up", "t_down"], layout)  # type: ignore[arg-type]
     workspace, stored = layout.artifacts / "t_up" / "data.bin", layout.entry("t_up") / "t_up" / "data.bin"
@@ -152,10 +152,10 @@ def test_a_truncated_safetensors_is_one_line_naming_the_file(tmp_path: Path, tin
     assert "\n" not in str(err.value)
 
 
-def test_two_runs_publishing_at_once_leave_one_configuration_s_workspace(layout: StoreLayout) -> None:
+def test_two_runs_publishing_at_once_leave_one_configuration_s_workspace(layout: Layout) -> None:
     import threading
 
-    other = StoreLayout(layout.artifacts, layout.metrics, {"t_up": "c" * 64, "t_down": "d" * 64})
+    other = Layout(layout.artifacts, layout.metrics, {"t_up": "c" * 64, "t_down": "d" * 64})
     for lay, data in ((layout, b"0123456789"), (other, b"abcdefghijklmnop")):
         _run_both(lay, data)
     rounds = [threading.Thread(target=publish, args=({"up": str(i)}, ["t_up", "t_down"], lay)) for i, lay in enumerate([layout, other] * 4)]
@@ -171,7 +171,7 @@ def test_two_runs_publishing_at_once_leave_one_configuration_s_workspace(layout:
         assert (layout.metrics / f"{name}.json").read_bytes() == (winner.entry(name) / "metrics" / f"{name}.json").read_bytes()
 
 
-def test_a_stage_asked_for_while_its_input_is_damaged_rebuilds_the_input_and_keeps_itself(layout: StoreLayout, capsys) -> None:
+def test_a_stage_asked_for_while_its_input_is_damaged_rebuilds_the_input_and_keeps_itself(layout: Layout, capsys) -> None:
     _run_both(layout)
     stored = layout.entry("t_up") / "t_up" / "data.bin"
     stored.chmod(0o644)

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import tiny_params
 from lowrank.config import load_params
-from lowrank.pipeline import pipeline
-from lowrank.pipeline.store import StoreLayout
+from lowrank.pipeline import Layout, pipeline
+from lowrank.pipeline.store import fingerprints
 
 pytestmark = pytest.mark.slow  # Prefect's test server and four runs of the pipeline
 
@@ -37,7 +37,7 @@ def test_a_damaged_entry_is_named_and_rebuilt_and_the_workspace_is_a_copy(
     params_path = tiny_params(tmp_path, tiny_model_dir, glue_dir, evaluate={"latency": False}, tracking={"enabled": False})
     params = load_params(params_path)
     names = pipeline(params)
-    layout = StoreLayout.for_params(params, names)
+    layout = Layout.from_params(params, fingerprints(params, names))
     first = compress(str(params_path))
     stored = layout.entry("finetune") / "finetune" / "model" / "model.safetensors"
     workspace = tmp_path / "artifacts" / "finetune" / "model" / "model.safetensors"

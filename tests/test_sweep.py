@@ -14,8 +14,8 @@ import pytest
 
 from conftest import GLUE_DIR, lowrank_env, run_sweep as _sweep, save_tiny_model, tiny_params
 from lowrank.config import ConfigError, InputError, SweepConfig, build, configurations, expand, load_params
-from lowrank.pipeline import pipeline
-from lowrank.pipeline.store import StoreLayout, fingerprints
+from lowrank.pipeline import Layout, pipeline
+from lowrank.pipeline.store import fingerprints
 
 LOWRANK = [sys.executable, "-m", "flows.cli"]
 GRID = {"factorize.method": ["svd", "fwsvd"], "factorize.keep_ratio": [0.5, 0.3]}
@@ -104,9 +104,10 @@ LOCK_SCRIPT = """
 import json, os, sys, time
 from pathlib import Path
 from lowrank.config import load_params
-from lowrank.pipeline.store import StoreLayout, run_stored
+from lowrank.pipeline import Layout
+from lowrank.pipeline.store import fingerprints, run_stored
 params = load_params(sys.argv[1])
-layout = StoreLayout.for_params(params, ["finetune"])
+layout = Layout.from_params(params, fingerprints(params, ["finetune"]))
 ready = Path(sys.argv[2])
 (ready / str(os.getpid())).touch()
 while len(list(ready.iterdir())) < 2:  # both processes start the stages at the same moment, once both have imported
@@ -130,7 +131,8 @@ def test_two_processes_compute_each_store_entry_once(tmp_path: Path, glue_dir: P
     cached = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     for name in ("prepare", "finetune"):
         assert sorted(c[name] for c in cached) == [False, True], name  # one computed it, the other waited and reused it
-    layout = StoreLayout.for_params(load_params(params), ["finetune"])
+    loaded = load_params(params)
+    layout = Layout.from_params(loaded, fingerprints(loaded, ["finetune"]))
     entries = [p for p in (tmp_path / "artifacts" / "store" / "finetune").iterdir() if p.is_dir()]
     assert entries == [layout.entry("finetune")]
 

@@ -98,8 +98,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-# The training runs of the pipeline: each starts from the `train` section and overrides what differs.
-TRAIN_SECTIONS = ("finetune", "finetune_compressed", "prune.train", "mrft.train")
+def _train_runs(cls: type, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    found = []
+    for item in dataclasses.fields(cls):
+        hint = hints[item.name]
+        if isinstance(hint, type) and issubclass(hint, TrainConfig):
+            found.append(prefix + item.name)
+        elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            found += _train_runs(hint, f"{prefix}{item.name}.")
+    return found
+
+
+# The training runs of the pipeline, read from the params' types (every TrainConfig, at any depth, but `train` itself,
+# their defaults): each starts from the `train` section and overrides what differs.
+TRAIN_SECTIONS = tuple(name for name in _train_runs(Params) if name != "train")
 
 
 def share_train_defaults(raw: Mapping[str, Any]) -> dict[str, Any]:

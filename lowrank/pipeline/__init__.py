@@ -8,11 +8,11 @@ Importing this package registers every stage, in run order: the shared ones
 
 from lowrank.pipeline import common, factorize, lpaf_stages, summary  # noqa: F401  register the stages, in run order
 from lowrank.pipeline.common import EVALUATIONS
-from lowrank.pipeline.plan import PATH_ENDS, path_stages, pipeline, preflight, preflight_stage
+from lowrank.pipeline.plan import path_ends, path_stages, pipeline, preflight, preflight_stage
 from lowrank.pipeline.prepared import PreparedData
 from lowrank.pipeline.stage import STAGES, Layout, Stage, StageIO, StageResult, get_stage, stage
 
 __all__ = [
-    "EVALUATIONS", "PATH_ENDS", "STAGES", "Layout", "PreparedData", "Stage", "StageIO", "StageResult", "get_stage", "path_stages",
+    "EVALUATIONS", "STAGES", "Layout", "PreparedData", "Stage", "StageIO", "StageResult", "get_stage", "path_ends", "path_stages",
     "pipeline", "preflight", "preflight_stage", "stage",
 ]

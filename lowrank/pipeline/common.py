@@ -92,7 +92,7 @@ def checkpoint_digest(p: Params) -> dict[str, str]:
 
 
 @stage("finetune", params=("model", "train", "finetune"), inputs={"data": "prepare.data"}, outputs={"model": "finetune/model"},
-       sources=checkpoint_digest)
+       sources=checkpoint_digest, trains=True)
 def finetune(p: Params, io: StageIO) -> StageResult:
     """Fine-tune the pretrained encoder on the task: the dense teacher. With `model.finetuned`, take the
     checkpoint as it is instead: evaluate it and hand it on."""
@@ -191,10 +191,10 @@ def int8_scores(model: torch.nn.Module, prepared: PreparedData, batch_size: int)
 EVALUATIONS: dict[str, str] = {}  # evaluate stage -> the model it scores ("<stage>.<output>"): what a run ships
 
 
-def register_evaluation(name: str, model: str) -> None:
-    """An evaluate stage for the model folder `model` ("<stage>.<output>")."""
+def register_evaluation(name: str, model: str, ends_path: str | None = None) -> None:
+    """An evaluate stage for the model folder `model` ("<stage>.<output>"); the last of `ends_path`, if given."""
     EVALUATIONS[name] = model
-    stage(name, params=("evaluate",), inputs={"model": model, "data": "prepare.data"})(evaluate)
+    stage(name, params=("evaluate",), inputs={"model": model, "data": "prepare.data"}, ends_path=ends_path)(evaluate)
 
 
-register_evaluation("evaluate_dense", "finetune.model")
+register_evaluation("evaluate_dense", "finetune.model", ends_path="dense")  # the dense path: no summary, nothing to compare

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from lowrank.pipeline.plan import PATH_ENDS
+from lowrank.pipeline.plan import path_ends
 from lowrank.pipeline.stage import METRICS, STAGES
 
 HEADER = """\
@@ -60,6 +60,6 @@ def dvc_stages() -> dict[str, Any]:
 
 def dvc_yaml() -> str:
     """The whole dvc.yaml text."""
-    ends = "   ".join(f"dvc repro {end}  ({path})" for path, end in PATH_ENDS.items())
+    ends = "   ".join(f"dvc repro {end}  ({path})" for path, end in path_ends().items())
     body = yaml.safe_dump({"stages": dvc_stages()}, sort_keys=False, default_flow_style=False, width=120)
     return HEADER.format(ends=ends) + "\n" + body

@@ -160,6 +160,7 @@ def collapse_report(history: list[dict], majority: float | None) -> dict[str, An
     params=("train", "finetune_compressed"),
     inputs={"model": "factorize.model", "teacher": "finetune.model", "data": "prepare.data", "importance": "fisher.importance"},
     outputs={"model": "finetune_compressed/model"},
+    trains=True,
 )
 def finetune_compressed(p: Params, io: StageIO) -> StageResult:
     """Fine-tune a compressed model again ("+ ft" in the papers), keeping its ranks.

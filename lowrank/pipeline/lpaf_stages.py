@@ -62,6 +62,7 @@ def _mean_tail_share(rows: list[dict]) -> float:
     outputs={"model": "prune/model", "masks": "prune/masks.safetensors"},
     plots={"ranks": "prune_ranks.png"},
     reports={"ranks": "prune_ranks.json"},
+    trains=True,
 )
 def prune(p: Params, io: StageIO) -> StageResult:
     """Prune the targeted matrices during fine-tuning, then compare their effective ranks.
@@ -222,6 +223,7 @@ register_evaluation("evaluate_pruned_factorized", "factorize_pruned.model")
         "teacher": "finetune.model", "data": "prepare.data",
     },
     outputs={"model": "mrft/model"},
+    trains=True,
 )
 def mrft(p: Params, io: StageIO) -> StageResult:
     """Mixed-rank fine-tuning: factors trained beside their sparse matrices, then saved alone.

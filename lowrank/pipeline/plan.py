@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from lowrank.config import InputError, MissingInputError, Params, TrackingConfig
-from lowrank.pipeline.stage import METRICS, STAGES, Layout, get_stage
+from lowrank.config import InputError, Params, TrackingConfig
+from lowrank.pipeline.stage import METRICS, STAGES, get_stage
 
-# The last stage of each `orchestration.path`.
-PATH_ENDS = {
-    "dense": "evaluate_dense",
-    "factorize": "summary_factorize",
-    "factorize_only": "summary_factorize_only",  # factorize and score, no + ft: the cheap point of a sweep over targets or ranks
-    "lpaf": "summary_lpaf",
-}
+def path_ends() -> dict[str, str]:
+    """The last stage of each `orchestration.path`, as the stages declare it (`stage(..., ends_path=...)`)."""
+    return {st.ends_path: name for name, st in STAGES.items() if st.ends_path is not None}
 
 
 def upstream(name: str) -> set[str]:
@@ -36,16 +32,16 @@ def upstream(name: str) -> set[str]:
 
 def path_stages(path: str) -> list[str]:
     """The stages of a path, in run order: the end's upstream, plus the evaluations of what they make."""
-    chosen = upstream(PATH_ENDS[path])
+    chosen = upstream(path_ends()[path])
     for name, st in STAGES.items():
-        if not st.outputs and name not in PATH_ENDS.values() and set(st.after) <= chosen:  # another path's end is not an evaluation
+        if not st.outputs and st.ends_path is None and set(st.after) <= chosen:  # another path's end is not an evaluation
             chosen.add(name)
     return [name for name in STAGES if name in chosen]
 
 
 def shipped(path: str) -> tuple[str, str, str]:
     """The path's final model: (the stage that evaluates it, the stage that makes it, that stage's output key)."""
-    evaluation = get_stage(PATH_ENDS[path])
+    evaluation = get_stage(path_ends()[path])
     if "model" not in evaluation.inputs:  # a summary: its last metrics input is the evaluation of the final model
         metrics = [source for source in evaluation.inputs.values() if source.endswith(f".{METRICS}")]
         evaluation = get_stage(metrics[-1].split(".", 1)[0])
@@ -139,11 +135,8 @@ def check_tracking(cfg: TrackingConfig, timeout: float = 3.0) -> None:
         raise InputError(f"tracking.uri: {cfg.uri} does not answer ({err.strerror or err})") from None
 
 
-def preflight_stage(name: str, params: Params) -> None:
-    """For one stage: its upstream artifacts must exist (else say which stage makes them)."""
-    st = get_stage(name)
-    if name == "prepare":
+def preflight_stage(name: str, params: Params, computed: Iterable[str] = ()) -> None:
+    """For one stage run alone: the whole run's checks when it prepares the data (itself, or among `computed`, the
+    upstream stages it computes first because the store lacks them); the other stages read only the store."""
+    if "prepare" in (name, *computed):
         preflight(params)
-    for key, path in st.input_paths(Layout.from_params(params)).items():
-        if not Path(path).exists():
-            raise MissingInputError(f"stage {name}: input {key} not found at {path}; run {', '.join(st.after)} first")

@@ -29,24 +29,48 @@ class StageResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+STORE = "store"  # the content-addressed store's folder under paths.artifacts (lowrank.pipeline.store)
+DIGEST_CHARS = 16  # of a fingerprint, in an entry's folder name (64 bits: no collision among a project's entries)
+
+
 @dataclass(frozen=True)
 class Layout:
-    """The two roots every path hangs from; derived from `paths` in params.yaml only."""
+    """Where every path hangs: the workspace, or with fingerprints, each stage's store entry.
+
+    Without fingerprints a stage's outputs are under `paths.artifacts` and its metrics, plots and reports under
+    `paths.metrics`: the workspace, the paths dvc.yaml declares. With them (`lowrank.pipeline.store.fingerprints`:
+    a stage's and its upstream's), each of those stages keeps all of them in its own entry,
+    `<paths.artifacts>/store/<stage>/<fingerprint>/`. `artifacts` and `metrics` stay the workspace's roots either way.
+    """
 
     artifacts: Path
     metrics: Path
+    fingerprints: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @classmethod
-    def from_params(cls, params: Params) -> "Layout":
-        return cls(Path(params.paths.artifacts), Path(params.paths.metrics))
+    def from_params(cls, params: Params, fingerprints: Mapping[str, str] | None = None) -> "Layout":
+        return cls(Path(params.paths.artifacts), Path(params.paths.metrics), dict(fingerprints or {}))
+
+    @property
+    def stored(self) -> bool:
+        """Whether the paths are store entries (else the workspace's)."""
+        return bool(self.fingerprints)
+
+    def workspace(self) -> "Layout":
+        """The same roots without fingerprints: the workspace paths."""
+        return Layout(self.artifacts, self.metrics)
+
+    def entry(self, stage: str) -> Path:
+        """The store entry of a stage this layout has the fingerprint of."""
+        return self.artifacts / STORE / stage / self.fingerprints[stage][:DIGEST_CHARS]
 
     def artifacts_of(self, stage: str) -> Path:
-        """The root of a stage's outputs (the store gives each stage its own)."""
-        return self.artifacts
+        """The root of a stage's outputs."""
+        return self.entry(stage) if self.stored else self.artifacts
 
     def metrics_of(self, stage: str) -> Path:
         """The folder of a stage's metrics, plots and reports."""
-        return self.metrics
+        return self.entry(stage) / "metrics" if self.stored else self.metrics
 
     def output(self, stage: str, key: str = "model") -> Path:
         """Where `stage` writes its output `key`, as its declaration says."""
@@ -98,6 +122,8 @@ class Stage:
     reports: dict[str, str]  # key -> JSON file under paths.metrics, beside the stage's metrics
     # the content hashes of files outside the pipeline it reads (a fine-tuned checkpoint), by name, from the params
     sources: Callable[[Params], dict[str, str]] | None = None
+    trains: bool = False  # it trains a model: a sweep with --gpu runs it on a worker with a GPU
+    ends_path: str | None = None  # the `orchestration.path` it is the last stage of (plan.path_ends)
 
     @property
     def after(self) -> tuple[str, ...]:
@@ -162,15 +188,21 @@ def stage(
     plots: Mapping[str, str] | None = None,
     reports: Mapping[str, str] | None = None,
     sources: Callable[[Params], dict[str, str]] | None = None,
+    trains: bool = False,
+    ends_path: str | None = None,
 ) -> Callable[[Callable[[Params, StageIO], StageResult]], Callable[[Params, StageIO], StageResult]]:
     """Declare and register a stage; the function is returned unchanged, so one function may serve several stages.
 
     Names are unique (dvc.yaml and the flow refer to them) and inputs must name
     an output of a stage registered before, so the registry is in run order.
     `sources(params)` hashes what the stage reads from outside the pipeline; the hashes join its fingerprint.
+    `trains` marks a stage that trains (it wants a GPU); `ends_path` names the `orchestration.path` it ends, whose
+    run is then this stage's upstream and every evaluation of the models they make (`plan.path_stages`).
     """
     if name in STAGES:
         raise ValueError(f"stage {name!r} is registered twice")
+    if ends_path is not None and (other := next((st.name for st in STAGES.values() if st.ends_path == ends_path), None)):
+        raise ValueError(f"stage {name!r}: path {ends_path!r} already ends at stage {other!r}")
     for key, ref in (inputs or {}).items():
         upstream, _, output = ref.partition(".")
         if upstream not in STAGES or (output not in STAGES[upstream].outputs and output != METRICS):
@@ -178,7 +210,8 @@ def stage(
 
     def register(fn: Callable[[Params, StageIO], StageResult]) -> Callable[[Params, StageIO], StageResult]:
         STAGES[name] = Stage(
-            name, fn, tuple(params), dict(inputs or {}), dict(outputs or {}), dict(plots or {}), dict(reports or {}), sources
+            name, fn, tuple(params), dict(inputs or {}), dict(outputs or {}), dict(plots or {}), dict(reports or {}), sources,
+            trains, ends_path,
         )
         return fn
 

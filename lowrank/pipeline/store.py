@@ -7,7 +7,7 @@ stage writes the same bytes for the same fingerprint). So the whole graph of a
 configuration is known before anything runs, a sweep can see which stages its
 configurations share, and each stage writes to
 `<paths.artifacts>/store/<stage>/<fingerprint>/`, a folder no other
-configuration writes to.
+configuration writes to: a `Layout` given the fingerprints puts its paths there.
 
 An entry is finished when its `result.json` exists, written last, and its
 files still have the sizes and SHA-256 hashes it lists, and the entries it read
@@ -27,7 +27,7 @@ import shutil
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from filelock import FileLock
 
@@ -35,12 +35,10 @@ import lowrank
 from lowrank.config import Params, select, to_dict
 from lowrank.io.files import read_json, write_json
 from lowrank.io.manifest import READ_ONLY, build_manifest, make_read_only, manifest_digest, verify
-from lowrank.pipeline.stage import Layout, StageResult, get_stage
+from lowrank.pipeline.stage import STAGES, Layout, StageResult, get_stage
 
-STORE = "store"  # the store's folder under paths.artifacts
 RECORD = "result.json"  # written last: an entry without it is unfinished
 STATE = ".verified.json"  # each file's stat when it was last hashed (lowrank.io.manifest)
-DIGEST_CHARS = 16  # of the fingerprint, in folder names (64 bits: no collision among a project's entries)
 
 
 class _Docstrings(ast.NodeTransformer):
@@ -97,30 +95,6 @@ def fingerprints(params: Params, names: Iterable[str]) -> dict[str, str]:
     return found
 
 
-@dataclasses.dataclass(frozen=True)
-class StoreLayout(Layout):
-    """Each stage's paths inside its own store entry; `artifacts` and `metrics` stay the workspace's."""
-
-    fingerprints: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
-
-    @classmethod
-    def for_params(cls, params: Params, names: Iterable[str]) -> "StoreLayout":
-        base = Layout.from_params(params)
-        return cls(base.artifacts, base.metrics, fingerprints(params, names))
-
-    def entry(self, stage: str) -> Path:
-        return self.artifacts / STORE / stage / self.fingerprints[stage][:DIGEST_CHARS]
-
-    def artifacts_of(self, stage: str) -> Path:
-        return self.entry(stage)
-
-    def metrics_of(self, stage: str) -> Path:
-        return self.entry(stage) / "metrics"
-
-    def workspace(self) -> Layout:
-        return Layout(self.artifacts, self.metrics)
-
-
 def _record(result: StageResult) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(result), default=str))
 
@@ -129,7 +103,7 @@ def _result(record: dict) -> StageResult:
     return StageResult(**{field.name: record[field.name] for field in dataclasses.fields(StageResult) if field.name in record})
 
 
-def check_entry(name: str, layout: StoreLayout, seen: dict | None = None) -> tuple[dict | None, str | None]:
+def check_entry(name: str, layout: Layout, seen: dict | None = None) -> tuple[dict | None, str | None]:
     """The entry's record if it, and every entry upstream of it, still holds what it recorded; else why not.
 
     Returns (record, None) when whole, (None, None) when never finished, and
@@ -157,7 +131,7 @@ def check_entry(name: str, layout: StoreLayout, seen: dict | None = None) -> tup
     return found
 
 
-def _problem(name: str, layout: StoreLayout, record: dict, seen: dict) -> str | None:
+def _problem(name: str, layout: Layout, record: dict, seen: dict) -> str | None:
     entry, st = layout.entry(name), get_stage(name)
     if not isinstance(record, dict) or "files" not in record:
         return f"{entry / RECORD} lists no file hashes (an older lowrank wrote it)"
@@ -174,7 +148,7 @@ def _problem(name: str, layout: StoreLayout, record: dict, seen: dict) -> str | 
     return None
 
 
-def input_digest(name: str, key: str, layout: StoreLayout, upstream: dict) -> str:
+def input_digest(name: str, key: str, layout: Layout, upstream: dict) -> str:
     """The hash of what stage `name` reads as input `key`: the manifest rows of that output in its upstream's record.
 
     Only what it reads: the upstream's metrics file holds timings, which differ from one computation to the next.
@@ -184,10 +158,22 @@ def input_digest(name: str, key: str, layout: StoreLayout, upstream: dict) -> st
     return manifest_digest({rel: row for rel, row in upstream["files"].items() if rel == prefix or rel.startswith(prefix + "/")})
 
 
-def finished(name: str, layout: StoreLayout) -> StageResult | None:
+def finished(name: str, layout: Layout) -> StageResult | None:
     """The stored result of an entry that, with everything upstream of it, still holds what it recorded; else None."""
     record, _ = check_entry(name, layout)
     return None if record is None else _result(record)
+
+
+def unfinished_upstream(name: str, layout: Layout) -> list[str]:
+    """The stages `name` reads, directly or not, whose entries are not finished (in run order): what it computes first."""
+    above, todo = set(), list(get_stage(name).after)
+    while todo:
+        current = todo.pop()
+        if current not in above:
+            above.add(current)
+            todo.extend(get_stage(current).after)
+    seen: dict = {}
+    return [up for up in STAGES if up in above and check_entry(up, layout, seen)[0] is None]
 
 
 def _say(line: str) -> None:
@@ -195,7 +181,7 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def run_stored(name: str, params: Params, layout: StoreLayout, refresh: bool = False) -> tuple[StageResult, bool]:
+def run_stored(name: str, params: Params, layout: Layout, refresh: bool = False) -> tuple[StageResult, bool]:
     """The stage's result from the store, computing it first if no process has; returns (result, cached).
 
     The lock is per fingerprint: two processes wanting the same entry compute it once.
@@ -225,7 +211,7 @@ def run_stored(name: str, params: Params, layout: StoreLayout, refresh: bool = F
     return _result(record), False  # the JSON form, as a later hit reads it
 
 
-def _record_of(name: str, params: Params, layout: StoreLayout) -> dict:
+def _record_of(name: str, params: Params, layout: Layout) -> dict:
     run_stored(name, params, layout)
     record, problem = check_entry(name, layout)
     if record is None:

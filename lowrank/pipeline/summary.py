@@ -103,7 +103,7 @@ def register_summary(path: str, evaluations: dict[str, str]) -> None:
 
     inputs = {label: f"{name}.metrics" for label, name in evaluations.items()}
     inputs.update({f"model_{label}": EVALUATIONS[name] for label, name in evaluations.items()})
-    stage(f"summary_{path}", params=("evaluate",), inputs=inputs)(summarize)
+    stage(f"summary_{path}", params=("evaluate",), inputs=inputs, ends_path=path)(summarize)
 
 
 register_summary("factorize", {"dense": "evaluate_dense", "factorized": "evaluate_factorized", "compressed": "evaluate_compressed"})

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 from lowrank.config import Params, SweepConfig, configurations, label, load_params, load_spec
 from lowrank.pipeline.plan import pipeline, preflight, shipped
-from lowrank.pipeline.stage import STAGES, StageResult, get_stage
-from lowrank.pipeline.store import StoreLayout
+from lowrank.pipeline.stage import STAGES, Layout, StageResult, get_stage
+from lowrank.pipeline.store import fingerprints
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Configuration:
     overrides: dict[str, Any]
     params: Params
     names: list[str]
-    layout: StoreLayout
+    layout: Layout
     varying: tuple[str, ...] = ()  # the keys whose values differ between the sweep's configurations
 
     @property
@@ -45,7 +45,7 @@ class Job:
     id: str
     name: str
     params: Params
-    layout: StoreLayout
+    layout: Layout
     after: list[str]  # the jobs it reads
     result: StageResult | None = None
     cached: bool | None = None
@@ -68,7 +68,7 @@ def plan(params_path: str | Path, spec: SweepConfig, overrides: Sequence[str] = 
             preflight(params)
             checked.add(key)
         names = pipeline(params)
-        configs.append(Configuration(number, override, params, names, StoreLayout.for_params(params, names)))
+        configs.append(Configuration(number, override, params, names, Layout.from_params(params, fingerprints(params, names))))
     keys = {key for config in configs for key in config.overrides}
     varying = tuple(sorted(k for k in keys if len({repr(c.overrides.get(k)) for c in configs}) > 1))
     for config in configs:
