@@ -164,9 +164,10 @@ def mlflow_server(root: Path, backend: str):
         yield url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory):
-    """A Prefect server for the module's runs."""
+    """One Prefect server for every run that needs one (its start is 15 s on a fresh home); tests that look at
+    flow runs filter them by their own names, tags or projects."""
     with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
         yield url
 
@@ -181,14 +182,13 @@ def run_sweep(project: Path, env: dict[str, str], *args: str) -> tuple[int, dict
 
 
 @pytest.fixture(scope="session")
-def failing_sweep(tmp_path_factory: pytest.TempPathFactory):
+def failing_sweep(tmp_path_factory: pytest.TempPathFactory, prefect_api: str):
     """Four configurations and a fifth that fails, tracked in the default SQLite store: run once for every test that reads it."""
     root = tmp_path_factory.mktemp("sweep")
     model = save_tiny_model(root / "model")
     sweep = {"grid": {"factorize.method": ["svd", "fwsvd"], "factorize.keep_ratio": [0.5, 0.3]},
              "configs": [{"factorize.targets": [r"no\.such\.layer"]}]}
     tiny_params(root, model, GLUE_DIR, evaluate={"latency": False}, sweep=sweep)
-    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as api:
-        env = lowrank_env(PREFECT_API_URL=api)
-        code, summary, err = run_sweep(root, env, "--workers", "2", "--threads", "1")
-        yield {"root": root, "env": env, "code": code, "summary": summary, "err": err, "uri": f"sqlite:///{root / 'mlflow.db'}"}
+    env = lowrank_env(PREFECT_API_URL=prefect_api)
+    code, summary, err = run_sweep(root, env, "--workers", "2", "--threads", "1")
+    yield {"root": root, "env": env, "code": code, "summary": summary, "err": err, "uri": f"sqlite:///{root / 'mlflow.db'}"}

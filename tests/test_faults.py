@@ -10,6 +10,7 @@ has a test of its own).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -88,6 +89,7 @@ def _running_in(root: Path) -> list[str]:
 def test_killed_at_each_stage_the_run_resumes_and_ends_the_same(tmp_path: Path, prefect_api: str) -> None:
     if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
         pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat()
     model_dir = save_tiny_model(tmp_path / "model")
     env = _env(PREFECT_API_URL=prefect_api)
     clean = _project(tmp_path / "uninterrupted", model_dir)
@@ -123,7 +125,8 @@ def test_killed_at_each_stage_the_run_resumes_and_ends_the_same(tmp_path: Path, 
     assert _running_mlflow_runs(project) == []
     import httpx
 
-    running = httpx.post(f"{prefect_api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}).json()
+    mine = {"state": {"type": {"any_": ["RUNNING"]}}, "start_time": {"after_": started}}  # the server is shared by the session
+    running = httpx.post(f"{prefect_api}/flow_runs/filter", json={"flow_runs": mine}).json()
     assert running == []
     assert not [command for command in _running_in(tmp_path) if "flows.cli" in command]
 
