@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -35,8 +36,12 @@ def execute(name: str, params: Params, layout: Layout, *, track: bool) -> tuple[
 def run_alone(name: str, params: Params, layout: Layout, computed: list[str]) -> tuple[StageResult, bool]:
     """Run a stage into its store entry as `compress` does (no Prefect: DVC is the driver), then copy its files to the
     paths dvc.yaml declares; `computed` are the upstream stages the store lacks, which it computes first."""
+    # Under `dvc repro`, DVC has made sure the workspace holds its upstream stages' current files: the store takes
+    # those it lacks from there (lowrank.pipeline.store.from_workspace) rather than compute them again.
+    under_dvc = "DVC_STAGE" in os.environ
     if computed:
-        progress(f"stage {name}: {', '.join(computed)} not in the store {layout.artifacts / 'store'}; computing {'it' if len(computed) == 1 else 'them'} first")
-    result, cached = run_stored(name, params, layout, refresh=not params.orchestration.cache)
+        how = "made from the workspace's files where DVC has them, else computed" if under_dvc else "computed"
+        progress(f"stage {name}: {', '.join(computed)} not in the store {layout.artifacts / 'store'}; {how} first")
+    result, cached = run_stored(name, params, layout, refresh=not params.orchestration.cache, trusted_workspace=under_dvc)
     publish_stage(name, layout)
     return result, cached

@@ -236,6 +236,15 @@ def test_dvc_repro_and_lowrank_run_find_each_other_s_work(tmp_path: Path, tiny_m
     out = _dvc(project, "status", "--with-deps", end)
     assert "up to date" in out.lower()
 
+    # A pulled workspace and an empty store: a changed factorization reruns under DVC from the pulled fine-tuned
+    # model, which the store takes from the workspace instead of fine-tuning again.
+    params["factorize"]["keep_ratio"] = 0.3
+    params_path.write_text(json.dumps(params))
+    out = _dvc(project, "repro", end)
+    assert "Running stage 'factorize'" in out and "Running stage 'finetune'" not in out
+    assert "store: finetune: made from the workspace's files" in out
+    assert json.loads((project / "metrics" / "factorize.json").read_text())["keep_ratio_target"] == 0.3
+
 
 def yaml_load(path: Path) -> dict:
     import yaml

@@ -179,3 +179,35 @@ def test_a_stage_asked_for_while_its_input_is_damaged_rebuilds_the_input_and_kee
     CALLS.clear()
     assert run_stored("t_down", {"up": b"0123456789"}, layout)[1] is True  # its input rebuilt to the bytes it read
     assert CALLS == ["t_up"] and "store: t_up:" in capsys.readouterr().err
+
+
+def test_under_dvc_an_upstream_entry_the_store_lacks_is_made_from_the_workspace_and_the_stage_itself_is_computed(
+    layout: Layout,
+) -> None:
+    import shutil
+
+    from lowrank.pipeline.workspace import materialize
+
+    _run_both(layout)
+    for name in ("t_up", "t_down"):
+        materialize(name, layout)  # the workspace as `dvc pull` leaves it
+    shutil.rmtree(layout.artifacts / "store")  # a fresh clone: DVC's files, an empty store
+    CALLS.clear()
+    params = {"up": b"0123456789"}
+    result, cached = run_stored("t_down", params, layout, trusted_workspace=True)
+    assert CALLS == ["t_down"] and not cached  # t_up taken from the workspace, not computed; t_down computed
+    up = json.loads((layout.entry("t_up") / RECORD).read_text())
+    assert up["info"]["from_workspace"] and up["metrics"] == {"n": 10.0, "call": 1.0}
+    assert finished("t_up", layout) is not None and finished("t_down", layout) is not None  # hashes and inputs check
+    assert (layout.entry("t_down") / "t_down" / "data.bin").read_bytes() == b"9876543210"
+
+    shutil.rmtree(layout.artifacts / "store")
+    CALLS.clear()
+    run_stored("t_down", params, layout)  # not under DVC: the workspace is never trusted, whole as it is
+    assert CALLS == ["t_up", "t_down"]
+
+    shutil.rmtree(layout.artifacts / "store")
+    CALLS.clear()
+    (layout.artifacts / "t_up" / "data.bin").unlink()  # a workspace without all of the stage's files: computed
+    run_stored("t_down", params, layout, trusted_workspace=True)
+    assert CALLS == ["t_up", "t_down"]

@@ -34,8 +34,8 @@ from filelock import FileLock
 import lowrank
 from lowrank.config import Params, select, to_dict
 from lowrank.io.files import read_json, write_json
-from lowrank.io.manifest import READ_ONLY, build_manifest, make_read_only, manifest_digest, verify
-from lowrank.pipeline.stage import STAGES, Layout, StageResult, get_stage
+from lowrank.io.manifest import READ_ONLY, build_manifest, copy_file, make_read_only, manifest_digest, verify
+from lowrank.pipeline.stage import STAGES, Layout, StageResult, get_stage, numeric
 
 RECORD = "result.json"  # written last: an entry without it is unfinished
 STATE = ".verified.json"  # each file's stat when it was last hashed (lowrank.io.manifest)
@@ -181,13 +181,21 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def run_stored(name: str, params: Params, layout: Layout, refresh: bool = False) -> tuple[StageResult, bool]:
+def run_stored(
+    name: str, params: Params, layout: Layout, refresh: bool = False, trusted_workspace: bool = False,
+) -> tuple[StageResult, bool]:
     """The stage's result from the store, computing it first if no process has; returns (result, cached).
 
     The lock is per fingerprint: two processes wanting the same entry compute it once.
     `refresh` computes it again whatever the store holds (`orchestration.cache: false`).
     An entry that fails its check is said so, naming the file, and computed again, after its inputs.
+    `trusted_workspace` (under `dvc repro`): an upstream entry the store lacks is made from the workspace's files of
+    that stage when they are all there, not computed again (see `from_workspace`); the stage itself is always computed.
     """
+    return _stored(name, params, layout, refresh, adopt=False, adopt_upstream=trusted_workspace)
+
+
+def _stored(name: str, params: Params, layout: Layout, refresh: bool, adopt: bool, adopt_upstream: bool) -> tuple[StageResult, bool]:
     entry, st = layout.entry(name), get_stage(name)
     if not refresh and (result := finished(name, layout)) is not None:
         return result, True
@@ -195,7 +203,8 @@ def run_stored(name: str, params: Params, layout: Layout, refresh: bool = False)
     with FileLock(str(entry) + ".lock"):
         # Inputs first: one damaged since the caller checked it is computed again (locks go downstream to upstream
         # only), and if it comes back with the bytes this entry was computed from, the entry stands.
-        inputs = {key: input_digest(name, key, layout, _record_of(up, params, layout)) for key, (up, _) in st.input_refs().items()}
+        inputs = {key: input_digest(name, key, layout, _record_of(up, params, layout, adopt_upstream))
+                  for key, (up, _) in st.input_refs().items()}
         record, problem = check_entry(name, layout)
         if not refresh and record is not None:
             return _result(record), True
@@ -203,7 +212,10 @@ def run_stored(name: str, params: Params, layout: Layout, refresh: bool = False)
             _say(f"store: {name}: {problem}; computing it again")
         if entry.exists():  # an attempt that died, a damaged entry, or outputs someone deleted part of
             shutil.rmtree(entry)
-        record = _record(st.run(params, layout))
+        result = from_workspace(name, layout) if adopt else None
+        if result is not None:
+            _say(f"store: {name}: made from the workspace's files (DVC checked them against dvc.lock), not computed again")
+        record = _record(result if result is not None else st.run(params, layout))
         make_read_only(entry)  # first: the chmod moves each file's ctime, which the manifest's state records
         record.update(files=build_manifest(entry, skip=(RECORD, STATE), state=entry / STATE), inputs=inputs)
         write_json(entry / RECORD, record)  # last: the entry counts as finished from here
@@ -211,8 +223,33 @@ def run_stored(name: str, params: Params, layout: Layout, refresh: bool = False)
     return _result(record), False  # the JSON form, as a later hit reads it
 
 
-def _record_of(name: str, params: Params, layout: Layout) -> dict:
-    run_stored(name, params, layout)
+def from_workspace(name: str, layout: Layout) -> StageResult | None:
+    """Copy the workspace's files of stage `name` into its (empty) store entry; None when any of them is missing.
+
+    Only under `dvc repro`, for a stage upstream of the one DVC runs: DVC runs a stage after making sure every
+    stage above it is up to date, so the workspace's files of those stages are what their params and code give
+    (DVC checked them against dvc.lock's hashes when it pulled or checked them out). On a machine whose store is
+    empty (a clone, then `dvc pull`), computing them again would cost the fine-tuning the remote already holds.
+    """
+    st, workspace = get_stage(name), layout.workspace()
+    pairs = list(zip([*st.written_paths(workspace).values(), st.metrics_path(workspace)],
+                     [*st.written_paths(layout).values(), st.metrics_path(layout)]))
+    if not all(source.exists() for source, _ in pairs):
+        return None
+    for source, dest in pairs:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, dest, copy_function=copy_file)
+        else:
+            copy_file(source, dest)
+    io = st.io(layout)
+    plots = [str(path) for path in (*io.plots.values(), *io.reports.values()) if path.is_file()]
+    return StageResult({k: str(v) for k, v in io.outputs.items()}, numeric(read_json(io.metrics)),
+                       {"from_workspace": True, **({"plots": plots} if plots else {})})
+
+
+def _record_of(name: str, params: Params, layout: Layout, adopt: bool = False) -> dict:
+    _stored(name, params, layout, refresh=False, adopt=adopt, adopt_upstream=adopt)
     record, problem = check_entry(name, layout)
     if record is None:
         raise RuntimeError(f"store: {name}: {problem or 'not finished'} right after it was computed")
