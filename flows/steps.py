@@ -1,16 +1,17 @@
-"""Running one stage: inside a flow (from the store, then its MLflow run), or alone, for DVC (from the store, then into the workspace)."""
+"""Running stages: a plan's jobs (the one loop of both flows), one job in this process, or one stage alone, for DVC."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
+from typing import Any, Callable
 
 from lowrank.config import Params
 from lowrank.pipeline import Layout, StageResult
 from lowrank.pipeline.store import run_stored
+from lowrank.pipeline.sweep_plan import Job
 from lowrank.pipeline.workspace import publish_stage
-from tasks import tracking
 
 
 def progress(line: str) -> None:
@@ -19,18 +20,52 @@ def progress(line: str) -> None:
     sys.stderr.flush()
 
 
-def execute(name: str, params: Params, layout: Layout, *, track: bool) -> tuple[StageResult, bool, float]:
-    """Run a stage through Prefect; returns its result, whether the store had it, and the seconds it took."""
+def error_line(err: BaseException) -> str:
+    """A job's error as one line: the last of its message (a worker's traceback ends with what went wrong)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[-1][:500]
+
+
+def run_jobs(jobs: dict[str, Job], start: Callable[[Job, list[Any]], Any], done: Callable[[Job], None]) -> None:
+    """Run every job of a plan once, each after the jobs it reads; `done(job)` as each one ends.
+
+    `start(job, upstream)` either finishes the job in this process (it sets the job's result, cached and costs,
+    and returns None: `lowrank run`'s stages, a sweep's store hits) or submits it to the flow's task runner,
+    waiting for `upstream` (the futures of the jobs it reads that were submitted), and returns its future.
+    An error raised by `start` ends the loop (a `lowrank run` stops at its failing stage); a submitted job's
+    error is kept on the job, and fails only the jobs that wait for it.
+    """
+    futures = {}
+    for job in jobs.values():  # the plan lists every job after the jobs it reads
+        future = start(job, [futures[up] for up in job.after if up in futures])
+        if future is None:
+            done(job)
+        else:
+            futures[job.id] = future
+    if not futures:
+        return
+    from prefect.futures import as_completed  # here: a stage run alone, under DVC, never imports Prefect (seconds)
+
+    owner = {id(future): job_id for job_id, future in futures.items()}
+    for future in as_completed(list(futures.values())):
+        job = jobs[owner[id(future)]]
+        try:
+            job.result, job.cached, job.costs = future.result()
+        except BaseException as err:  # noqa: BLE001  a failed job (or its upstream) fails its configurations only
+            job.error = error_line(err)
+        done(job)
+
+
+def execute(job: Job) -> float:
+    """Run a job's stage in this process through Prefect, a line on stderr as it starts and as it ends; returns its seconds."""
     from tasks.stages import run_stage  # here, not above: a stage run alone, under DVC, never imports Prefect (seconds)
 
     started = time.perf_counter()
-    progress(f"stage {name}: started")
-    result, cached, _costs = run_stage.with_options(name=name)(name, params, layout, return_state=True).result()
+    progress(f"stage {job.name}: started")
+    state = run_stage.with_options(name=job.name)(job.name, job.params, job.layout, return_state=True)
+    job.result, job.cached, job.costs = state.result()
     seconds = time.perf_counter() - started
-    progress(f"stage {name}: {'cached' if cached else 'ran'}, {seconds:.1f} s")
-    if track:
-        tracking.log_stage(name, params, result, cached, layout)
-    return result, cached, seconds
+    progress(f"stage {job.name}: {'cached' if job.cached else 'ran'}, {seconds:.1f} s")
+    return seconds
 
 
 def run_alone(name: str, params: Params, layout: Layout, computed: list[str]) -> tuple[StageResult, bool]:

@@ -1,7 +1,8 @@
 """The `sweep` flow: many configurations, each stage job once, spread over a Prefect task runner.
 
-The plan (lowrank.pipeline.sweep_plan) gives one job per distinct fingerprint; each
-is submitted once, waiting for the jobs it reads, so configurations run in
+The plan (lowrank.pipeline.sweep_plan) gives one job per distinct fingerprint; the
+loop both flows share (`steps.run_jobs`) reads a store hit here and submits each
+other job once, waiting for the jobs it reads, so configurations run in
 parallel as far as the runner's workers allow and shared stages run once. A job
 that fails fails only the configurations that need it. The flow process logs
 each configuration to MLflow as it finishes, so the workers never write to the
@@ -11,19 +12,17 @@ tracking store.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.futures import as_completed
 
 from lowrank.config import InputError
 from lowrank.pipeline import get_stage
 from lowrank.pipeline.store import finished
-from lowrank.pipeline.sweep_plan import config_summary, plan, stage_counts, status, sweep_spec
+from lowrank.pipeline.sweep_plan import Job, config_summary, plan, stage_counts, status, sweep_spec
 from tasks import tracking
 from tasks.models import register_champion
 from tasks.stages import run_stage
@@ -31,6 +30,7 @@ from tasks.stages import run_stage
 from . import lifecycle
 from .console import print_table, sweep_table
 from .progress import SweepView
+from .steps import run_jobs
 
 
 def _gpu(name: str, gpu: bool):
@@ -54,10 +54,6 @@ def _summaries(configs, jobs) -> list[tuple[str, str, dict[str, Any] | None]]:
     return rows
 
 
-def _error(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[-1][:500]
-
-
 @flow(name="sweep", log_prints=True)
 def sweep(
     params_path: str = "params.yaml", spec_path: str | None = None, overrides: list[str] | None = None,
@@ -72,36 +68,30 @@ def sweep(
     track = tracking.configure(configs[0].params.tracking)
     sweep_id = uuid.uuid4().hex[:12]
 
-    futures = {}
-    for job in jobs.values():
+    run_ids: dict[int, str | None] = {}
+
+    def start(job: Job, upstream: list) -> Any:
         if job.params.orchestration.cache and (stored := finished(job.name, job.layout)) is not None:
             # A store hit is read here: sending it to a worker would cost a process start and a task run for a file read.
             job.result, job.cached, job.costs = stored, True, {"seconds": 0.0, "peak_rss_mib": None}
-            continue
+            return None
         with _gpu(job.name, gpu):
-            futures[job.id] = run_stage.with_options(name=job.name).submit(
-                job.name, job.params, job.layout, threads, wait_for=[futures[a] for a in job.after if a in futures],
-            )
-    owner = {id(future): job_id for job_id, future in futures.items()}
-    run_ids: dict[int, str | None] = {}
+            return run_stage.with_options(name=job.name).submit(job.name, job.params, job.layout, threads, wait_for=upstream)
+
+    def done(job: Job) -> None:  # each configuration that has just ended (completed or failed) gets its run, once
+        for config in configs:
+            if config.number in run_ids or status(config, jobs) not in ("completed", "failed"):
+                continue
+            run_ids[config.number] = None
+            if track and status(config, jobs) == "completed":
+                results = {n: (jobs[config.job(n)].result, bool(jobs[config.job(n)].cached)) for n in config.names}
+                run_ids[config.number] = tracking.log_configuration(
+                    config.params, config.label, config.overrides, results, config.layout, config.job(config.names[-1]), {"sweep": sweep_id},
+                )
+        view.update()
+
     with SweepView(configs, jobs, enabled=live) as view:
-        for future in itertools.chain([None], as_completed(list(futures.values()))):  # None: what the store holds whole
-            if future is not None:
-                job = jobs[owner[id(future)]]
-                try:
-                    job.result, job.cached, job.costs = future.result()
-                except BaseException as err:  # noqa: BLE001  a failed job (or its upstream) fails its configurations only
-                    job.error = _error(err)
-            for config in configs:
-                if config.number in run_ids or status(config, jobs) not in ("completed", "failed"):
-                    continue
-                run_ids[config.number] = None
-                if track and status(config, jobs) == "completed":
-                    results = {n: (jobs[config.job(n)].result, bool(jobs[config.job(n)].cached)) for n in config.names}
-                    run_ids[config.number] = tracking.log_configuration(
-                        config.params, config.label, config.overrides, results, config.layout, config.job(config.names[-1]), {"sweep": sweep_id},
-                    )
-            view.update()
+        run_jobs(jobs, start, done)
     summaries = []
     for config in configs:
         summaries.append({**config_summary(config, jobs), "mlflow_run_id": run_ids.get(config.number)})
