@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export GLUE_DIR ?= $(abspath ../shared/data/glue)
 
-.PHONY: install run test test-all docs repro ui clean
+.PHONY: install run test test-slow test-all docs repro ui clean
 
 install:  ## virtualenv with the pinned CPU stack and the offline MiniLM
 	$(PY) -m venv $(VENV)
@@ -18,11 +18,13 @@ install:  ## virtualenv with the pinned CPU stack and the offline MiniLM
 run:  ## the default job: MiniLM on an SST-2 subset, every stage, under Prefect (@: stdout is lowrank's JSON alone)
 	@$(BIN)/lowrank run
 
-test:  ## the fast set: units and the tiny pipeline in-process (minutes)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test:  ## the fast set: units and the tiny pipeline in-process, on every core (pytest-xdist; about a minute)
+	$(BIN)/python -m pytest -q -n auto $(PYTEST_ARGS)
 
-test-all:  ## the full set: the fast one plus servers, lowrank subprocesses, kills, DVC (.ci/run runs both halves)
-	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+test-slow:  ## the slow set alone, one test at a time: servers, lowrank subprocesses, kills, DVC (some look machine-wide)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow  ## both sets (.ci/run runs them, then the docs)
 
 docs:  ## the documentation site (mkdocs.yml, docs/), built strictly into site/ (what .ci/run calls after the tests)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

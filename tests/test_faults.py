@@ -177,8 +177,8 @@ def test_recover_stops_a_server_whose_owner_died(tmp_path: Path) -> None:
     try:
         time.sleep(0.5)
         stopped = lifecycle.stop_orphans()
-        assert fake.pid in stopped and mine.pid not in stopped
-        assert fake.poll() is not None and mine.poll() is None  # stopped and reaped by psutil: only the other one runs
+        fake.wait(5)  # ended: by this call, or by another lowrank process's start on the machine, which recovers too
+        assert mine.pid not in stopped and mine.poll() is None
     finally:
         fake.kill(), mine.kill()
 

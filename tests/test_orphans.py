@@ -115,8 +115,8 @@ def test_the_next_start_ends_what_a_dead_owner_left(tmp_path: Path) -> None:
     try:
         time.sleep(0.5)
         stopped = lifecycle.stop_orphans()
-        assert left.pid in stopped and mine.pid not in stopped
-        assert left.poll() is not None and mine.poll() is None
+        left.wait(5)  # ended: by this call, or by another lowrank process's start on the machine, which recovers too
+        assert mine.pid not in stopped and mine.poll() is None
     finally:
         left.kill(), mine.kill()
 
