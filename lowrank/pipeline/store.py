@@ -35,6 +35,7 @@ import lowrank
 from lowrank.config import Params, select, to_dict
 from lowrank.io.files import read_json, write_json
 from lowrank.io.manifest import READ_ONLY, build_manifest, copy_file, make_read_only, manifest_digest, verify
+from lowrank.pipeline.plan import upstream
 from lowrank.pipeline.stage import STAGES, Layout, StageResult, get_stage, numeric
 
 RECORD = "result.json"  # written last: an entry without it is unfinished
@@ -166,12 +167,7 @@ def finished(name: str, layout: Layout) -> StageResult | None:
 
 def unfinished_upstream(name: str, layout: Layout) -> list[str]:
     """The stages `name` reads, directly or not, whose entries are not finished (in run order): what it computes first."""
-    above, todo = set(), list(get_stage(name).after)
-    while todo:
-        current = todo.pop()
-        if current not in above:
-            above.add(current)
-            todo.extend(get_stage(current).after)
+    above = upstream(name) - {name}
     seen: dict = {}
     return [up for up in STAGES if up in above and check_entry(up, layout, seen)[0] is None]
 
