@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from lowrank.config import Params
 from lowrank.pipeline import Layout, StageResult
+from lowrank.pipeline.stage import STORE
 from lowrank.pipeline.store import run_stored
 from lowrank.pipeline.sweep_plan import Job
 from lowrank.pipeline.workspace import publish_stage
@@ -76,7 +77,7 @@ def run_alone(name: str, params: Params, layout: Layout, computed: list[str]) ->
     under_dvc = "DVC_STAGE" in os.environ
     if computed:
         how = "made from the workspace's files where DVC has them, else computed" if under_dvc else "computed"
-        progress(f"stage {name}: {', '.join(computed)} not in the store {layout.artifacts / 'store'}; {how} first")
+        progress(f"stage {name}: {', '.join(computed)} not in the store {layout.artifacts / STORE}; {how} first")
     result, cached = run_stored(name, params, layout, refresh=not params.orchestration.cache, trusted_workspace=under_dvc)
     publish_stage(name, layout)
     return result, cached

@@ -112,7 +112,7 @@ def compress_(
             measures it.
         overrides: fields of `config` to change (`method="svd"`, `keep_ratio=0.3`,
             `options={"alpha": 0.25}` or the method's options object), checked like
-            params.yaml (`dataclasses.replace` with the same key and type checks).
+            params.yaml (the config rebuilt with them, through the same key and type checks).
 
     Raises:
         ConfigError: an unknown method, key or option, or an impossible value.
