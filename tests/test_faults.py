@@ -28,7 +28,7 @@ import yaml
 
 from conftest import GLUE_DIR, REPO, lowrank_env as _env, prefect_api, save_tiny_model, tiny_params  # noqa: F401  (a fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # kills processes: alone, so no other test's process is in its way
 LOWRANK = [sys.executable, "-m", "flows.cli"]
 TIMING = re.compile(r"(seconds|_s$|latency|_ms|samples_per_s|speedup)")
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import GLUE_DIR, LOWRANK, REPO, lowrank_env, save_tiny_model, tiny_params
 
-pytestmark = pytest.mark.slow  # starts and kills processes
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # starts and kills processes; looks machine-wide for strays
 
 # A stand-in for a sweep: claims, then starts what a sweep starts (spawn workers, which bring the resource
 # tracker, and a plain child), prints their pids and waits to be killed.
