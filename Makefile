@@ -21,8 +21,9 @@ run:  ## the default job: MiniLM on an SST-2 subset, every stage, under Prefect 
 test:  ## the fast set: units and the tiny pipeline in-process, on every core (pytest-xdist; about a minute)
 	$(BIN)/python -m pytest -q -n auto $(PYTEST_ARGS)
 
-test-slow:  ## the slow set alone, one test at a time: servers, lowrank subprocesses, kills, DVC (some look machine-wide)
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+test-slow:  ## the slow set alone: servers, lowrank subprocesses, DVC on every core; then kills and stray-process checks one at a time
+	$(BIN)/python -m pytest -q -n auto -m "slow and not serial" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "slow and serial" $(PYTEST_ARGS)
 
 test-all: test test-slow  ## both sets (.ci/run runs them, then the docs)
 

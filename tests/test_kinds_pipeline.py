@@ -207,7 +207,9 @@ def test_a_slice_of_conll2003_trains_selects_on_dev_and_reports_test(tmp_path: P
         get_stage(name).run(params)
     prepared = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
     assert {split: prepared[split]["rows"] for split in ("train", "validation", "test")} == {"train": 64, "validation": 32, "test": 32}
-    task = json.loads((tmp_path / "metrics" / "evaluate_dense.json").read_text())["task"]
+    evaluated = json.loads((tmp_path / "metrics" / "evaluate_dense.json").read_text())
+    task = evaluated["task"]
+    assert evaluated["reported_on"] == ["test"]
     assert set(task) == {"score", "f1", "precision", "recall", "accuracy", "test.f1", "test.precision", "test.recall", "test.accuracy"}
     assert task["score"] == task["f1"] and task["accuracy"] > 0.5  # most words are O
     history = json.loads((tmp_path / "metrics" / "finetune.json").read_text())["history"]

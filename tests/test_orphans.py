@@ -16,7 +16,7 @@ import pytest
 
 from conftest import GLUE_DIR, LOWRANK, REPO, lowrank_env, save_tiny_model, tiny_params
 
-pytestmark = pytest.mark.slow  # starts and kills processes
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # starts and kills processes; looks machine-wide for strays
 
 # A stand-in for a sweep: claims, then starts what a sweep starts (spawn workers, which bring the resource
 # tracker, and a plain child), prints their pids and waits to be killed.
@@ -105,13 +105,14 @@ def test_an_owner_killed_as_soon_as_it_claims_still_has_its_child_ended() -> Non
             os.kill(pid, signal.SIGKILL)
 
 
-def test_the_next_start_ends_what_a_dead_owner_left(tmp_path: Path) -> None:
+@pytest.mark.parametrize("argv", [(), ("prefect.server.api.server:create_app",)], ids=["worker", "prefect-server"])
+def test_the_next_start_ends_what_a_dead_owner_left(tmp_path: Path, argv: tuple[str, ...]) -> None:
     from flows import lifecycle
 
     dead = f"{socket.gethostname()}:{2 ** 22 + 7}:1.000"  # a pid above the kernel's default maximum: never alive
-    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, lifecycle.OWNER_ENV: dead})
-    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            env={**os.environ, lifecycle.OWNER_ENV: lifecycle.owner_token()})
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", *argv]
+    left = subprocess.Popen(sleeper, env={**os.environ, lifecycle.OWNER_ENV: dead})
+    mine = subprocess.Popen(sleeper, env={**os.environ, lifecycle.OWNER_ENV: lifecycle.owner_token()})
     try:
         time.sleep(0.5)
         stopped = lifecycle.stop_orphans()
