@@ -8,6 +8,7 @@ The per-task tables go to benchmarks/results/recovery.md, the summary over tasks
 
     .venv/bin/python benchmarks/recovery.py --tasks sst2,mrpc,stsb,rte --ratios 0.3,0.15
     .venv/bin/python benchmarks/recovery.py --variants plain-3,two-stage-8 --seed 43   # a second seed
+    .venv/bin/python benchmarks/recovery.py --tasks stsb,rte --section recovery-seed42-stsb-rte   # beside an earlier run
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="prefixes of the variants to run (default: all)")
     parser.add_argument("--seed", type=int, default=42, help="+ ft's seed (the dense model and the cuts stay the same)")
     parser.add_argument("--train", type=int, default=DEFAULT_TRAIN)
+    parser.add_argument("--section", default="", help="the results section to write (default: recovery-seed<seed>); "
+                        "name another to add tasks beside a section already written")
     args = parser.parse_args()
     ratios = [float(v) for v in args.ratios.split(",")]
     configs = spec(args.methods.split(","), ratios, [v for v in args.variants.split(",") if v])
@@ -110,7 +113,8 @@ def report(args: argparse.Namespace, tasks: list[str], summary: list[dict], deta
         + table(["method", "keep ratio", "variant (epochs in all)", "kept per task", "mean", "target", "s"], rows)
     )
     command = "python benchmarks/recovery.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != "")
-    write_section(f"recovery-seed{args.seed}", f"Recovery at high compression, seed {args.seed} (issue 32)", command,
+    title = f"Recovery at high compression, seed {args.seed}, {' and '.join(t.upper() for t in tasks)} (issue 32)"
+    write_section(args.section or f"recovery-seed{args.seed}", title, command,
                   headline + "\n\n" + "\n\n".join(detail), results="recovery.md", headline=headline)
 
 
