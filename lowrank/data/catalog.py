@@ -149,6 +149,12 @@ class TaskSpec:
     def splits(self) -> tuple[str, ...]:
         return ("train", *self.eval_splits, *self.test_splits)
 
+    @property
+    def reported_splits(self) -> tuple[str, ...]:
+        """What the evaluate stages report: the task's own test split where it has one (CoNLL-2003, whose dev split
+        selects), else its dev split."""
+        return self.test_splits or self.eval_splits
+
 
 # --------------------------------------------------------------------------- GLUE registry
 

@@ -154,8 +154,7 @@ def evaluate(p: Params, io: StageIO) -> StageResult:
     targets = list(recipe(model).get("ranks", {})) or find_targets(model)
     metrics: dict[str, Any] = {
         "task": scores,
-        # A task with a test split of its own (CoNLL-2003) selects on its dev split: the test split is the reported one.
-        "reported_on": list(prepared.spec.test_splits or prepared.spec.eval_splits),
+        "reported_on": list(prepared.spec.reported_splits),
         "eval_seconds": eval_seconds,
         "params": count_parameters(model, targets),
         "size_bytes": dir_size_bytes(model_dir),
