@@ -21,7 +21,7 @@ from typing import Any
 
 from lowrank.io.files import read_json
 from lowrank.pipeline import get_stage
-from product import configurations, run_sweep
+from product import PLAIN_FT, configurations, run_sweep
 from report import ROOT, table, write_section
 
 RUNS = ROOT / "benchmarks" / "runs" / "conll"
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=float, default=1, help="+ ft epochs (the whole training set: 439 steps each)")
     args = parser.parse_args()
     os.environ.setdefault("CONLL_DIR", str(ROOT.parent / "shared" / "data" / "conll2003"))
-    overrides = ["data.task=conll2003", "data.max_train_samples=null", f"finetune_compressed.epochs={args.ft_epochs:g}"]
+    overrides = ["data.task=conll2003", "data.max_train_samples=null", f"finetune_compressed.epochs={args.ft_epochs:g}", *PLAIN_FT]
     rows = [row for ratio in (float(r) for r in args.ratios.split(",")) for row in sweep(ratio, overrides)]
     dense = rows[0]["metrics"]["evaluate_dense"]
     dense_f1, dense_ms = f1(dense), (ort_ms(dense, 1), ort_ms(dense, 32))

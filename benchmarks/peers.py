@@ -25,7 +25,7 @@ from statistics import mean
 
 from lowrank.io.files import read_json
 from lowrank.pipeline import get_stage
-from product import configurations, run_sweep
+from product import PLAIN_FT, configurations, run_sweep
 
 from report import ROOT, table, write_section
 
@@ -54,7 +54,7 @@ def _rows(spec: Path, overrides: list[str], summary: dict) -> list[dict]:
 
 
 def _sweep(task: str, spec: Path, train: int, workers: int | None) -> list[dict]:
-    overrides = [f"data.task={task}", f"data.max_train_samples={train}", "evaluate.latency=false", "finetune_compressed.epochs=1"]
+    overrides = [f"data.task={task}", f"data.max_train_samples={train}", "evaluate.latency=false", "finetune_compressed.epochs=1", *PLAIN_FT]
     summary, _ = run_sweep(spec, overrides, ["--workers", str(workers)] if workers else [])
     return _rows(spec, overrides, summary)
 

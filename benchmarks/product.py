@@ -11,6 +11,11 @@ from typing import Any
 from lowrank.pipeline.sweep_plan import Configuration, plan, sweep_spec
 
 
+# params.yaml's + ft distils from the dense model in two stages (issue 32); a benchmark that measures N epochs of
+# plain + ft, as the earlier tables did, turns the teacher off.
+PLAIN_FT = ["finetune_compressed.distill.enabled=false"]
+
+
 def configurations(spec: Path, overrides: list[str]) -> list[Configuration]:
     """The configurations `run_sweep(spec, overrides)` ran, in its summary's order, with their store layouts
     (where each stage's metrics are)."""

@@ -22,7 +22,7 @@ from lowrank.config import load_params
 from lowrank.io.files import read_json
 from lowrank.linalg.risk import rank_agreement
 from lowrank.pipeline import get_stage
-from product import configurations, run_sweep
+from product import PLAIN_FT, configurations, run_sweep
 
 from report import ROOT, results_file, table, write_section
 
@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
 
     overrides = [f"data.task={args.task}", f"data.max_train_samples={args.train}", "evaluate.latency=false",
-                 f"finetune_compressed.epochs={args.ft_epochs:g}", *args.set_param]
+                 f"finetune_compressed.epochs={args.ft_epochs:g}", *PLAIN_FT, *args.set_param]
     overrides += [f"finetune_compressed.seed={args.ft_seed}"] if args.ft_seed is not None else []
     overrides += [f"finetune_compressed.lr={args.ft_lr}"] if args.ft_lr is not None else []
     summary, _ = run_sweep(args.spec, overrides, ["--workers", str(args.workers)] if args.workers else [])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from conftest import REPO, VOCAB as CHARS
 from lowrank.api import compress_
-from lowrank.config import InputError, ModelConfig
+from lowrank.config import InputError, ModelConfig, load_params
 from lowrank.evaluation import count_parameters
 from lowrank.io.checkpoints import load_compressed, save_compressed
 from lowrank.io.export import export_onnx
@@ -33,6 +33,7 @@ from lowrank.methods import get_method
 from lowrank.modules.layers import FactorizedLinear, out_in
 from lowrank.modules.matching import find_targets, matrix_type, require_targets
 from lowrank.modules.surgery import dense_weights, factorize_model
+from lowrank.train.loop import LossWeights, attention_maps, weighted_loss
 from lowrank.train.importance import collect_importance
 from lowrank.train.rank_search import measure
 
@@ -182,6 +183,24 @@ def test_the_rank_search_measures_a_conv1d_as_factorizing_it_does() -> None:
     assert base == pytest.approx(loss_fn(model))
     assert increases[name][4] == pytest.approx(loss_fn(factorized) - base, rel=1e-4, abs=1e-6)
     assert increases[name][4] != 0
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_the_default_two_stage_distillation_works_on_the_family(model_type: str) -> None:
+    """params.yaml's + ft distils by default (stage 1 hidden states and attention maps, stage 2 logits): every family
+    must yield both terms: zero against itself, finite after a cut, stage 1's positive."""
+    distill = load_params(REPO / "params.yaml").finetune_compressed.distill
+    assert distill.enabled and distill.intermediate.epochs > 0
+    teacher = build(model_type)
+    student, batch = copy.deepcopy(teacher), batches()[0]
+    stages = [LossWeights.intermediate(distill), LossWeights.predictions(distill)]
+    with torch.no_grad(), attention_maps([student, teacher], True):
+        same = [float(weighted_loss(student, batch, teacher, replace(w, task=0.0))) for w in stages]
+        compress_(student, method="svd", keep_ratio=KEEP_RATIO)
+        cut = [float(weighted_loss(student, batch, teacher, replace(w, task=0.0))) for w in stages]
+    assert same == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert torch.isfinite(torch.tensor(cut)).all(), cut
+    assert cut[0] > 0 and cut[1] >= -1e-6  # a random head's logits barely move, so its KL may round to 0, never below
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
