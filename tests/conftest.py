@@ -108,6 +108,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def still_running(processes: list, timeout: float) -> list:
+    """Those of `processes` still running after up to `timeout` seconds. A zombie has ended: it waits only for a
+    parent to reap it, and in a container whose PID 1 reaps nothing an orphan's zombie stays until the machine ends."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        running = []
+        for process in processes:
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)
+
+
 def lowrank_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "LOWRANK_"))}
     env.update({"GLUE_DIR": str(GLUE_DIR), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)})

@@ -25,7 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import GLUE_DIR, REPO, lowrank_env as _env, prefect_api, save_tiny_model, tiny_params  # noqa: F401  (a fixture)
+from conftest import GLUE_DIR, REPO, lowrank_env as _env, prefect_api, save_tiny_model, still_running, tiny_params  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # kills processes: alone, so no other test's process is in its way
 LOWRANK = [sys.executable, "-m", "flows.cli"]
@@ -155,8 +155,7 @@ def test_a_killed_run_s_temporary_prefect_server_ends_with_it_and_the_next_run_r
     env = _env(PREFECT_HOME=str(project / ".prefect"))
     _, process = _run(project, env, kill_at="finetune")
     assert process.returncode == -signal.SIGKILL
-    _, alive = psutil.wait_procs(_servers(project), timeout=15)
-    assert alive == []  # the kernel ended the server with the process that started it (PR_SET_PDEATHSIG)
+    assert still_running(_servers(project), 15) == []  # the kernel ended the server with the process that started it (PR_SET_PDEATHSIG)
     fates, process = _run(project, env)
     assert process.returncode == 0 and fates["prepare"] == "cached"
     time.sleep(1)
@@ -214,6 +213,5 @@ def test_a_stage_dvc_runs_dies_with_dvc(tmp_path: Path) -> None:
     assert stage, "the finetune stage did not start:\n" + log.read_text()
     dvc.send_signal(signal.SIGKILL)
     dvc.wait(10)
-    _, alive = psutil.wait_procs(stage, timeout=10)
-    assert alive == []
+    assert still_running(stage, 10) == []
     assert _leftovers(project) == []

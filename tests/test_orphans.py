@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import GLUE_DIR, LOWRANK, REPO, lowrank_env, save_tiny_model, tiny_params
+from conftest import GLUE_DIR, LOWRANK, REPO, lowrank_env, save_tiny_model, still_running, tiny_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # starts and kills processes; looks machine-wide for strays
 
@@ -146,8 +146,7 @@ def test_a_sweep_killed_with_sigkill_leaves_no_worker_tracker_or_server(tmp_path
         assert "spawn_main" in kinds and "resource_tracker" in kinds and "prefect.server" in kinds
         sweep_process.kill()
         sweep_process.wait(10)
-        _, alive = psutil.wait_procs(started, timeout=15)
-        assert alive == []
+        assert still_running(started, 15) == []
     finally:
         sweep_process.kill()
         for process in _marked_by(sweep_process.pid):
