@@ -136,7 +136,8 @@ def peers_section(args: argparse.Namespace, rows: dict[str, list[dict]]) -> None
         args, rows, lambda found: [mean(r["before"] for r in found), _after(found), mean(r["solve_s"] for r in found)]))
     dense = mean(rows[t][0]["dense"] for t in args.tasks)
     intro = (f"all-MiniLM-L6-v2 fine-tuned on {args.train} training examples per task (params.yaml), the input statistics and Fisher over "
-             f"the same examples, scored on the full dev sets; STS-B's score is the mean of Pearson and Spearman. + ft: 1 epoch. "
+             f"the same examples, scored on the full dev sets; every epoch chosen on the selection split (data.validation, held out of the "
+             f"training rows), never on the dev split reported; STS-B's score is the mean of Pearson and Spearman. + ft: 1 epoch. "
              f"Mean dense score over {', '.join(args.tasks)}: {dense:.4f}.")
     write_section(
         "peers", "Peer methods: ASVD and SVD-LLM beside SVD, FWSVD, TFWSVD (issue 21)",
