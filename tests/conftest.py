@@ -108,22 +108,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def still_running(processes: list, timeout: float) -> list:
-    """Those of `processes` still running after up to `timeout` seconds. A zombie has ended: it waits only for a
-    parent to reap it, and in a container whose PID 1 reaps nothing an orphan's zombie stays until the machine ends."""
+def still_running(processes: list, timeout: float = 0.0) -> list:
+    """Those of `processes` (psutil.Process objects or pids) still running after up to `timeout` seconds. A zombie has
+    ended: it waits only for a parent to reap it, and in a container whose PID 1 reaps nothing an orphan's zombie stays
+    until the machine ends."""
     import psutil
+
+    def running(process) -> bool:
+        try:
+            process = process if isinstance(process, psutil.Process) else psutil.Process(process)
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
 
     deadline = time.monotonic() + timeout
     while True:
-        running = []
-        for process in processes:
-            try:
-                if process.status() != psutil.STATUS_ZOMBIE:
-                    running.append(process)
-            except psutil.NoSuchProcess:
-                pass
-        if not running or time.monotonic() > deadline:
-            return running
+        left = [process for process in processes if running(process)]
+        if not left or time.monotonic() > deadline:
+            return left
         time.sleep(0.2)
 
 

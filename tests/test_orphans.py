@@ -38,10 +38,6 @@ if __name__ == "__main__":
 """
 
 
-def _alive(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-
-
 def _watchdogs(owner: int) -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"]) if "flows.watchdog" in " ".join(p.info["cmdline"] or ())
             and f":{owner}:" in " ".join(p.info["cmdline"])]
@@ -59,16 +55,13 @@ def test_when_the_owner_dies_by_any_signal_its_workers_end_within_seconds(tmp_pa
         pids = json.loads(owner.stdout.readline())
         tracker = [p.pid for p in psutil.Process(owner.pid).children() if "resource_tracker" in " ".join(p.cmdline())]
         pids += tracker + _watchdogs(owner.pid)
-        assert len(_alive(pids)) == 5 and len(tracker) == 1  # two workers, a child, the tracker, the watchdog
+        assert len(still_running(pids)) == 5 and len(tracker) == 1  # two workers, a child, the tracker, the watchdog
         owner.send_signal(sig) if sig else owner.stdin.close()
         owner.wait(10)
-        deadline = time.monotonic() + 10
-        while _alive(pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _alive(pids) == []  # the watchdog too: it ends once it has ended the rest
+        assert still_running(pids, 10) == []  # the watchdog too: it ends once it has ended the rest
     finally:
         owner.kill()
-        for pid in _alive(pids):
+        for pid in still_running(pids):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -96,12 +89,9 @@ def test_an_owner_killed_as_soon_as_it_claims_still_has_its_child_ended() -> Non
             children += json.loads(owner.stdout.readline())
             owner.kill()
             owner.wait(10)
-        deadline = time.monotonic() + 10
-        while _alive(children) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _alive(children) == []
+        assert still_running(children, 10) == []
     finally:
-        for pid in _alive(children):
+        for pid in still_running(children):
             os.kill(pid, signal.SIGKILL)
 
 
