@@ -1,9 +1,9 @@
 """Benchmark (issue 21): SVD, FWSVD, TFWSVD, ASVD and SVD-LLM side by side, and the rank search against uniform ranks.
 
 Per task, one `lowrank sweep` of benchmarks/specs/peers.yaml: every method at keep ratios 0.5 (before + ft),
-0.3 and 0.15 (before and after 1 epoch of + ft). Then the two methods with the best mean score before + ft
-over the tasks and ratios (or those `--search` names, without the first sweep) get a second sweep with
-`factorize.allocation: search` at 0.3 and 0.15, at exactly the uniform ranks' parameters, beside their uniform
+0.3 and 0.15 (before and after 1 epoch of + ft). Then the two methods with the best mean score before + ft on
+the selection split (+ ft's start, at 0.3 and 0.15) over the tasks (or those `--search` names, without the first
+sweep) get a second sweep with `factorize.allocation: search` at 0.3 and 0.15, at exactly the uniform ranks' parameters, beside their uniform
 configurations (the same store entries as the first sweep's). Its section also gives the search's seconds
 against one epoch of the task's dense fine-tuning, the budget the search should stay under. One setting for
 every task (params.yaml's); the store keeps every model, so a rerun only computes what is missing.
@@ -48,6 +48,9 @@ def _rows(spec: Path, overrides: list[str], summary: dict) -> list[dict]:
             "search_s": info.get("search_measure_seconds", 0) + info.get("search_solve_seconds", 0),
             "before": scores["evaluate_pruned_factorized" if lpaf else "evaluate_factorized"], "dense": scores["evaluate_dense"],
             "after": scores.get("evaluate_lpaf" if lpaf else "evaluate_compressed"),
+            # the factorized model on the selection split (+ ft's epoch 0): what picks the methods to search, never "before"
+            "before_selection": read_json(get_stage("finetune_compressed").metrics_path(config.layout))["start_score"]
+            if config.params.orchestration.path == "factorize" else None,
             "epoch_s": read_json(get_stage("finetune").metrics_path(config.layout))["train_seconds"] / config.params.train.epochs,
         })
     return rows
@@ -91,7 +94,8 @@ def main() -> None:
         rows = {task: _sweep(task, SPEC, args.train, args.workers) for task in args.tasks}
         peers_section(args, rows)
         methods = list(dict.fromkeys(r["method"] for r in rows[args.tasks[0]]))
-        best = sorted(methods, key=lambda m: -mean(r["before"] for t in args.tasks for r in rows[t] if r["method"] == m))[:2]
+        best = sorted(methods, key=lambda m: -mean(r["before_selection"] for t in args.tasks for r in rows[t]
+                                                   if r["method"] == m and r["before_selection"] is not None))[:2]
     search = _search_spec(best, args.lpaf, args.seeds, args.search_before)
     rows = {task: _sweep(task, search, args.train, args.workers) for task in args.tasks}
     (RUNS / f"{args.section}-rows.json").write_text(json.dumps(rows, indent=1))
