@@ -116,7 +116,8 @@ def main() -> None:
     drops = {kind: dense_score - before for kind, (before, _) in types.items()}
     phis = {kind: sum(r["phi"] for r in info["layers"]) / len(info["layers"]) for kind, (_, info) in types.items()}
     scaled = {kind: sum(r["phi_size_invariant"] for r in info["layers"]) / len(info["layers"]) for kind, (_, info) in types.items()}
-    agreement, agreement_scaled = rank_agreement(phis, drops), rank_agreement(scaled, drops)
+    # a spec without (c)'s one-type runs (e.g. benchmarks/specs/equal-steps-ft.yaml) has no order to compare
+    agreement, agreement_scaled = (rank_agreement(phis, drops), rank_agreement(scaled, drops)) if len(types) > 1 else (None, None)
     type_ratio = configs[-1].params.factorize.keep_ratio if not types else next(
         c.params.factorize.keep_ratio for c in configs if c.params.factorize.targets is not None)
 
@@ -130,12 +131,12 @@ def main() -> None:
         f"lr {ft.lr:g}. tfwsvd and tvd use the default solver (`factorize.solver: {base.factorize.solver}`, "
         f"{base.factorize.solver_steps} steps). All runs: one `lowrank sweep` of `{args.spec.relative_to(ROOT)}`.\n\n### Methods (b)\n\n"
         + methods_table
-        + f"\n\n### phi vs the drop of plain SVD, one matrix type at a time at keep ratio {type_ratio} (c)\n\n"
-        + table(["type", "mean phi", "mean phi x N (size-invariant)", "score drop"], [[k, phis[k], scaled[k], drops[k]] for k in TYPES if k in types])
-        + f"\n\nSpearman correlation with the drop: phi {agreement:.3f}, size-invariant phi {agreement_scaled:.3f} "
-        "(1: phi orders the types exactly as plain SVD hurts them).\n\n"
-        + "### Uniform vs Fisher rank allocation at equal parameters, before fine-tuning (d)\n\n"
-        + table(["method", "allocation", "keep ratio", "reached", "score"], allocation_rows)
+        + (f"\n\n### phi vs the drop of plain SVD, one matrix type at a time at keep ratio {type_ratio} (c)\n\n"
+           + table(["type", "mean phi", "mean phi x N (size-invariant)", "score drop"], [[k, phis[k], scaled[k], drops[k]] for k in TYPES if k in types])
+           + f"\n\nSpearman correlation with the drop: phi {agreement:.3f}, size-invariant phi {agreement_scaled:.3f} "
+           "(1: phi orders the types exactly as plain SVD hurts them)." if agreement is not None else "")
+        + ("\n\n### Uniform vs Fisher rank allocation at equal parameters, before fine-tuning (d)\n\n"
+           + table(["method", "allocation", "keep ratio", "reached", "score"], allocation_rows) if allocation_rows else "")
     )
     out = runs_folder(args.task, args.train)
     out.mkdir(parents=True, exist_ok=True)
