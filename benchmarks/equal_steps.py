@@ -73,14 +73,14 @@ def main() -> None:
     body = (
         f"Task {args.task}, {args.train} training examples, keep ratio {args.ratio}: LPAF (prune + mixed-rank epochs) beside TFWSVD + ft for as many epochs (from the pretrained model: as many as LPAF less the dense model's fine-tuning), "
         "both at the same training seed and learning rate (the LPAF seed also drives pruning and the mixed-rank path draws). "
-        "Dev scores after fine-tuning, read from the lpaf_ablations.py runs' summaries.\n\n"
+        "Dev scores after fine-tuning (every epoch chosen on the selection split), read from the lpaf_ablations.py runs' summaries.\n\n"
         + table(["LPAF setting", "seed", "LPAF", "TFWSVD + ft", "LPAF - TFWSVD + ft"], rows)
         + "\n\n### Mean over seeds\n\n"
         + means_table
     )
     pooled = [row for row in means if row[1] > 1] or means  # the headline: settings run on several seeds; the others in the detail
     headline = (
-        f"Dev score after fine-tuning, mean over seeds; TFWSVD + ft trained for as many epochs at the same seed and learning rate "
+        f"Dev score after fine-tuning (epochs chosen on the selection split), mean over seeds; TFWSVD + ft trained for as many epochs at the same seed and learning rate "
         f"({args.task.upper()}, {args.train} training examples, keep ratio {args.ratio:g})."
         + (" Settings run on one seed only are in the detail.\n\n" if len(pooled) < len(means) else "\n\n")
         + table(["LPAF setting", "seeds", "LPAF", "TFWSVD + ft", "difference", "seeds with LPAF at or above"], pooled)

@@ -168,7 +168,7 @@ def main() -> None:
     cost_rows = [[key, len(v), sum(s for s, _ in v.values()) / len(v), max(m for _, m in v.values())] for key, v in costs.items()]
     rank_rows = [[label, *(values.get(k) for k in ("effective_rank_0.9_ratio", "effective_rank_0.99_ratio", "stable_rank_ratio"))] for label, values in ranks.items()]
     methods_table = table(["method", "keep ratio", "score before fine-tuning", "score after"], rows)
-    pruned_line = f"Score of the {prune_method}-pruned model itself (before factorizing): " + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
+    pruned_line = f"Score of the {prune_method}-pruned model itself (before factorizing; its last epoch, on the selection split): " + ", ".join(f"density {r}: {score:.4f}" for r, score in prune_scores)
     body = (
         f"Task {args.task}, all-MiniLM-L6-v2, {args.train} training examples, the dense model of the quality benchmark. "
         f"LPAF: {prune_method} pruning for {args.prune_epochs:g} epoch(s) from the {args.start_from} model to density = {'keep ratio' if density_factor == 1 else f'{density_factor:g} x keep ratio'}"
