@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--mrft-distill", default=None, choices=["on", "off"],
                         help="distil the dense model's logits in mixed-rank fine-tuning (mrft.distill.enabled; default: params.yaml's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
-    parser.add_argument("--spec", type=Path, default=SPEC, help="the sweep: its grid is LPAF at each ratio, its configs the ablations")
+    parser.add_argument("--spec", type=lambda p: Path(p).resolve(), default=SPEC,  # resolved: the report names it relative to the repo
+                         help="the sweep: its grid is LPAF at each ratio, its configs the ablations")
     parser.add_argument("--workers", type=int, default=None, help="lowrank sweep --workers (default: the cores)")
     parser.add_argument("-S", "--set-param", action="append", default=[], help="a further override for every configuration")
     args = parser.parse_args()

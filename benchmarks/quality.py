@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=float, default=1.0)
     parser.add_argument("--ft-seed", type=int, default=None, help="seed of + ft (default: params.yaml's finetune_compressed.seed)")
     parser.add_argument("--ft-lr", type=float, default=None, help="learning rate of + ft (default: params.yaml's finetune_compressed.lr)")
-    parser.add_argument("--spec", type=Path, default=SPEC, help="the sweep (its grid is table b, its configs tables c and d)")
+    parser.add_argument("--spec", type=lambda p: Path(p).resolve(), default=SPEC,  # resolved: the report names it relative to the repo
+                         help="the sweep (its grid is table b, its configs tables c and d)")
     parser.add_argument("--workers", type=int, default=None, help="lowrank sweep --workers (default: the cores)")
     parser.add_argument("-S", "--set-param", action="append", default=[], help="a further override for every configuration")
     args = parser.parse_args()
