@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from lpaf import LEGACY_PRUNED_WEIGHT, PULL_LABELS
+from lpaf_ablations import LEGACY_PRUNED_WEIGHT, PULL_LABELS
 from quality import DEFAULT_TRAIN, runs_folder, train_phrase, train_suffix
 from report import results_file, table, write_section
 
