@@ -29,7 +29,7 @@ from pathlib import Path
 from lowrank.io.files import read_json
 from lowrank.pipeline import get_stage
 from lowrank.pipeline.sweep_plan import plan, sweep_spec
-from product import run_sweep
+from product import run_sweep, spec_path
 
 from quality import DEFAULT_TRAIN, runs_folder, summary_file, train_phrase, train_suffix
 from report import ROOT, results_file, table, write_section
@@ -87,8 +87,7 @@ def main() -> None:
     parser.add_argument("--mrft-distill", default=None, choices=["on", "off"],
                         help="distil the dense model's logits in mixed-rank fine-tuning (mrft.distill.enabled; default: params.yaml's)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of mixed-rank fine-tuning (default: params.yaml's mrft.train.lr)")
-    parser.add_argument("--spec", type=lambda p: Path(p).resolve(), default=SPEC,  # resolved: the report names it relative to the repo
-                         help="the sweep: its grid is LPAF at each ratio, its configs the ablations")
+    parser.add_argument("--spec", type=spec_path, default=SPEC, help="the sweep: its grid is LPAF at each ratio, its configs the ablations")
     parser.add_argument("--workers", type=int, default=None, help="lowrank sweep --workers (default: the cores)")
     parser.add_argument("-S", "--set-param", action="append", default=[], help="a further override for every configuration")
     args = parser.parse_args()

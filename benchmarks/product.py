@@ -16,6 +16,11 @@ from lowrank.pipeline.sweep_plan import Configuration, plan, sweep_spec
 PLAIN_FT = ["finetune_compressed.distill.enabled=false"]
 
 
+def spec_path(text: str) -> Path:
+    """argparse type of a script's --spec: resolved, so that its report can name it relative to the repository."""
+    return Path(text).resolve()
+
+
 def configurations(spec: Path, overrides: list[str]) -> list[Configuration]:
     """The configurations `run_sweep(spec, overrides)` ran, in its summary's order, with their store layouts
     (where each stage's metrics are)."""

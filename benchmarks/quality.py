@@ -22,7 +22,7 @@ from lowrank.config import load_params
 from lowrank.io.files import read_json
 from lowrank.linalg.risk import rank_agreement
 from lowrank.pipeline import get_stage
-from product import PLAIN_FT, configurations, run_sweep
+from product import PLAIN_FT, configurations, run_sweep, spec_path
 
 from report import ROOT, results_file, table, write_section
 
@@ -79,8 +79,7 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=float, default=1.0)
     parser.add_argument("--ft-seed", type=int, default=None, help="seed of + ft (default: params.yaml's finetune_compressed.seed)")
     parser.add_argument("--ft-lr", type=float, default=None, help="learning rate of + ft (default: params.yaml's finetune_compressed.lr)")
-    parser.add_argument("--spec", type=lambda p: Path(p).resolve(), default=SPEC,  # resolved: the report names it relative to the repo
-                         help="the sweep (its grid is table b, its configs tables c and d)")
+    parser.add_argument("--spec", type=spec_path, default=SPEC, help="the sweep (its grid is table b, its configs tables c and d)")
     parser.add_argument("--workers", type=int, default=None, help="lowrank sweep --workers (default: the cores)")
     parser.add_argument("-S", "--set-param", action="append", default=[], help="a further override for every configuration")
     args = parser.parse_args()
