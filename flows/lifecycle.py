@@ -181,6 +181,27 @@ def marked(token: str | None = None) -> list:
     return found
 
 
+def still_running(processes: list, timeout: float = 0.0) -> list:
+    """Those of `processes` (psutil.Process objects or pids) still running after up to `timeout` seconds. A zombie has
+    ended: it waits only for its parent to reap it (done here when that parent is this process), and in a container
+    whose PID 1 reaps nothing an orphan's zombie stays until the machine ends: waiting on it would take the whole timeout."""
+    import psutil
+
+    def running(process) -> bool:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = process if isinstance(process, psutil.Process) else psutil.Process(process)
+            psutil.wait_procs([process], timeout=0)  # reaps it if it is this process's child and has ended
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        return False
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [process for process in processes if running(process)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
 def end_processes(processes: list, grace: float = 3.0) -> list[int]:
     """SIGTERM, then SIGKILL what is still there after `grace` seconds; returns the pids ended."""
     import psutil
@@ -188,11 +209,10 @@ def end_processes(processes: list, grace: float = 3.0) -> list[int]:
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=grace)
-    for process in alive:
+    for process in still_running(processes, grace):
         with contextlib.suppress(psutil.Error):
             process.kill()
-    psutil.wait_procs(alive, timeout=grace)
+    still_running(processes, grace)
     return [process.pid for process in processes]
 
 

@@ -108,27 +108,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def still_running(processes: list, timeout: float = 0.0) -> list:
-    """Those of `processes` (psutil.Process objects or pids) still running after up to `timeout` seconds. A zombie has
-    ended: it waits only for a parent to reap it, and in a container whose PID 1 reaps nothing an orphan's zombie stays
-    until the machine ends."""
-    import psutil
-
-    def running(process) -> bool:
-        try:
-            process = process if isinstance(process, psutil.Process) else psutil.Process(process)
-            return process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [process for process in processes if running(process)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
-
-
 def lowrank_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "LOWRANK_"))}
     env.update({"GLUE_DIR": str(GLUE_DIR), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)})

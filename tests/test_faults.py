@@ -25,7 +25,8 @@ import psutil
 import pytest
 import yaml
 
-from conftest import GLUE_DIR, REPO, lowrank_env as _env, prefect_api, save_tiny_model, still_running, tiny_params  # noqa: F401  (a fixture)
+from conftest import GLUE_DIR, REPO, lowrank_env as _env, prefect_api, save_tiny_model, tiny_params  # noqa: F401  (a fixture)
+from flows.lifecycle import still_running
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # kills processes: alone, so no other test's process is in its way
 LOWRANK = [sys.executable, "-m", "flows.cli"]

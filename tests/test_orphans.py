@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import GLUE_DIR, LOWRANK, REPO, lowrank_env, save_tiny_model, still_running, tiny_params
+from conftest import GLUE_DIR, LOWRANK, REPO, lowrank_env, save_tiny_model, tiny_params
+from flows.lifecycle import end_processes, still_running
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # starts and kills processes; looks machine-wide for strays
 
@@ -141,3 +142,26 @@ def test_a_sweep_killed_with_sigkill_leaves_no_worker_tracker_or_server(tmp_path
         sweep_process.kill()
         for process in _marked_by(sweep_process.pid):
             process.kill()
+
+
+# A parent that never reaps its child, as a container's PID 1 that reaps nothing: the child, once ended, stays a zombie.
+NEVER_REAPS = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_end_processes_takes_a_zombie_as_ended():
+    parent = subprocess.Popen([sys.executable, "-c", NEVER_REAPS], stdout=subprocess.PIPE, text=True)
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        start = time.monotonic()
+        assert end_processes([child], grace=5) == [child.pid]
+        assert time.monotonic() - start < 2  # not the grace twice (SIGTERM's, then SIGKILL's), as when a zombie counted as running
+        assert child.status() == psutil.STATUS_ZOMBIE and still_running([child]) == []
+        assert still_running([parent.pid]) == [parent.pid]
+    finally:
+        parent.kill()
+        parent.wait(10)
