@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.15)
     parser.add_argument("--train", type=int, default=DEFAULT_TRAIN, help="training subset the runs used")
     parser.add_argument("--runs", default=None, help="the benchmarks' folder (default benchmarks/runs/TASK, or TASK-trainN for another --train)")
+    parser.add_argument("--section", default=None,
+                        help="its section in the results file (default equal-steps-TASK-RATIO): another name keeps the pooled table of runs made elsewhere")
     args = parser.parse_args()
 
     runs = Path(args.runs) if args.runs else runs_folder(args.task, args.train)
@@ -85,9 +87,13 @@ def main() -> None:
         + (" Settings run on one seed only are in the detail.\n\n" if len(pooled) < len(means) else "\n\n")
         + table(["LPAF setting", "seeds", "LPAF", "TFWSVD + ft", "difference", "seeds with LPAF at or above"], pooled)
     )
-    command = f"python benchmarks/equal_steps.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "") + f" --ratio {args.ratio:g}"
+    default_section = f"equal-steps-{args.task}{train_suffix(args.train)}-{args.ratio:g}"
+    section = args.section or default_section
+    command = (f"python benchmarks/equal_steps.py --task {args.task}" + (f" --train {args.train}" if args.train != DEFAULT_TRAIN else "")
+               + f" --ratio {args.ratio:g}" + (f" --section {section}" if section != default_section else ""))
     write_section(
-        f"equal-steps-{args.task}{train_suffix(args.train)}-{args.ratio:g}", f"LPAF vs TFWSVD + ft at equal steps over seeds, {args.task.upper()} at {args.ratio:g}{train_phrase(args.train)} (issue 4)",
+        section, f"LPAF vs TFWSVD + ft at equal steps over seeds, {args.task.upper()} at {args.ratio:g}{train_phrase(args.train)}"
+        + ("" if section == default_section else ", " + section.removeprefix(default_section + "-").replace("-", " ")) + " (issue 4)",
         command, body, results=results_file("lpaf", args.task, train_suffix(args.train)), headline=headline,
     )
 
